@@ -1,0 +1,13 @@
+"""PyTorch -> ONNX: per-architecture configs, export-time patchers, KV-cache I/O, external data."""
+
+from moedge.export.configs import ArchitectureConfig, get_config, supported_model_types
+
+__all__ = ["ArchitectureConfig", "export_model", "get_config", "supported_model_types"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "export_model":  # keeps `import moedge.export` free of torch until it is needed
+        from moedge.export.exporter import export_model
+
+        return export_model
+    raise AttributeError(name)

@@ -1,0 +1,215 @@
+"""``export_model``: a loaded causal LM to an ONNX folder (``model.onnx`` + data, ``config.json``, ``tokenizer.json``)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moedge._errors import MoedgeError
+from moedge.export.configs import ArchitectureConfig, get_config
+from moedge.model import LoadedModel
+from moedge.paths import ensure_writable_dir
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+MODULE_KEY = "moedge.module"  # node metadata naming the source module, e.g. model.layers.3.mlp.experts.5
+CLASS_KEY = "moedge.class"
+DEFAULT_OPSET = 18
+_SLICE = re.compile(r"\.slice\([^)]*\)")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went and what it holds."""
+
+    out_dir: Path
+    model_file: Path
+    num_nodes: int
+    seconds: float
+    experts_per_layer: dict[int, int]
+
+
+def _example_inputs(model: Any, arch: ArchitectureConfig, with_cache: bool) -> tuple[Any, ...]:
+    import torch
+
+    cfg = model.config
+    batch, seq, past = 2, 3, 4  # distinct sizes so no dynamic axis is specialized or merged
+    ids = torch.randint(0, int(cfg.vocab_size), (batch, seq), generator=torch.Generator().manual_seed(0))
+    total = seq + (past if with_cache else 0)
+    mask = torch.ones(batch, total, dtype=torch.int64)
+    start = past if with_cache else 0
+    pos = torch.arange(start, start + seq, dtype=torch.int64)[None].expand(batch, seq).contiguous()
+    kv: list[torch.Tensor] = []
+    if with_cache:
+        shape = (batch, arch.num_kv_heads(cfg), past, arch.head_dim(cfg))
+        kv = [torch.zeros(shape) for _ in range(2 * int(cfg.num_hidden_layers))]
+    return (ids, mask, pos, *kv)
+
+
+def _dynamic_shapes(num_layers: int, with_cache: bool) -> dict[str, Any]:
+    from torch.export import Dim
+
+    batch, seq, total, past = Dim("batch"), Dim("sequence"), Dim("total_sequence"), Dim("past_sequence")
+    shapes: dict[str, Any] = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: total},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)) if with_cache else (),
+    }
+    return shapes
+
+
+def _annotate_modules(ir_model: Any) -> dict[int, int]:
+    """Replace the exporter's bulky per-node debug metadata with ``moedge.module``/``moedge.class``.
+
+    Returns, per MoE layer, how many distinct experts appear in the graph.
+    """
+    from moedge.export.wrapper import MODULE_PREFIX
+
+    experts: dict[int, set[int]] = {}
+    for node in ir_model.graph.all_nodes():
+        props = node.metadata_props
+        scopes_text = props.get("pkg.torch.onnx.name_scopes")
+        classes_text = props.get("pkg.torch.onnx.class_hierarchy")
+        for key in [k for k in props if k.startswith("pkg.torch.onnx") or k == "namespace"]:
+            del props[key]
+        if not scopes_text:
+            continue
+        scopes = ast.literal_eval(scopes_text)
+        classes = ast.literal_eval(classes_text) if classes_text else []
+        # ModuleList slicing (``self.layers[: n]``) shows up as ``layers.slice(None, n, None).0``.
+        module = _SLICE.sub("", scopes[-2]) if len(scopes) >= 2 else ""
+        module = module[len(MODULE_PREFIX) + 1 :] if module.startswith(MODULE_PREFIX + ".") else ""
+        props[MODULE_KEY] = module
+        if len(classes) >= 2:
+            props[CLASS_KEY] = classes[-2]
+        parts = module.split(".")
+        if "experts" in parts:
+            at = parts.index("experts")
+            if at + 1 < len(parts) and parts[at + 1].isdigit() and parts[:2] == ["model", "layers"]:
+                experts.setdefault(int(parts[2]), set()).add(int(parts[at + 1]))
+    return {layer: len(found) for layer, found in sorted(experts.items())}
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MoedgeError(f"output path {out_dir} is a file: choose a folder for -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        config = out_dir / "config.json"
+        is_export = config.is_file() and "moedge" in json.loads(config.read_text() or "{}")
+        if not is_export:
+            raise MoedgeError(f"output folder {out_dir} is not empty and holds no moedge export: choose another")
+    ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
+
+
+def export_model(
+    loaded: LoadedModel,
+    out_dir: str | Path,
+    *,
+    with_cache: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> ExportResult:
+    """Export ``loaded`` to ``out_dir`` as an exact FP32 ONNX graph that ONNX Runtime runs as-is.
+
+    MoE experts are rewritten into one subgraph per expert (see ``per_expert_modules``) and every node
+    carries ``moedge.module`` metadata, so later passes can cut the graph by module. The folder is
+    written to a temporary sibling and moved into place, so a failure leaves nothing half-written.
+    """
+    import torch
+    import transformers
+
+    from moedge.export.patchers import per_expert_modules
+    from moedge.export.wrapper import CausalLMExport, kv_names
+
+    if opset < 17:
+        raise MoedgeError(f"opset {opset} is too old: moedge exports opset 17 or newer")
+    arch = get_config(loaded.model_type)
+    out_dir = Path(out_dir).expanduser().resolve()
+    _prepare_out_dir(out_dir)
+    model = loaded.model
+    num_layers = int(model.config.num_hidden_layers)
+    input_names = ["input_ids", "attention_mask", "position_ids"]
+    output_names = ["logits"]
+    if with_cache:
+        input_names += kv_names(num_layers, "past_key_values")
+        output_names += kv_names(num_layers, "present")
+
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        with per_expert_modules(model, arch), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            wrapper = CausalLMExport(model, with_cache=with_cache).eval()
+            log.info("tracing %s (%s, %d layers) with torch.export", loaded.name, arch.name, num_layers)
+            program = torch.onnx.export(
+                wrapper,
+                _example_inputs(model, arch, with_cache),
+                dynamo=True,
+                dynamic_shapes=_dynamic_shapes(num_layers, with_cache),
+                input_names=input_names,
+                output_names=output_names,
+                opset_version=opset,
+                verbose=False,
+                optimize=True,
+            )
+        if program is None:
+            raise MoedgeError("torch.onnx.export returned no program")
+        experts = _annotate_modules(program.model)
+        if arch.is_moe:
+            want = arch.num_experts(model.config)
+            short = {layer: n for layer, n in experts.items() if n != want}
+            if short or not experts:
+                raise MoedgeError(f"export lost experts: found {experts or 'none'}, expected {want} per layer")
+        program.model.producer_name = "moedge"
+        log.info("writing %s", out_dir / MODEL_FILE)
+        program.save(str(tmp / MODEL_FILE), external_data=True)
+        hf_config = model.config.to_dict()
+        hf_config["moedge"] = {
+            "format_version": EXPORT_FORMAT_VERSION,
+            "kind": "monolithic",
+            "architecture": arch.name,
+            "with_cache": with_cache,
+            "opset": opset,
+            "inputs": input_names,
+            "outputs": output_names,
+            "num_layers": num_layers,
+            "num_kv_heads": arch.num_kv_heads(model.config),
+            "head_dim": arch.head_dim(model.config),
+            "num_experts": arch.num_experts(model.config),
+            "experts_per_layer": {str(k): v for k, v in experts.items()},
+            "bos_token_id": loaded.bos_token_id,
+            "eos_token_id": loaded.eos_token_id,
+            "name": loaded.name,
+            "source": loaded.source,
+            "provenance": loaded.provenance,
+            "precision": "fp32",
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        }
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+        loaded.tokenizer.save(str(tmp / "tokenizer.json"))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.perf_counter() - start
+    log.info("exported %s in %.1f s", out_dir, seconds)
+    return ExportResult(
+        out_dir=out_dir,
+        model_file=out_dir / MODEL_FILE,
+        num_nodes=len(list(program.model.graph.all_nodes())),
+        seconds=seconds,
+        experts_per_layer=experts,
+    )
