@@ -1,0 +1,94 @@
+"""The CLI: happy paths on tiny models, and one clear line with exit code 1 for every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moedge.cli import main
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_export_inspect_and_eval_round_trip(tmp_path, capsys):
+    out_dir = tmp_path / "tiny"
+    code, out, _ = _run(capsys, "-q", "export", "tiny-mixtral", "-o", str(out_dir))
+    assert code == 0 and "experts per layer [4]" in out
+    code, out, _ = _run(capsys, "inspect", str(out_dir))
+    assert code == 0 and "MoE: 2 layers, experts per layer [4]" in out
+    results = {}
+    for backend, model in (("ort", str(out_dir)), ("torch", "tiny-mixtral")):
+        record = tmp_path / f"{backend}.json"
+        code, out, _ = _run(
+            capsys, "-q", "eval", model, "--data", "demo", "--seqlen", "64", "--max-windows", "3", "--json", str(record)
+        )
+        assert code == 0 and "seqlen 64, 3 windows, 189 predicted tokens" in out
+        results[backend] = json.loads(record.read_text())
+    assert results["ort"]["perplexity"] == pytest.approx(results["torch"]["perplexity"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "no-such-model", "--data", "demo"], "unknown model 'no-such-model'"),
+        (["eval", "./missing.gguf", "--data", "demo"], "does not exist"),
+        (["export", "tiny-llama", "-o", "/proc/moedge-out"], "not writable"),
+        (["eval", "tiny-llama", "--data", "nowhere-dataset"], "dataset not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    code, _, err = _run(capsys, *argv)
+    assert code == 1
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_files_are_clear_errors(tmp_path, capsys):
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    code, _, err = _run(capsys, "eval", str(gguf), "--data", "demo")
+    assert code == 1 and "not a readable GGUF" in err
+    ckpt = tmp_path / "model.bin"
+    ckpt.write_bytes(b"\x40\x00\x00\x00" * 7 + b"\x00" * 100)
+    code, _, err = _run(capsys, "eval", str(ckpt), "--data", "demo")
+    assert code == 1 and "corrupt or truncated" in err
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    code, _, err = _run(capsys, "eval", str(folder), "--data", "demo")
+    assert code == 1 and "unsupported architecture 'gpt2'" in err and "mixtral" in err
+    onnx_dir = tmp_path / "bad-export"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"junk")
+    (onnx_dir / "config.json").write_text("{}")
+    code, _, err = _run(capsys, "eval", str(onnx_dir), "--data", "demo")
+    assert code == 1 and "not a moedge export" in err
+
+
+def test_usage_error_exits_2():
+    result = subprocess.run([sys.executable, "-m", "moedge", "export"], capture_output=True, text=True)
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    env = dict(os.environ, MOEDGE_CACHE=str(tmp_path / "cache"))
+    env.pop("MOEDGE_DATA", None)  # the shipped text path
+    result = subprocess.run(
+        [sys.executable, "-m", "moedge", "-q", "demo", "--model", "tiny-qwen2-moe", "--windows", "2", "--seqlen", "64"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "== moedge demo summary ==" in result.stdout
+    assert "shipped with moedge" in result.stdout
+    assert (tmp_path / "cache" / "demo" / "tiny-qwen2-moe-onnx" / "model.onnx").is_file()

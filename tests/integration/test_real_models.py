@@ -1,0 +1,68 @@
+"""Real weights: stories260K from its llama2.c file, smollm2-135m from its GGUF, the upcycled MoE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moedge.loading import load_model
+from moedge.runtime import OrtCausalLM
+from moedge.upcycle import UpcycleConfig, upcycle_loaded
+
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+
+
+@pytest.fixture(scope="module")
+def stories(data_dir):
+    return load_model(data_dir / "stories260K" / "stories260K.bin")
+
+
+def _greedy_torch(model, ids: list[int], steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, top_k=None, top_p=None)
+    return out[0, len(ids) :].tolist()
+
+
+def test_stories260k_tells_the_story_in_pytorch(stories):
+    new = _greedy_torch(stories.model, [stories.bos_token_id], 40)
+    assert stories.decode(new).startswith(STORY)
+
+
+def test_stories260k_tells_the_story_from_its_onnx_export(stories, tmp_path):
+    from moedge.export.exporter import export_model
+
+    export_model(stories, tmp_path / "stories")
+    lm = OrtCausalLM(tmp_path / "stories")
+    new = lm.generate([stories.bos_token_id], max_new_tokens=40)
+    assert stories.decode(new).startswith(STORY)
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    ids = smollm2.encode("The capital of France is")
+    new = _greedy_torch(smollm2.model, ids, 3)
+    assert smollm2.decode(new).startswith(" Paris")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("top_k", [2, 8])
+def test_upcycled_smollm2_with_zero_noise_is_the_dense_model(smollm2, data_dir, top_k):
+    moe = upcycle_loaded(smollm2, UpcycleConfig(sigma=0.0, top_k=top_k, build_windows=2, window_len=128))
+    assert moe.model.config.model_type == "mixtral" and moe.model.config.num_experts_per_tok == top_k
+    ids = torch.tensor([smollm2.encode("The capital of France is Paris, and the capital of Italy is Rome.")])
+    with torch.no_grad():
+        dense = smollm2.model(ids).logits
+        upcycled = moe.model(ids).logits
+    assert (dense - upcycled).abs().max().item() < 1e-4
+
+
+def test_upcycled_noise_makes_experts_differ_and_router_follows_kmeans(tiny_models):
+    dense = tiny_models("llama")
+    moe = upcycle_loaded(dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64))
+    experts = moe.model.model.layers[0].mlp.experts.gate_up_proj
+    assert not torch.allclose(experts[0], experts[1])
+    router = moe.model.model.layers[0].mlp.gate.weight
+    np.testing.assert_allclose(router.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
+    again = upcycle_loaded(dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64))
+    assert torch.equal(again.model.model.layers[0].mlp.gate.weight, router), "the build must be deterministic"

@@ -1,0 +1,31 @@
+"""A device needs numpy, onnxruntime and tokenizers only: the runtime generates with torch unimportable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_runtime_generates_without_torch_or_transformers(tiny_exports):
+    folder = tiny_exports("mixtral")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        from moedge.runtime import OrtCausalLM
+        from moedge.tokenizer import load_tokenizer
+        lm = OrtCausalLM({str(folder)!r})
+        tok = load_tokenizer(lm.info.tokenizer_file)
+        new = lm.generate(tok.encode("hello").ids, max_new_tokens=5)
+        assert len(new) == 5
+        print("ok", "torch" in sys.modules)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", "False"]
