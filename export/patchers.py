@@ -40,7 +40,7 @@ class PerExpertExperts(nn.ModuleList):
     exact; every expert stays in the traced graph even when no example token reaches it.
     """
 
-    def __init__(self, fused: nn.Module) -> None:
+    def __init__(self, fused: Any) -> None:
         gate_up = fused.gate_up_proj.detach()
         down = fused.down_proj.detach()
         super().__init__([ExpertMLP(gate_up[e], down[e], fused.act_fn) for e in range(gate_up.shape[0])])

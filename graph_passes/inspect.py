@@ -31,7 +31,9 @@ class GraphSummary:
 
     def lines(self) -> list[str]:
         """The summary as terminal lines."""
-        out = [f"{self.path}  (opset {self.opset}, {self.num_nodes} nodes, weights {self.weight_bytes / 2**20:.1f} MiB)"]
+        out = [
+            f"{self.path}  (opset {self.opset}, {self.num_nodes} nodes, weights {self.weight_bytes / 2**20:.1f} MiB)"
+        ]
         for label, items in (("input ", self.inputs), ("output", self.outputs)):
             shown = items if len(items) <= 8 else [*items[:6], ("...", "", [f"{len(items) - 6} more"])]
             out += [f"  {label} {name} {dtype} {shape}" for name, dtype, shape in shown]

@@ -23,7 +23,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--data-dir", type=Path, help=f"data folder laid out like shared/data (default: ${DATA_ENV})"
     )
-    group.add_argument("--cache-dir", type=Path, help="where built test beds are cached (default: ~/.cache/moedge)")
+    group.add_argument(
+        "--cache-dir", type=Path, help="where built test beds are cached (default: ~/.cache/moedge)"
+    )
 
 
 def _apply_data_dir(args: argparse.Namespace) -> None:
@@ -68,8 +70,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     ensure_writable_dir(out.parent)
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset)
-    experts = f", experts per layer {sorted(set(result.experts_per_layer.values()))}" if result.experts_per_layer else ""
-    print(f"exported {loaded.name} to {result.out_dir} ({result.num_nodes} nodes{experts}, {result.seconds:.0f} s)")
+    experts = (
+        f", experts per layer {sorted(set(result.experts_per_layer.values()))}"
+        if result.experts_per_layer
+        else ""
+    )
+    print(
+        f"exported {loaded.name} to {result.out_dir} ({result.num_nodes} nodes{experts}, {result.seconds:.0f} s)"
+    )
     return EXIT_OK
 
 
@@ -90,7 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from moedge.tokenizer import load_tokenizer
 
         if not is_exported_folder(args.model):
-            raise MoedgeError(f"{args.model} is not an exported folder: run moedge export first, or use --backend torch")
+            raise MoedgeError(
+                f"{args.model} is not an exported folder: run moedge export first, or use --backend torch"
+            )
         lm = OrtCausalLM(args.model, intra_op_threads=args.threads)
         tokenizer = load_tokenizer(lm.info.tokenizer_file)
         ids = np.asarray(tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
@@ -106,7 +116,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids = np.asarray(loaded.encode(text.text), dtype=np.int64)
         score, label = torch_logits(loaded.model), "pytorch fp32"
     result = perplexity(
-        score, ids, seqlen=args.seqlen, max_windows=args.max_windows, dataset=text.name, backend=label,
+        score,
+        ids,
+        seqlen=args.seqlen,
+        max_windows=args.max_windows,
+        dataset=text.name,
+        backend=label,
         progress=not args.quiet,
     )
     print(result.summary())
@@ -136,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
+    verbosity.add_argument(
+        "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the default model (smollm2-135m-moe)")
@@ -149,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(demo)
     demo.set_defaults(func=cmd_demo)
 
-    export = sub.add_parser("export", help="export MODEL to ONNX (model.onnx + data, config.json, tokenizer.json)")
+    export = sub.add_parser(
+        "export", help="export MODEL to ONNX (model.onnx + data, config.json, tokenizer.json)"
+    )
     export.add_argument("model", metavar="MODEL", help=model_help)
     export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     export.add_argument("--no-cache", action="store_true", help="export without KV-cache inputs/outputs")
@@ -159,10 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)")
     ev.add_argument("model", metavar="MODEL", help=model_help + ", or an exported folder")
-    ev.add_argument("--data", default="wikitext2", help="wikitext2, ptb, c4, demo, or a text file (default wikitext2)")
-    ev.add_argument("--seqlen", type=int, default=512, help="window length in tokens (default 512; 2048 is the published standard)")
+    ev.add_argument(
+        "--data", default="wikitext2", help="wikitext2, ptb, c4, demo, or a text file (default wikitext2)"
+    )
+    ev.add_argument(
+        "--seqlen",
+        type=int,
+        default=512,
+        help="window length in tokens (default 512; 2048 is the published standard)",
+    )
     ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
-    ev.add_argument("--backend", choices=("auto", "torch", "ort"), default="auto", help="auto: ort for an exported folder")
+    ev.add_argument(
+        "--backend", choices=("auto", "torch", "ort"), default="auto", help="auto: ort for an exported folder"
+    )
     ev.add_argument("--threads", type=int, help="CPU threads (default: the runtime's own choice)")
     ev.add_argument("--json", type=Path, help="also write the result as JSON")
     _common(ev)

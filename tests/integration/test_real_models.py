@@ -20,7 +20,9 @@ def stories(data_dir):
 
 def _greedy_torch(model, ids: list[int], steps: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=steps, do_sample=False, top_k=None, top_p=None)
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, top_k=None, top_p=None
+        )
     return out[0, len(ids) :].tolist()
 
 
@@ -59,10 +61,14 @@ def test_upcycled_smollm2_with_zero_noise_is_the_dense_model(smollm2, data_dir, 
 
 def test_upcycled_noise_makes_experts_differ_and_router_follows_kmeans(tiny_models):
     dense = tiny_models("llama")
-    moe = upcycle_loaded(dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64))
+    moe = upcycle_loaded(
+        dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64)
+    )
     experts = moe.model.model.layers[0].mlp.experts.gate_up_proj
     assert not torch.allclose(experts[0], experts[1])
     router = moe.model.model.layers[0].mlp.gate.weight
     np.testing.assert_allclose(router.norm(dim=1).detach().numpy(), 1.0, rtol=1e-5)
-    again = upcycle_loaded(dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64))
+    again = upcycle_loaded(
+        dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64)
+    )
     assert torch.equal(again.model.model.layers[0].mlp.gate.weight, router), "the build must be deterministic"

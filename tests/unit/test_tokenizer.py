@@ -8,7 +8,7 @@ from moedge.tokenizer import byte_level_tokenizer, sentencepiece_bpe_tokenizer
 
 SAMPLES = [
     "Once upon a time, there was a little girl named Lily.",
-    "She said: \"Don't go!\"  Numbers 12,345 and unicode ü ☃ too.\nA new line.",
+    'She said: "Don\'t go!"  Numbers 12,345 and unicode ü ☃ too.\nA new line.',
 ]
 
 
