@@ -164,7 +164,7 @@ def export_model(
                 output_names=output_names,
                 opset_version=opset,
                 verbose=False,
-                optimize=True,
+                optimize=False,  # onnxscript's rewriter takes hours on a 240-expert graph; ORT optimizes at load
             )
         if program is None:
             raise MoedgeError("torch.onnx.export returned no program")
