@@ -49,9 +49,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         new_tokens=args.new_tokens,
     )
-    print(f"generating from {config.prompt!r}:", flush=True)
+    started: list[bool] = []
 
     def show(piece: str) -> None:
+        if not started:
+            started.append(True)
+            print(f"generating from {config.prompt!r}:", flush=True)
         print(piece, end="", flush=True)
 
     summary = run_demo(config, on_token=show)
@@ -205,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="moedge: %(message)s", stream=sys.stderr)
-    for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "urllib3", "filelock"):
+    for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if not args.verbose else logging.INFO)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
