@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moedge.paths import cache_dir as default_cache_dir
 from moedge.paths import data_dir as configured_data_dir
+
+if TYPE_CHECKING:
+    from moedge.evaluation import PerplexityResult
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,8 @@ class DemoSummary:
     export_seconds: float
     eval_text: str
     eval_text_note: str
-    torch_ppl: Any
-    ort_ppl: Any
+    torch_ppl: PerplexityResult
+    ort_ppl: PerplexityResult
     prompt: str
     continuation: str
     steps: dict[str, float] = field(default_factory=dict)
@@ -92,27 +95,17 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
         seqlen = min(config.seqlen, 256)
     ids = np.asarray(loaded.encode(text.text), dtype=np.int64)
 
-    t0 = time.perf_counter()
-    torch_ppl = perplexity(
-        torch_logits(loaded.model),
-        ids,
-        seqlen=seqlen,
-        max_windows=config.windows,
-        dataset=text.name,
-        backend="pytorch fp32",
-    )
-    steps["eval pytorch"] = time.perf_counter() - t0
     ort_lm = OrtCausalLM(out_dir)
-    t0 = time.perf_counter()
-    ort_ppl = perplexity(
-        ort_logits(ort_lm),
-        ids,
-        seqlen=seqlen,
-        max_windows=config.windows,
-        dataset=text.name,
-        backend="onnxruntime cpu fp32",
-    )
-    steps["eval ort"] = time.perf_counter() - t0
+    scores: dict[str, PerplexityResult] = {}
+    for step, scorer, label in (
+        ("eval pytorch", torch_logits(loaded.model), "pytorch fp32"),
+        ("eval ort", ort_logits(ort_lm), "onnxruntime cpu fp32"),
+    ):
+        t0 = time.perf_counter()
+        scores[step] = perplexity(
+            scorer, ids, seqlen=seqlen, max_windows=config.windows, dataset=text.name, backend=label
+        )
+        steps[step] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     prompt_ids = loaded.encode(config.prompt)
@@ -135,8 +128,8 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
         export_seconds=result.seconds,
         eval_text=text.name,
         eval_text_note=note,
-        torch_ppl=torch_ppl,
-        ort_ppl=ort_ppl,
+        torch_ppl=scores["eval pytorch"],
+        ort_ppl=scores["eval ort"],
         prompt=config.prompt,
         continuation=loaded.decode(new),
         steps=steps,
