@@ -10,6 +10,8 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,24 @@ def _annotate_modules(ir_model: Any) -> dict[int, int]:
     return {layer: len(found) for layer, found in sorted(experts.items())}
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drop the exporter's "torchvision is not installed" notices (moedge never exports vision ops)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    log_ = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _NoTorchvisionNotice()
+    log_.addFilter(notice)
+    try:
+        yield
+    finally:
+        log_.removeFilter(notice)
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MoedgeError(f"output path {out_dir} is a file: choose a folder for -o")
@@ -151,7 +171,7 @@ def export_model(
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        with per_expert_modules(model, arch), torch.no_grad(), warnings.catch_warnings():
+        with per_expert_modules(model, arch), _quiet_exporter(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             wrapper = CausalLMExport(model, with_cache=with_cache).eval()
             log.info("tracing %s (%s, %d layers) with torch.export", loaded.name, arch.name, num_layers)

@@ -209,7 +209,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="moedge: %(message)s", stream=sys.stderr)
     for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "urllib3", "filelock", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING) if not args.verbose else logging.INFO)
+        # dependencies' own warnings (e.g. "torchvision is not installed") are noise to a moedge user
+        logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
     if args.quiet:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
