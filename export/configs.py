@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,15 +14,16 @@ class ArchitectureConfig:
 
     ``experts_path`` names the fused experts module inside each decoder layer for MoE models
     (transformers 5.x stores experts as 3-D ``gate_up_proj``/``down_proj`` tensors); the export patcher
-    rewrites it into one module per expert. ``shared_expert_path`` names an always-on expert (Qwen2-MoE).
+    rewrites it into one module per expert. ``router_path`` and ``shared_expert_path`` (an always-on
+    expert, Qwen2-MoE) are for the split pass, which cuts the graph by those module names.
     """
 
     name: str
     model_types: tuple[str, ...]
+    description: str
     experts_path: str | None = None
     router_path: str | None = None
     shared_expert_path: str | None = None
-    logits_atol: float = 1e-4
 
     @property
     def is_moe(self) -> bool:
@@ -49,56 +49,53 @@ class ArchitectureConfig:
 _REGISTRY: dict[str, ArchitectureConfig] = {}
 
 
-def register(config: ArchitectureConfig) -> Callable[[Callable[[], None]], Callable[[], None]]:
-    """Register ``config`` for each of its ``model_types`` (used as a decorator on a doc stub)."""
-
-    def decorate(fn: Callable[[], None]) -> Callable[[], None]:
-        for model_type in config.model_types:
-            _REGISTRY[model_type] = config
-        return fn
-
-    return decorate
+def register(config: ArchitectureConfig) -> ArchitectureConfig:
+    """Make ``config`` the export config of each of its ``model_types``."""
+    for model_type in config.model_types:
+        _REGISTRY[model_type] = config
+    return config
 
 
-@register(ArchitectureConfig(name="llama", model_types=("llama", "mistral")))
-def _llama() -> None:
-    """Llama and Mistral: dense decoder, RMSNorm, RoPE, GQA, gated SiLU MLP."""
-
-
-@register(ArchitectureConfig(name="opt", model_types=("opt",)))
-def _opt() -> None:
-    """OPT: dense decoder, LayerNorm, learned positions, fc1 -> ReLU -> fc2."""
-
-
-@register(
+register(
     ArchitectureConfig(
-        name="mixtral", model_types=("mixtral",), experts_path="mlp.experts", router_path="mlp.gate"
+        name="llama",
+        model_types=("llama", "mistral"),
+        description="dense decoder, RMSNorm, RoPE, GQA, gated SiLU MLP",
     )
 )
-def _mixtral() -> None:
-    """Mixtral: top-k routing, softmax then top-k, renormalized weights."""
-
-
-@register(
+register(
+    ArchitectureConfig(
+        name="opt", model_types=("opt",), description="dense decoder, LayerNorm, learned positions, ReLU MLP"
+    )
+)
+register(
+    ArchitectureConfig(
+        name="mixtral",
+        model_types=("mixtral",),
+        description="softmax, top-k, renormalized weights",
+        experts_path="mlp.experts",
+        router_path="mlp.gate",
+    )
+)
+register(
     ArchitectureConfig(
         name="qwen2_moe",
         model_types=("qwen2_moe",),
+        description="routed experts plus a shared expert behind a sigmoid gate",
         experts_path="mlp.experts",
         router_path="mlp.gate",
         shared_expert_path="mlp.shared_expert",
     )
 )
-def _qwen2_moe() -> None:
-    """Qwen2-MoE: routed experts plus a shared expert behind a sigmoid gate."""
-
-
-@register(
+register(
     ArchitectureConfig(
-        name="olmoe", model_types=("olmoe",), experts_path="mlp.experts", router_path="mlp.gate"
+        name="olmoe",
+        model_types=("olmoe",),
+        description="many small experts, q/k RMSNorm",
+        experts_path="mlp.experts",
+        router_path="mlp.gate",
     )
 )
-def _olmoe() -> None:
-    """OLMoE: 64-expert top-8 routing, q/k RMSNorm."""
 
 
 def supported_model_types() -> tuple[str, ...]:

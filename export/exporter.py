@@ -19,14 +19,13 @@ from typing import Any
 from moedge._errors import MoedgeError
 from moedge.export.configs import ArchitectureConfig, get_config
 from moedge.model import LoadedModel
+from moedge.module_names import CLASS_KEY, MODULE_KEY, experts_per_layer
 from moedge.paths import ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
-MODULE_KEY = "moedge.module"  # node metadata naming the source module, e.g. model.layers.3.mlp.experts.5
-CLASS_KEY = "moedge.class"
 DEFAULT_OPSET = 18
 _SLICE = re.compile(r"\.slice\([^)]*\)")
 
@@ -80,7 +79,7 @@ def _annotate_modules(ir_model: Any) -> dict[int, int]:
     """
     from moedge.export.wrapper import MODULE_PREFIX
 
-    experts: dict[int, set[int]] = {}
+    modules: list[str] = []
     for node in ir_model.graph.all_nodes():
         props = node.metadata_props
         scopes_text = props.get("pkg.torch.onnx.name_scopes")
@@ -95,14 +94,10 @@ def _annotate_modules(ir_model: Any) -> dict[int, int]:
         module = _SLICE.sub("", scopes[-2]) if len(scopes) >= 2 else ""
         module = module[len(MODULE_PREFIX) + 1 :] if module.startswith(MODULE_PREFIX + ".") else ""
         props[MODULE_KEY] = module
+        modules.append(module)
         if len(classes) >= 2:
             props[CLASS_KEY] = classes[-2]
-        parts = module.split(".")
-        if "experts" in parts:
-            at = parts.index("experts")
-            if at + 1 < len(parts) and parts[at + 1].isdigit() and parts[:2] == ["model", "layers"]:
-                experts.setdefault(int(parts[2]), set()).add(int(parts[at + 1]))
-    return {layer: len(found) for layer, found in sorted(experts.items())}
+    return experts_per_layer(modules)
 
 
 class _NoTorchvisionNotice(logging.Filter):
@@ -133,7 +128,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
             raise MoedgeError(
                 f"output folder {out_dir} is not empty and holds no moedge export: choose another"
             )
-    ensure_writable_dir(out_dir.parent if out_dir.parent != Path("") else Path("."))
+    ensure_writable_dir(out_dir.parent)
 
 
 def export_model(

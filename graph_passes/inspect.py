@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import collections
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moedge._errors import MoedgeError
-
-MODULE_KEY = "moedge.module"
-_EXPERT = re.compile(r"^model\.layers\.(\d+)\..*experts\.(\d+)(\.|$)")
+from moedge.module_names import MODULE_KEY, experts_per_layer
 
 
 @dataclass
@@ -71,17 +68,7 @@ def inspect_model(path: str | Path) -> GraphSummary:
         return rows
 
     census = collections.Counter(n.op_type for n in model.graph.node)
-    experts: dict[int, set[int]] = collections.defaultdict(set)
-    tagged = 0
-    for node in model.graph.node:
-        props = {p.key: p.value for p in node.metadata_props}
-        module = props.get(MODULE_KEY)
-        if module is None:
-            continue
-        tagged += 1
-        match = _EXPERT.match(module)
-        if match:
-            experts[int(match.group(1))].add(int(match.group(2)))
+    modules = [p.value for node in model.graph.node for p in node.metadata_props if p.key == MODULE_KEY]
     weight_bytes = 0
     for init in model.graph.initializer:
         size = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
@@ -101,6 +88,6 @@ def inspect_model(path: str | Path) -> GraphSummary:
         op_census=dict(census),
         weight_bytes=weight_bytes,
         file_bytes=files,
-        experts_per_layer={k: len(v) for k, v in sorted(experts.items())},
-        nodes_with_module=tagged,
+        experts_per_layer=experts_per_layer(modules),
+        nodes_with_module=len(modules),
     )

@@ -70,7 +70,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from moedge.paths import ensure_writable_dir
 
     out = args.output.expanduser().resolve()
-    ensure_writable_dir(out.parent)
+    ensure_writable_dir(out.parent)  # fail before minutes of loading; export_model checks again for API users
     loaded = load_model(args.model, cache_dir=args.cache_dir)
     result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset)
     experts = (

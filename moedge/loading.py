@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from moedge._errors import MoedgeError
-from moedge.export.configs import get_config, supported_model_types
+from moedge.export.configs import get_config
 from moedge.model import LoadedModel
 from moedge.paths import cache_dir as default_cache_dir
 
@@ -187,6 +187,3 @@ def load_hub(repo_id: str) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
     hf_tok, backend = _tokenizer_from_transformers(repo_id)
     return _finish(model, hf_tok, backend, name=repo_id.split("/")[-1], source=repo_id)
-
-
-__all__ = ["load_model", "supported_model_types"]

@@ -174,8 +174,3 @@ TESTBEDS: dict[str, TestBed] = {
 def testbed_names() -> list[str]:
     """Names accepted as MODEL by every command."""
     return list(TESTBEDS)
-
-
-def describe_testbeds() -> dict[str, Any]:
-    """Name -> description, for help text."""
-    return {name: bed.description for name, bed in TESTBEDS.items()}

@@ -1,0 +1,27 @@
+"""The contract between export and graph passes: which node metadata names a node's source module."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+MODULE_KEY = "moedge.module"  # e.g. model.layers.3.mlp.experts.5
+CLASS_KEY = "moedge.class"  # the module's Python class
+
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:.*\.)?experts\.(\d+)(?:\.|$)")
+
+
+def expert_of(module: str) -> tuple[int, int] | None:
+    """(layer, expert) when ``module`` is inside a routed expert, else None."""
+    match = _EXPERT.match(module)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def experts_per_layer(modules: Iterable[str]) -> dict[int, int]:
+    """How many distinct routed experts the given module names cover, per MoE layer."""
+    found: dict[int, set[int]] = {}
+    for module in modules:
+        hit = expert_of(module)
+        if hit is not None:
+            found.setdefault(hit[0], set()).add(hit[1])
+    return {layer: len(experts) for layer, experts in sorted(found.items())}
