@@ -1,3 +1,18 @@
-"""Hessian-aware W8A8 calibration (observers, smoothing, weight quantization, recipes): the next issue."""
+"""W8A8 calibration: streamed observers, smoothing, Hessian-aware weights, activation ranges, recipes."""
 
-__all__: list[str] = []
+from moedge.calibration.calibrator import METHODS, CalibrationConfig, CalibrationResult, calibrate
+from moedge.calibration.data import calibration_windows, sample_stories
+from moedge.calibration.recipe import Recipe, apply_recipe, load_recipe, save_recipe
+
+__all__ = [
+    "METHODS",
+    "CalibrationConfig",
+    "CalibrationResult",
+    "Recipe",
+    "apply_recipe",
+    "calibrate",
+    "calibration_windows",
+    "load_recipe",
+    "sample_stories",
+    "save_recipe",
+]

@@ -62,21 +62,31 @@ def _resolve(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_path) if parent_path else root), leaf
 
 
+def split_experts(model: nn.Module, arch: ArchitectureConfig) -> list[tuple[nn.Module, str, Any]]:
+    """Replace every fused experts module by ``PerExpertExperts`` in place; returns what to restore.
+
+    Calibration keeps the split for good (the fake-quant model quantizes each expert's own linears);
+    the exporter undoes it through ``per_expert_modules``.
+    """
+    swapped: list[tuple[nn.Module, str, Any]] = []
+    if arch.experts_path is None:
+        return swapped
+    for layer in model.model.layers:  # type: ignore[union-attr]
+        parent, leaf = _resolve(layer, arch.experts_path)
+        fused = getattr(parent, leaf)
+        if not hasattr(fused, "gate_up_proj"):
+            continue  # a dense layer inside an MoE model (e.g. mlp_only_layers), or already split
+        swapped.append((parent, leaf, fused))
+        setattr(parent, leaf, PerExpertExperts(fused))
+    return swapped
+
+
 @contextmanager
 def per_expert_modules(model: nn.Module, arch: ArchitectureConfig) -> Iterator[nn.Module]:
     """Rewrite every fused experts module into ``PerExpertExperts`` for the duration of the block."""
-    if arch.experts_path is None:
-        yield model
-        return
     swapped: list[tuple[nn.Module, str, Any]] = []
     try:
-        for layer in model.model.layers:  # type: ignore[union-attr]
-            parent, leaf = _resolve(layer, arch.experts_path)
-            fused = getattr(parent, leaf)
-            if not hasattr(fused, "gate_up_proj"):
-                continue  # a dense layer inside an MoE model (e.g. mlp_only_layers)
-            swapped.append((parent, leaf, fused))
-            setattr(parent, leaf, PerExpertExperts(fused))
+        swapped = split_experts(model, arch)
         yield model
     finally:
         for parent, leaf, fused in reversed(swapped):

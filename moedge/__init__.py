@@ -13,24 +13,33 @@ from moedge.model import LoadedModel
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
     from moedge.evaluation import PerplexityResult, perplexity
     from moedge.export.exporter import ExportResult, export_model
     from moedge.loading import load_model
     from moedge.runtime.ort_causal_lm import OrtCausalLM
 
 __all__ = [
+    "CalibrationConfig",
     "ExportResult",
     "LoadedModel",
     "MoedgeError",
     "OrtCausalLM",
     "PerplexityResult",
     "__version__",
+    "apply_recipe",
+    "calibrate",
     "export_model",
     "load_model",
     "perplexity",
+    "save_recipe",
 ]
 
 _LAZY = {
+    "calibrate": "moedge.calibration",
+    "CalibrationConfig": "moedge.calibration",
+    "apply_recipe": "moedge.calibration",
+    "save_recipe": "moedge.calibration",
     "load_model": "moedge.loading",
     "export_model": "moedge.export.exporter",
     "ExportResult": "moedge.export.exporter",

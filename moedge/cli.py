@@ -96,6 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     backend = args.backend
     if backend == "auto":
         backend = "ort" if is_exported_folder(args.model) else "torch"
+    if backend == "ort" and args.recipe is not None:
+        raise MoedgeError("--recipe evaluates the fake-quant PyTorch model: drop --backend ort or the recipe")
     if backend == "ort":
         from moedge.runtime.ort_causal_lm import OrtCausalLM
         from moedge.tokenizer import load_tokenizer
@@ -116,8 +118,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.threads)
         loaded = load_model(args.model, cache_dir=args.cache_dir)
+        label = "pytorch fp32"
+        if args.recipe is not None:
+            from moedge.calibration.recipe import apply_recipe, load_recipe
+
+            recipe = load_recipe(args.recipe)
+            apply_recipe(loaded, recipe)
+            label = f"pytorch fake-quant W8A8 ({recipe.method} recipe)"
         ids = np.asarray(loaded.encode(text.text), dtype=np.int64)
-        score, label = torch_logits(loaded.model), "pytorch fp32"
+        score = torch_logits(loaded.model)
     result = perplexity(
         score,
         ids,
@@ -131,6 +140,52 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         record = {"model": str(args.model), "text_origin": text.origin, **result.to_dict()}
         args.json.write_text(json.dumps(record, indent=2) + "\n")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Calibrate MODEL to W8A8 and write the recipe folder."""
+    import torch
+
+    from moedge.calibration import CalibrationConfig, calibrate, calibration_windows, save_recipe
+    from moedge.loading import load_model
+
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        raise MoedgeError(f"{args.output} exists and is not an empty folder: choose a new output path")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = CalibrationConfig(
+        method=args.method,
+        act_clip=args.act_clip,
+        percentile=args.percentile,
+        alpha=args.alpha,
+        keep_fp=tuple(args.keep_fp or ()),
+        auto_keep_fp=args.auto_keep_fp,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    loaded = load_model(args.model, cache_dir=args.cache_dir)
+    samples = calibration_windows(
+        loaded, dataset=args.calib_data, count=args.calib_windows, seqlen=args.seqlen, seed=args.seed
+    )
+    log.info(
+        "calibrating %s with %s on %d x %d tokens of %s",
+        loaded.name,
+        args.method,
+        *samples.shape,
+        args.calib_data,
+    )
+    result = calibrate(loaded, list(samples), config, progress=not args.quiet)
+    out = save_recipe(loaded, result, args.output, calibration_data=args.calib_data)
+    worst = sorted(((r.rel_error, n) for n, r in result.linears.items() if r.quantized), reverse=True)[:3]
+    print(
+        f"wrote {out} ({args.method}; {len(result.linears)} linears, {len(result.kept_fp)} kept in FP; "
+        f"{result.seconds:.0f} s, peak RSS {result.peak_rss_mb:.0f} MB)"
+    )
+    for name in result.kept_fp:
+        print(f"  kept in FP: {name}")
+    for err, name in worst:
+        print(f"  largest relative output error: {name} {err:.2e}")
     return EXIT_OK
 
 
@@ -196,8 +251,61 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--threads", type=int, help="CPU threads (default: the runtime's own choice)")
     ev.add_argument("--json", type=Path, help="also write the result as JSON")
+    ev.add_argument(
+        "--recipe", type=Path, help="evaluate the fake-quant model of this recipe folder (PyTorch)"
+    )
     _common(ev)
     ev.set_defaults(func=cmd_eval)
+
+    cal = sub.add_parser(
+        "calibrate", help="calibrate MODEL to W8A8 (int8 weights and activations): a recipe folder"
+    )
+    cal.add_argument("model", metavar="MODEL", help=model_help)
+    cal.add_argument(
+        "-o", "--output", type=Path, required=True, help="recipe folder to write (must not exist)"
+    )
+    cal.add_argument(
+        "--method",
+        choices=("rtn", "smoothquant", "gptq", "haq"),
+        default="haq",
+        help="haq (default): searched smoothing + GPTQ + searched ranges; rtn, smoothquant, gptq for comparison",
+    )
+    cal.add_argument(
+        "--calib-data",
+        default="c4",
+        help="c4 (documents 0-999, default), wikitext2, ptb, demo, or a text file",
+    )
+    cal.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
+    cal.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
+    cal.add_argument("--seed", type=int, default=0, help="seed for window sampling and searches (default 0)")
+    cal.add_argument(
+        "--act-clip",
+        choices=("absmax", "percentile", "mse", "output"),
+        help="activation range: output error (haq default), input MSE, percentile, or absmax (other methods)",
+    )
+    cal.add_argument(
+        "--percentile", type=float, default=99.99, help="for --act-clip percentile (default 99.99)"
+    )
+    cal.add_argument(
+        "--alpha", type=float, help="fixed smoothing strength in [0, 1] (default: searched per group for haq)"
+    )
+    cal.add_argument(
+        "--keep-fp",
+        action="append",
+        metavar="PATTERN",
+        help="keep linears matching this glob in FP, e.g. 'model.layers.*.mlp.down_proj' (repeatable)",
+    )
+    cal.add_argument(
+        "--auto-keep-fp",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="also keep the most sensitive linears in FP, up to this fraction of linear parameters (e.g. 0.02)",
+    )
+    cal.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    cal.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    _common(cal)
+    cal.set_defaults(func=cmd_calibrate)
 
     insp = sub.add_parser("inspect", help="print an exported model: I/O, op census, weights, experts")
     insp.add_argument("path", type=Path, help="an exported folder or .onnx file")

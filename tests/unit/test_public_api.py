@@ -11,15 +11,19 @@ import moedge
 def test_public_api_surface():
     assert sorted(moedge.__all__) == sorted(
         [
+            "CalibrationConfig",
             "ExportResult",
             "LoadedModel",
             "MoedgeError",
             "OrtCausalLM",
             "PerplexityResult",
             "__version__",
+            "apply_recipe",
+            "calibrate",
             "export_model",
             "load_model",
             "perplexity",
+            "save_recipe",
         ]
     )
     for name in moedge.__all__:

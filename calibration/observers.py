@@ -1,0 +1,162 @@
+"""Streaming statistics of linear inputs, gathered through forward hooks without storing activations.
+
+Per input key (one tensor read by one or more linears): per-channel absmax, a log-spaced histogram of
+|x| (for percentile clipping), the second moment E[x xᵀ] (the GPTQ Hessian up to a factor 2) and a
+seeded fixed-size sample of rows for error-driven searches. Expert inputs hold only the tokens routed
+to that expert, because the hook sits on the expert's own linear.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from moedge._errors import MoedgeError
+
+HIST_LO, HIST_HI, HIST_PER_OCTAVE = -24, 24, 8  # |x| bins from 2^-24 to 2^24
+
+
+class InputObserver:
+    """Running statistics of one linear input."""
+
+    def __init__(
+        self, key: str, *, hessian: bool, sample_tokens: int, seed: int, tail_tokens: int = 64
+    ) -> None:
+        self.key = key
+        self.want_hessian = hessian
+        self.sample_tokens = sample_tokens
+        self.tail_tokens = tail_tokens
+        self._tail: torch.Tensor | None = None
+        self._tags = torch.zeros(0, dtype=torch.int8)
+        self._tail_tags = torch.zeros(0, dtype=torch.int8)
+        self.tokens = 0
+        self.batches = 0
+        self.absmax: torch.Tensor | None = None
+        # per-channel absmax of even and odd batches: a range calibrated on one half, judged on the other
+        self.half_absmax: list[torch.Tensor | None] = [None, None]
+        self.hist = torch.zeros((HIST_HI - HIST_LO) * HIST_PER_OCTAVE + 2, dtype=torch.float64)
+        self._xtx: torch.Tensor | None = None
+        self._sample: torch.Tensor | None = None
+        self._priority: torch.Tensor | None = None
+        self._gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs (any leading shape, channels last) into the statistics."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        if x.shape[0] == 0:
+            return
+        if not torch.isfinite(x).all():
+            raise MoedgeError(
+                f"non-finite activations (NaN/Inf) reach {self.key}: the model or the calibration data is broken"
+            )
+        self.tokens += x.shape[0]
+        half = self.batches % 2
+        self.batches += 1
+        amax = x.abs().amax(dim=0)
+        self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
+        prev = self.half_absmax[half]
+        self.half_absmax[half] = amax if prev is None else torch.maximum(prev, amax)
+        logs = torch.log2(x.abs().clamp_min(2.0**HIST_LO)).flatten()
+        idx = torch.clamp(((logs - HIST_LO) * HIST_PER_OCTAVE).floor().long() + 1, 0, self.hist.numel() - 1)
+        self.hist += torch.bincount(idx, minlength=self.hist.numel()).to(torch.float64)
+        if self.want_hessian:
+            xtx = x.T @ x
+            self._xtx = xtx if self._xtx is None else self._xtx + xtx
+        pr = torch.rand(x.shape[0], generator=self._gen)
+        tag = torch.full((x.shape[0],), half, dtype=torch.int8)
+        if self._sample is None or self._priority is None:
+            rows, pri, tags = x, pr, tag
+        else:
+            rows = torch.cat([self._sample, x])
+            pri = torch.cat([self._priority, pr])
+            tags = torch.cat([self._tags, tag])
+        if rows.shape[0] > self.sample_tokens:
+            keep = torch.topk(pri, self.sample_tokens).indices.sort().values
+            rows, pri, tags = rows[keep], pri[keep], tags[keep]
+        self._sample, self._priority, self._tags = rows.clone(), pri, tags
+        # The rows with the largest magnitudes, kept apart: a uniform sample almost never holds the rare
+        # massive-activation tokens, and a range chosen without them clips them in deployment.
+        tail = x if self._tail is None else torch.cat([self._tail, x])
+        tail_tags = tag if self._tail is None else torch.cat([self._tail_tags, tag])
+        if tail.shape[0] > self.tail_tokens:
+            top = torch.topk(tail.abs().amax(dim=1), self.tail_tokens).indices
+            tail, tail_tags = tail[top], tail_tags[top]
+        self._tail, self._tail_tags = tail.clone(), tail_tags
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """E[x xᵀ] over every token seen (identity when the input saw no token)."""
+        if self._xtx is None or self.tokens == 0:
+            raise MoedgeError(f"no Hessian was collected for {self.key}")
+        return self._xtx / self.tokens
+
+    def rows(
+        self, uniform: int | None = None, *, half: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for error estimates and their weights: (the first ``uniform`` of) a seeded uniform sample,
+        then the largest-magnitude rows.
+
+        Weighted sums over the rows estimate sums over every token seen, scaled so a uniform row
+        weighs 1: each tail row stands for itself (weight n / tokens). When the uniform sample already
+        holds every token, the tail adds nothing (weight 0). ``half`` (0 or 1) keeps only rows of even
+        or odd batches.
+        """
+        if self._sample is None or self._tail is None:
+            raise MoedgeError(f"no calibration token reached {self.key}")
+        sample, tail = self._sample, self._tail
+        tokens = self.tokens
+        if half is not None:
+            sample, tail = sample[self._tags == half], tail[self._tail_tags == half]
+            tokens = round(self.tokens * sample.shape[0] / max(self._sample.shape[0], 1))
+        picked = sample if uniform is None else sample[:uniform]
+        n = picked.shape[0]
+        tail_w = n / tokens if self.tokens > self._sample.shape[0] and tokens > 0 else 0.0
+        weights = torch.cat([torch.ones(n), torch.full((tail.shape[0],), tail_w)])
+        return torch.cat([picked, tail]), weights
+
+    def percentile(self, q: float) -> float:
+        """The |x| value below which ``q`` percent of all observed elements fall (histogram resolution)."""
+        total = float(self.hist.sum())
+        if total == 0:
+            return 0.0
+        cum = torch.cumsum(self.hist, 0) / total
+        b = int(torch.searchsorted(cum, torch.tensor(q / 100.0, dtype=torch.float64)).item())
+        upper = 2.0 ** (HIST_LO + b / HIST_PER_OCTAVE)
+        assert self.absmax is not None
+        return min(upper, float(self.absmax.max()))
+
+    def outlier_ratio(self) -> float:
+        """Largest channel absmax over the median channel absmax (how hard per-tensor quantization is)."""
+        if self.absmax is None:
+            return math.nan
+        med = float(self.absmax.median())
+        return float(self.absmax.max()) / med if med > 0 else math.inf
+
+
+@contextmanager
+def observe(
+    modules: dict[str, nn.Module], *, hessian_keys: set[str], sample_tokens: int, seed: int
+) -> Iterator[dict[str, InputObserver]]:
+    """Attach one observer per input key to the module that owns it; detach on exit."""
+    observers = {
+        key: InputObserver(key, hessian=key in hessian_keys, sample_tokens=sample_tokens, seed=seed)
+        for key in modules
+    }
+    handles = []
+    for key, module in modules.items():
+        obs = observers[key]
+
+        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], obs: InputObserver = obs) -> None:
+            obs.update(args[0])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    try:
+        yield observers
+    finally:
+        for h in handles:
+            h.remove()

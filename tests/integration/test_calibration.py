@@ -1,0 +1,214 @@
+"""Calibration on tiny models: exact folding, unchanged routers, recipe round trip, HAQ vs rtn, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from moedge._errors import MoedgeError
+from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, load_recipe, save_recipe
+from moedge.calibration.layers import decoder_layers, layer_spec
+from moedge.export.configs import get_config
+from moedge.export.patchers import split_experts
+from moedge.testbeds import build_tiny
+from tests.conftest import TINY_KINDS
+
+
+def _ids(n: int, length: int, seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, length)))
+
+
+def _samples(n: int = 8, length: int = 48, seed: int = 0) -> list[np.ndarray]:
+    return list(_ids(n, length, seed).numpy())
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_folding_every_group_is_exact_and_routers_are_unchanged(kind):
+    loaded = build_tiny(kind)
+    model = loaded.model
+    ids = _ids(2, 24, 1)
+    want = _logits(model, ids)
+    router_out: dict[str, list[torch.Tensor]] = {"before": [], "after": []}
+    split_experts(model, get_config(loaded.model_type))
+    g = torch.Generator().manual_seed(0)
+    groups = 0
+    for index in range(len(decoder_layers(model))):
+        spec = layer_spec(model, index)
+        for group in spec.groups:
+            s = torch.exp(torch.randn(group.channels, generator=g) * 1.5)  # scales from ~0.01 to ~100
+            group.fold(s, spec.linears)
+            groups += 1
+    routers = [
+        m for n, m in model.named_modules() if n.endswith("mlp.gate") and not isinstance(m, torch.nn.Linear)
+    ]
+    got = _logits(model, ids)
+    assert groups >= 4 * len(decoder_layers(model))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if routers:  # the router logits themselves (not only the model output) are unchanged
+        fresh = build_tiny(kind).model
+        fresh_routers = [m for n, m in fresh.named_modules() if n.endswith("mlp.gate")]
+        for name, hooks_on in (("before", fresh_routers), ("after", routers)):
+            handles = [
+                r.register_forward_hook(lambda _m, _a, out, k=name: router_out[k].append(out[0]))
+                for r in hooks_on
+            ]
+            _logits(fresh if name == "before" else model, ids)
+            for h in handles:
+                h.remove()
+        for a, b in zip(router_out["before"], router_out["after"], strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2-moe", "opt"])
+def test_recipe_round_trips_exactly(kind, tmp_path):
+    loaded = build_tiny(kind)
+    result = calibrate(loaded, _samples(), CalibrationConfig(method="haq"), progress=False)
+    ids = _ids(2, 32, 7)
+    want = _logits(loaded.model, ids)
+    out = save_recipe(loaded, result, tmp_path / "recipe")
+    meta = json.loads((out / "recipe.json").read_text())
+    assert meta["config"]["method"] == "haq" and meta["model"]["model_type"] == loaded.model_type
+    quantized = [n for n, r in meta["linears"].items() if r["quantized"]]
+    assert quantized and all("gate" not in n.rsplit(".", 1)[-1] or "proj" in n for n in quantized)
+    assert (out / "routing.json").exists() == (kind != "opt")
+    fresh = apply_recipe(build_tiny(kind), out)
+    assert torch.equal(_logits(fresh.model, ids), want)
+    assert not torch.allclose(_logits(build_tiny(kind).model, ids), want)  # the recipe changed the model
+
+
+def test_routing_statistics_are_consistent(tmp_path):
+    loaded = build_tiny("olmoe")
+    result = calibrate(loaded, _samples(4, 32), CalibrationConfig(method="rtn"), progress=False)
+    routing = result.routing
+    assert routing is not None
+    k, tokens = routing["top_k"], 4 * 32
+    for counts in routing["expert_token_counts"].values():
+        assert sum(counts) == k * tokens
+    for matrix in routing["transition_counts"].values():
+        assert int(np.sum(matrix)) == k * k * tokens
+    paths = routing["top1_paths"]["most_common"]
+    assert len(paths[0]["path"]) == len(routing["layers"]) and sum(p["count"] for p in paths) <= tokens
+
+
+def test_calibration_is_deterministic():
+    a, b = build_tiny("mixtral"), build_tiny("mixtral")
+    ra = calibrate(a, _samples(), CalibrationConfig(method="haq", seed=3), progress=False)
+    rb = calibrate(b, _samples(), CalibrationConfig(method="haq", seed=3), progress=False)
+    assert ra.smoothing == rb.smoothing
+    ids = _ids(1, 16, 9)
+    assert torch.equal(_logits(a.model, ids), _logits(b.model, ids))
+
+
+def _inject_outliers(model: torch.nn.Module, channels: tuple[int, ...], factor: float = 50.0) -> None:
+    """Function-preserving: a norm channel x factor, the consuming weight columns / factor."""
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            for norm, consumers in (
+                (
+                    layer.input_layernorm,
+                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                ),
+                (layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
+            ):
+                for c in channels:
+                    norm.weight[c] *= factor
+                    for lin in consumers:
+                        lin.weight[:, c] /= factor
+
+
+def _kl_to(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    p = torch.log_softmax(reference, -1)
+    q = torch.log_softmax(logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_haq_beats_rtn_on_injected_outliers():
+    base = build_tiny("llama")
+    _inject_outliers(base.model, (3, 17, 40))
+    ids = _ids(4, 64, 11)
+    reference = _logits(base.model, ids)
+    kl = {}
+    for method in ("rtn", "smoothquant", "haq"):
+        loaded = build_tiny("llama")
+        _inject_outliers(loaded.model, (3, 17, 40))
+        torch.testing.assert_close(_logits(loaded.model, ids), reference)  # the injection is exact
+        calibrate(loaded, _samples(16, 64), CalibrationConfig(method=method), progress=False)
+        kl[method] = _kl_to(reference, _logits(loaded.model, ids))
+    assert kl["haq"] < 0.5 * kl["rtn"], kl
+    assert kl["haq"] <= kl["smoothquant"] * 1.05, kl
+
+
+def test_keep_fp_patterns_and_auto_mode():
+    loaded = build_tiny("llama")
+    cfg = CalibrationConfig(method="rtn", keep_fp=("*.layers.0.mlp.down_proj",), auto_keep_fp=0.05)
+    result = calibrate(loaded, _samples(), cfg, progress=False)
+    assert "model.layers.0.mlp.down_proj" in result.kept_fp
+    auto = [n for n in result.kept_fp if n != "model.layers.0.mlp.down_proj"]
+    params = sum(r.params for r in result.linears.values())
+    assert auto and sum(result.linears[n].params for n in auto) <= 0.05 * params
+    assert isinstance(loaded.model.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+    assert all(not result.linears[n].quantized for n in result.kept_fp)
+
+
+def test_an_expert_no_token_reaches_gets_a_warning(caplog):
+    loaded = build_tiny("olmoe")  # 8 experts, top-2: one 2-token sequence reaches at most 4 of them
+    with caplog.at_level(logging.WARNING, logger="moedge.calibration.calibrator"):
+        result = calibrate(loaded, [np.array([5, 9])], CalibrationConfig(method="haq"), progress=False)
+    assert "no calibration token was routed" in caplog.text
+    idle = [n for n, r in result.linears.items() if r.tokens == 0]
+    assert idle and all(result.linears[n].quantized for n in idle)
+    assert torch.isfinite(_logits(loaded.model, _ids(1, 8, 0))).all()
+
+
+def test_recipe_for_another_model_is_refused(tmp_path):
+    loaded = build_tiny("llama")
+    result = calibrate(loaded, _samples(2, 16), CalibrationConfig(method="rtn"), progress=False)
+    out = save_recipe(loaded, result, tmp_path / "r")
+    with pytest.raises(MoedgeError, match="was made for"):
+        apply_recipe(build_tiny("mistral"), out)
+    (out / "recipe.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(MoedgeError, match="format version 99"):
+        load_recipe(out)
+    with pytest.raises(MoedgeError, match="not a recipe folder"):
+        load_recipe(tmp_path)
+
+
+def test_bad_calibration_input_is_refused():
+    loaded = build_tiny("llama")
+    with pytest.raises(MoedgeError, match="no calibration data"):
+        calibrate(loaded, [], progress=False)
+    with pytest.raises(MoedgeError, match="token ids must be in"):
+        calibrate(loaded, [np.array([1, 2, 999])], progress=False)
+    with pytest.raises(MoedgeError, match="unknown method"):
+        CalibrationConfig(method="awq")
+    with torch.no_grad():
+        loaded.model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(MoedgeError, match="NaN or Inf"):
+        calibrate(loaded, _samples(2, 16), progress=False)
+    overflow = build_tiny("llama")
+    with torch.no_grad():
+        overflow.model.model.layers[0].post_attention_layernorm.weight.fill_(3e38)
+    with pytest.raises(MoedgeError, match="non-finite activations"):
+        calibrate(overflow, _samples(2, 16), progress=False)
+
+
+def test_architecture_without_a_smoothing_map_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moedge.model import LoadedModel
+    from moedge.tokenizer import byte_level_tokenizer
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=258)).eval()
+    loaded = LoadedModel(model=model, tokenizer=byte_level_tokenizer(), name="tiny-gpt2", source="test")
+    with pytest.raises(MoedgeError, match="llama") as info:
+        calibrate(loaded, _samples(1, 8), progress=False)
+    assert "gpt2" in str(info.value)
