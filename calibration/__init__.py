@@ -1,6 +1,12 @@
 """W8A8 calibration: streamed observers, smoothing, Hessian-aware weights, activation ranges, recipes."""
 
-from moedge.calibration.calibrator import METHODS, CalibrationConfig, CalibrationResult, calibrate
+from moedge.calibration.calibrator import (
+    METHODS,
+    CalibrationConfig,
+    CalibrationResult,
+    calibrate,
+    keep_most_sensitive,
+)
 from moedge.calibration.data import calibration_windows, sample_stories
 from moedge.calibration.recipe import Recipe, apply_recipe, load_recipe, save_recipe
 
@@ -12,6 +18,7 @@ __all__ = [
     "apply_recipe",
     "calibrate",
     "calibration_windows",
+    "keep_most_sensitive",
     "load_recipe",
     "sample_stories",
     "save_recipe",

@@ -135,6 +135,10 @@ class CalibrationResult:
     samples: int
     tokens: int
     excluded: list[str] = field(default_factory=list)
+    # smoothed FP weights of the quantized linears, kept only when asked (automatic mixed precision)
+    fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=dict, repr=False
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields (routing is written separately)."""
@@ -219,11 +223,13 @@ def calibrate(
     config: CalibrationConfig | None = None,
     *,
     progress: bool = True,
+    retain_fp: bool = False,
 ) -> CalibrationResult:
     """Calibrate ``loaded.model`` in place into its W8A8 fake-quant form and report every decision.
 
     ``samples`` are token-id sequences (e.g. 128 windows of 512 tokens). lm_head and routers stay in
-    full precision. The model's fused experts are split per expert for good.
+    full precision. The model's fused experts are split per expert for good. ``retain_fp`` keeps the
+    smoothed FP weights so ``keep_most_sensitive`` can run later (the automatic mode does it here).
     """
     from moedge.export.configs import get_config
     from moedge.export.patchers import split_experts
@@ -274,7 +280,16 @@ def calibrate(
             spec = layer_spec(model, index)
             name_prefix = prefix[id(layer)]
             _calibrate_layer(
-                layer, spec, cache, cfg, alpha_fixed, routing, name_prefix, reports, smoothing, fp_weights
+                layer,
+                spec,
+                cache,
+                cfg,
+                alpha_fixed,
+                routing,
+                name_prefix,
+                reports,
+                smoothing,
+                fp_weights if (retain_fp or cfg.auto_keep_fp > 0) else None,
             )
             for i, (hidden, kwargs) in enumerate(cache):
                 out = _layer_out(layer(hidden, **kwargs))
@@ -286,15 +301,11 @@ def calibrate(
         cache.clear()
 
     kept = [n for n, r in reports.items() if not r.quantized]
-    if cfg.auto_keep_fp > 0:
-        probe = [torch.from_numpy(np.asarray(x)).long() for x in samples[: cfg.probe_sequences]]
-        kept += _auto_keep(reports, fp_weights, cfg.auto_keep_fp, model, probe)
-    fp_weights.clear()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     excluded = ["lm_head"] + [
         f"{prefix[id(layers[i])]}.{r}" for i in range(len(layers)) for r in layer_spec(model, i).routers
     ]
-    return CalibrationResult(
+    result = CalibrationResult(
         config=cfg,
         linears=reports,
         smoothing=smoothing,
@@ -305,7 +316,34 @@ def calibrate(
         samples=len(samples),
         tokens=tokens,
         excluded=excluded,
+        fp_weights=fp_weights,
     )
+    if cfg.auto_keep_fp > 0:
+        keep_most_sensitive(loaded, result, cfg.auto_keep_fp, samples[: cfg.probe_sequences])
+        if not retain_fp:
+            result.fp_weights = {}
+    return result
+
+
+def keep_most_sensitive(
+    loaded: LoadedModel, result: CalibrationResult, fraction: float, probe: Sequence[np.ndarray]
+) -> list[str]:
+    """Automatic mixed precision: return the quantized linears that cost the most loss to FP.
+
+    At most ``fraction`` of the linear parameters (every expert's linear counts on its own); the cost
+    is measured on the ``probe`` sequences (see ``_auto_keep``). Needs ``calibrate(..., retain_fp=True)``
+    or ``auto_keep_fp`` in the config. Returns the names kept, also appended to ``result.kept_fp``.
+    """
+    if not result.fp_weights:
+        raise MoedgeError(
+            "the FP weights were not retained: calibrate with retain_fp=True or auto_keep_fp > 0"
+        )
+    ids = [torch.from_numpy(np.asarray(x)).long() for x in probe]
+    start = time.perf_counter()
+    kept = _auto_keep(result.linears, result.fp_weights, fraction, loaded.model, ids)
+    result.kept_fp += kept
+    result.seconds += time.perf_counter() - start
+    return kept
 
 
 def _keep_pattern(name: str, patterns: tuple[str, ...]) -> bool:
@@ -322,7 +360,7 @@ def _calibrate_layer(
     name_prefix: str,
     reports: dict[str, LinearReport],
     smoothing: dict[str, float | None],
-    fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]],
+    fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] | None,
 ) -> None:
     """Observe, smooth, quantize one layer in place."""
     keep = {n for n in spec.linears if _keep_pattern(f"{name_prefix}.{n}", cfg.keep_fp)}
@@ -339,7 +377,11 @@ def _calibrate_layer(
         handle = spec.experts_module.register_forward_pre_hook(on_route)
     try:
         with observe(
-            spec.observed, hessian_keys=hessian_keys, sample_tokens=cfg.sample_tokens, seed=cfg.seed
+            spec.observed,
+            hessian_keys=hessian_keys,
+            sample_tokens=cfg.sample_tokens,
+            seed=cfg.seed,
+            histogram=cfg.clip_mode == "percentile",
         ) as obs:
             for hidden, kwargs in cache:
                 layer(hidden, **kwargs)
@@ -435,7 +477,7 @@ def _calibrate_layer(
         fq = FakeQuantLinear(q, sc, bias, act_scale(clip))
         parent_name, _, leaf = name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
-        if cfg.auto_keep_fp > 0:
+        if fp_weights is not None:
             fp_weights[full] = (parent, leaf, w.clone(), None if bias is None else bias.clone())
         setattr(parent, leaf, fq)
         reports[full] = LinearReport(
@@ -535,36 +577,42 @@ def _auto_keep(
     fraction: float,
     model: nn.Module,
     probe: list[torch.Tensor],
+    candidates: int = 16,
 ) -> list[str]:
     """Return the linears whose quantization costs the most loss to full precision, within ``fraction``
     of the linear parameters.
 
-    The cost of each linear is measured, not guessed from its local error: one forward/backward pass of
-    the quantized model over ``probe`` windows gives, per linear, the first-order change in the
-    language-model loss if its output error (W8A8 output minus FP output, on the same input) were
-    removed: -sum(dL/dy * (y_q - y_fp)). Linears are kept greedily by loss saved per parameter.
+    Costs are measured, not guessed from local errors (which rank poorly: see ARCHITECTURE.md). A
+    forward/backward pass of the quantized model over ``probe`` sequences estimates, per linear, the
+    first-order loss change of removing its output error; the ``candidates`` largest are then each
+    restored alone and the probe loss measured; linears are kept greedily by measured loss saved per
+    parameter.
     """
     total = sum(r.params for r in reports.values())
     budget = fraction * total
-    gain = _revert_gains(model, fp_weights, probe)
-    ranked = sorted(
-        (n for n, r in reports.items() if r.quantized and n in gain),
-        key=lambda n: gain[n] / reports[n].params,
+    estimate = _revert_gains(model, fp_weights, probe)
+    shortlist = sorted(
+        (n for n, r in reports.items() if r.quantized and n in estimate and r.params <= budget),
+        key=lambda n: estimate[n],
         reverse=True,
-    )
+    )[:candidates]
+    base = _probe_loss(model, probe)
+    measured: dict[str, float] = {}
+    for name in shortlist:
+        parent, leaf, _, _ = fp_weights[name]
+        quantized = getattr(parent, leaf)
+        setattr(parent, leaf, _fp_linear(fp_weights[name]))
+        measured[name] = base - _probe_loss(model, probe)
+        setattr(parent, leaf, quantized)
+        log.debug("restoring %s saves %.4f nats on the probe", name, measured[name])
     kept: list[str] = []
     used = 0
-    for name in ranked:
+    for name in sorted(measured, key=lambda n: measured[n] / reports[n].params, reverse=True):
         r = reports[name]
-        if gain[name] <= 0 or used + r.params > budget:
+        if measured[name] <= 0 or used + r.params > budget:
             continue
-        parent, leaf, w, b = fp_weights[name]
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        setattr(parent, leaf, lin)
+        parent, leaf, _, _ = fp_weights[name]
+        setattr(parent, leaf, _fp_linear(fp_weights[name]))
         r.quantized = False
         kept.append(name)
         used += r.params
@@ -574,6 +622,26 @@ def _auto_keep(
         100 * used / total,
     )
     return kept
+
+
+def _fp_linear(entry: tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]) -> nn.Linear:
+    _, _, w, b = entry
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin
+
+
+def _probe_loss(model: nn.Module, probe: list[torch.Tensor]) -> float:
+    """Summed next-token NLL (nats) over the probe sequences."""
+    total = 0.0
+    with torch.no_grad():
+        for ids in probe:
+            logits = model(input_ids=ids[None], use_cache=False).logits[0]
+            total += float(nn.functional.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
+    return total
 
 
 def _revert_gains(

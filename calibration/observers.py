@@ -25,10 +25,18 @@ class InputObserver:
     """Running statistics of one linear input."""
 
     def __init__(
-        self, key: str, *, hessian: bool, sample_tokens: int, seed: int, tail_tokens: int = 64
+        self,
+        key: str,
+        *,
+        hessian: bool,
+        sample_tokens: int,
+        seed: int,
+        tail_tokens: int = 64,
+        histogram: bool = True,
     ) -> None:
         self.key = key
         self.want_hessian = hessian
+        self.want_histogram = histogram
         self.sample_tokens = sample_tokens
         self.tail_tokens = tail_tokens
         self._tail: torch.Tensor | None = None
@@ -61,9 +69,12 @@ class InputObserver:
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         prev = self.half_absmax[half]
         self.half_absmax[half] = amax if prev is None else torch.maximum(prev, amax)
-        logs = torch.log2(x.abs().clamp_min(2.0**HIST_LO)).flatten()
-        idx = torch.clamp(((logs - HIST_LO) * HIST_PER_OCTAVE).floor().long() + 1, 0, self.hist.numel() - 1)
-        self.hist += torch.bincount(idx, minlength=self.hist.numel()).to(torch.float64)
+        if self.want_histogram:
+            logs = torch.log2(x.abs().clamp_min(2.0**HIST_LO)).flatten()
+            idx = torch.clamp(
+                ((logs - HIST_LO) * HIST_PER_OCTAVE).floor().long() + 1, 0, self.hist.numel() - 1
+            )
+            self.hist += torch.bincount(idx, minlength=self.hist.numel()).to(torch.float64)
         if self.want_hessian:
             xtx = x.T @ x
             self._xtx = xtx if self._xtx is None else self._xtx + xtx
@@ -121,6 +132,8 @@ class InputObserver:
 
     def percentile(self, q: float) -> float:
         """The |x| value below which ``q`` percent of all observed elements fall (histogram resolution)."""
+        if not self.want_histogram:
+            raise MoedgeError(f"no histogram was collected for {self.key}")
         total = float(self.hist.sum())
         if total == 0:
             return 0.0
@@ -140,11 +153,18 @@ class InputObserver:
 
 @contextmanager
 def observe(
-    modules: dict[str, nn.Module], *, hessian_keys: set[str], sample_tokens: int, seed: int
+    modules: dict[str, nn.Module],
+    *,
+    hessian_keys: set[str],
+    sample_tokens: int,
+    seed: int,
+    histogram: bool = True,
 ) -> Iterator[dict[str, InputObserver]]:
     """Attach one observer per input key to the module that owns it; detach on exit."""
     observers = {
-        key: InputObserver(key, hessian=key in hessian_keys, sample_tokens=sample_tokens, seed=seed)
+        key: InputObserver(
+            key, hessian=key in hessian_keys, sample_tokens=sample_tokens, seed=seed, histogram=histogram
+        )
         for key in modules
     }
     handles = []

@@ -212,3 +212,65 @@ def test_architecture_without_a_smoothing_map_is_named():
     with pytest.raises(MoedgeError, match="llama") as info:
         calibrate(loaded, _samples(1, 8), progress=False)
     assert "gpt2" in str(info.value)
+
+
+def test_cli_calibrate_then_eval_with_the_recipe(tmp_path, capsys, data_dir):
+    from moedge.cli import main
+
+    out = tmp_path / "recipe"
+    code = main(
+        [
+            *["-q", "calibrate", "stories260k", "-o", str(out), "--calib-data", "demo"],
+            *["--calib-windows", "8", "--seqlen", "64", "--data-dir", str(data_dir)],
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0 and "wrote" in printed and (out / "recipe.json").is_file()
+    meta = json.loads((out / "recipe.json").read_text())
+    assert meta["calibration_data"] == "demo" and meta["samples"] == 8 and meta["config"]["method"] == "haq"
+    ppl = {}
+    for label, extra in (("fp", []), ("w8a8", ["--recipe", str(out)])):
+        record = tmp_path / f"{label}.json"
+        code = main(
+            [
+                *["-q", "eval", "stories260k", "--data", "demo", "--seqlen", "64", "--max-windows", "4"],
+                *["--json", str(record), *extra],
+            ]
+        )
+        assert code == 0
+        ppl[label] = json.loads(record.read_text())["perplexity"]
+    assert "fake-quant" in capsys.readouterr().out
+    assert ppl["w8a8"] != ppl["fp"] and ppl["w8a8"] < 1.1 * ppl["fp"]
+
+
+def test_cli_failures_leave_nothing_behind(tmp_path, capsys, data_dir):
+    from moedge.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("Once upon a time.")
+    out = tmp_path / "recipe"
+    code = main(
+        [
+            *["-q", "calibrate", "stories260k", "-o", str(out), "--calib-data", str(short)],
+            *["--data-dir", str(data_dir)],
+        ]
+    )
+    assert code == 1 and "not more than one window" in capsys.readouterr().err
+    broken = tmp_path / "broken-model"
+    loaded = build_tiny("llama")
+    with torch.no_grad():
+        loaded.model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("inf")
+    loaded.model.save_pretrained(broken)
+    loaded.tokenizer.save(str(broken / "tokenizer.json"))
+    code = main(
+        [
+            *["-q", "calibrate", str(broken), "-o", str(out), "--calib-data", "demo", "--seqlen", "32"],
+            *["--calib-windows", "2", "--data-dir", str(data_dir)],
+        ]
+    )
+    assert code == 1 and "NaN or Inf" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "short.txt"]
+    (out).mkdir()
+    (out / "keep.txt").write_text("x")
+    code = main(["-q", "calibrate", "stories260k", "-o", str(out), "--data-dir", str(data_dir)])
+    assert code == 1 and "not an empty folder" in capsys.readouterr().err

@@ -1,0 +1,275 @@
+"""W8A8 accuracy table: FP32 vs rtn / smoothquant / gptq / haq (and haq with automatic mixed precision).
+
+Protocol (BENCHMARKS.md): calibration = 128 windows of 512 tokens drawn with seed 0 from C4 sample
+documents 0-999; evaluation at seqlen 512 on WikiText-2 raw test (first 128 windows; the full test
+set for the headline rows), PTB test (first 64 windows) and C4 sample documents 1000-1999 (first 64
+windows). All linears of every decoder block W8A8; lm_head and routers stay FP. stories260K is
+calibrated on 64 stories sampled from the FP model (temperature 1, seed 0, up to 256 tokens) and
+evaluated on 64 others (seed 1).
+
+Every configuration runs in its own process (peak memory is per configuration) and is appended to
+``benchmarks/results/calibration_<model>.json``; rerunning skips rows already there (resume).
+
+    MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/calibration_table.py --model smollm2-135m
+    MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/calibration_table.py --model smollm2-135m-moe
+    MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/calibration_table.py --model stories260k
+    .venv/bin/python benchmarks/calibration_table.py --table   # the README table from the JSON files
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+EVALS = {"wikitext2": 128, "ptb": 64, "c4": 64}
+CONFIGS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "rtn": {"method": "rtn"},
+    "smoothquant": {"method": "smoothquant"},
+    "gptq": {"method": "gptq"},
+    "haq": {"method": "haq"},  # also yields "haq+auto-fp" (same calibration, then 2% kept FP)
+}
+PLANS = {
+    "smollm2-135m": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
+    "smollm2-135m-moe": ["fp32", "rtn", "haq"],
+    "stories260k": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
+}
+AUTO_FP = 0.02
+
+
+def _results_path(model: str) -> Path:
+    return RESULTS / f"calibration_{model}.json"
+
+
+def _load(model: str) -> dict[str, Any]:
+    path = _results_path(model)
+    return json.loads(path.read_text()) if path.is_file() else {"model": model, "rows": {}}
+
+
+def _save(model: str, doc: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tmp = _results_path(model).with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(_results_path(model))
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _story_perplexity(model: Any, stories: list[np.ndarray]) -> dict[str, Any]:
+    import torch
+
+    from moedge.evaluation import window_nll
+
+    total, tokens = 0.0, 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for ids in stories:
+            logits = model(input_ids=torch.from_numpy(ids)[None], use_cache=False).logits[0].float().numpy()
+            total += window_nll(logits, ids)
+            tokens += len(ids) - 1
+    return {
+        "perplexity": math.exp(total / tokens),
+        "dataset": "64 stories sampled from the FP model (seed 1)",
+        "sequences": len(stories),
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_one(model_name: str, config: str, full: bool) -> dict[str, dict[str, Any]]:
+    """One configuration in this process: calibrate (unless FP32), evaluate; returns rows by name."""
+    import torch
+
+    from moedge.calibration import (
+        CalibrationConfig,
+        calibrate,
+        calibration_windows,
+        keep_most_sensitive,
+        sample_stories,
+        save_recipe,
+    )
+    from moedge.datasets import c4_documents, load_text
+    from moedge.evaluation import perplexity, torch_logits
+    from moedge.loading import load_model
+    from moedge.paths import cache_dir
+
+    loaded = load_model(model_name)
+    stories = model_name == "stories260k"
+    if stories:
+        calib = sample_stories(loaded, count=64, seed=0)
+        eval_stories = sample_stories(loaded, count=64, seed=1)
+    else:
+        calib = list(calibration_windows(loaded, dataset="c4", count=128, seqlen=512, seed=0))
+        texts = {
+            "wikitext2": load_text("wikitext2").text,
+            "ptb": load_text("ptb").text,
+            "c4": "\n\n".join(c4_documents(1000, 2000)),
+        }
+        token_ids = {k: np.asarray(loaded.encode(t), dtype=np.int64) for k, t in texts.items()}
+
+    def evaluate(full_wikitext: bool) -> dict[str, Any]:
+        if stories:
+            return {"stories": _story_perplexity(loaded.model, eval_stories)}
+        out = {}
+        for name, windows in EVALS.items():
+            r = perplexity(
+                torch_logits(loaded.model),
+                token_ids[name],
+                seqlen=512,
+                max_windows=windows,
+                dataset=name,
+                backend="pytorch",
+                progress=False,
+            )
+            out[name] = r.to_dict()
+            print(f"  {config} {name}: {r.perplexity:.4f}", flush=True)
+        if full_wikitext:
+            r = perplexity(
+                torch_logits(loaded.model),
+                token_ids["wikitext2"],
+                seqlen=512,
+                dataset="wikitext2",
+                backend="pytorch",
+                progress=False,
+            )
+            out["wikitext2_full"] = r.to_dict()
+            print(f"  {config} wikitext2 full: {r.perplexity:.4f}", flush=True)
+        return out
+
+    settings = {
+        "calibration": "64 sampled stories (seed 0)" if stories else "c4 docs 0-999, 128 x 512, seed 0",
+        "threads": torch.get_num_threads(),
+    }
+    rows: dict[str, dict[str, Any]] = {}
+    if config == "fp32":
+        rows["fp32"] = {"settings": settings, "eval": evaluate(full)}
+        return rows
+    cfg = CalibrationConfig(**CONFIGS[config])
+    result = calibrate(loaded, calib, cfg, progress=False, retain_fp=config == "haq")
+    calib_info = {
+        "seconds": result.seconds,
+        "peak_rss_mb": _peak_mb(),
+        "samples": result.samples,
+        "tokens": result.tokens,
+        "smoothing_strengths": _histogram([v for v in result.smoothing.values()]),
+        "worst_linears": sorted(
+            ((r.rel_error, n) for n, r in result.linears.items() if r.quantized), reverse=True
+        )[:5],
+        "excluded": sorted({n.split(".", 3)[-1] if n.startswith("model.") else n for n in result.excluded}),
+    }
+    print(f"  {config}: calibrated in {result.seconds:.0f} s, peak RSS {_peak_mb():.0f} MB", flush=True)
+    if config == "haq" and not stories:
+        recipe_dir = cache_dir() / "recipes" / f"{model_name}-haq"
+        if not recipe_dir.exists():
+            save_recipe(loaded, result, recipe_dir, calibration_data="c4")
+        calib_info["recipe"] = str(recipe_dir)
+    rows[config] = {
+        "settings": {**settings, **cfg.__dict__},
+        "calibration": calib_info,
+        "eval": evaluate(full),
+    }
+    if config == "haq":
+        start = time.perf_counter()
+        kept = keep_most_sensitive(loaded, result, AUTO_FP, calib[:4])
+        params = sum(r.params for r in result.linears.values())
+        kept_params = sum(result.linears[n].params for n in kept)
+        auto = {
+            **calib_info,
+            "seconds": calib_info["seconds"] + time.perf_counter() - start,
+            "kept_fp": kept,
+            "kept_fraction_of_linear_params": kept_params / params,
+        }
+        rows["haq+auto-fp"] = {
+            "settings": {**settings, **cfg.__dict__, "auto_keep_fp": AUTO_FP},
+            "calibration": auto,
+            "eval": evaluate(full),
+        }
+    return rows
+
+
+def _histogram(values: list[float | None]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        key = "none" if v is None else f"{v:g}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def table(models: list[str]) -> str:
+    """The README table (markdown) from the saved JSON."""
+    lines = [
+        "| model | configuration | WikiText-2 (128 w) | x FP32 | PTB (64 w) | C4 (64 w) | WikiText-2 full | calibration |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model in models:
+        doc = _load(model)
+        rows = doc["rows"]
+        if "fp32" not in rows:
+            continue
+        key = "stories" if model == "stories260k" else "wikitext2"
+        fp = rows["fp32"]["eval"][key]["perplexity"]
+        for name, row in rows.items():
+            ev = row["eval"]
+            ppl = ev[key]["perplexity"]
+
+            def cell(k: str, ev: dict[str, Any] = ev) -> str:
+                return f"{ev[k]['perplexity']:.3f}" if k in ev else "-"
+
+            cal = row.get("calibration")
+            cal_cell = f"{cal['seconds']:.0f} s, {cal['peak_rss_mb'] / 1024:.1f} GB" if cal else "-"
+            lines.append(
+                f"| {model} | {name} | {ppl:.3f} | {ppl / fp:.3f} | {cell('ptb')} | {cell('c4')} | "
+                f"{cell('wikitext2_full')} | {cal_cell} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(PLANS))
+    parser.add_argument("--configs", help="comma-separated subset of the model's plan")
+    parser.add_argument("--full", default="fp32,haq", help="configurations that also get the full WikiText-2")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
+    parser.add_argument("--table", action="store_true", help="print the markdown table from the JSON files")
+    args = parser.parse_args()
+    if args.table:
+        text = table(list(PLANS))
+        (RESULTS / "calibration_table.md").write_text(text + "\n")
+        print(text)
+        return
+    if args.model is None:
+        parser.error("--model is required")
+    full = set(args.full.split(","))
+    if args.one:
+        rows = run_one(args.model, args.one, args.one in full and args.model != "stories260k")
+        doc = _load(args.model)
+        doc["rows"].update(rows)
+        doc["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+        _save(args.model, doc)
+        return
+    plan = args.configs.split(",") if args.configs else PLANS[args.model]
+    for config in plan:
+        if config in _load(args.model)["rows"]:
+            print(f"{args.model} {config}: already measured, skipped", flush=True)
+            continue
+        print(f"{args.model} {config}:", flush=True)
+        cmd = [sys.executable, __file__, "--model", args.model, "--one", config, "--full", args.full]
+        subprocess.run(cmd, check=True)
+    print(table([args.model]))
+
+
+if __name__ == "__main__":
+    main()
