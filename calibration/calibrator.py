@@ -459,10 +459,13 @@ def _calibrate_layer(
             if mode == "absmax":
                 clip = amax
             elif mode == "percentile":
-                p = o.percentile(cfg.percentile)
-                clip = amax if col is not None else p  # percentiles are of the unsmoothed input
                 if col is None:
-                    ratio = clip / amax if amax > 0 else 1.0
+                    clip = o.percentile(cfg.percentile)  # streamed histogram of every element
+                else:  # the histogram is of the unsmoothed input: use the uniform rows, smoothed
+                    uniform = x[rw == 1].abs().flatten()
+                    clip = float(torch.quantile(uniform[: 1 << 24], cfg.percentile / 100.0))
+                clip = min(max(clip, 1e-8), amax) if amax > 0 else 1.0
+                ratio = clip / amax if amax > 0 else 1.0
             elif mode == "mse":
                 ratio, _ = search_clip(x, amax, weights=rw, refine=True)
                 clip = ratio * amax

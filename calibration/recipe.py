@@ -31,6 +31,7 @@ RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "weights.safetensors"
 ROUTING_FILE = "routing.json"
+REPORT_FILE = "report.md"
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -109,6 +110,7 @@ def save_recipe(
         (tmp / RECIPE_FILE).write_text(json.dumps(_finite(meta), indent=1) + "\n")
         if result.routing is not None:
             (tmp / ROUTING_FILE).write_text(json.dumps(result.routing, indent=1) + "\n")
+        (tmp / REPORT_FILE).write_text(report_markdown(result))
         if out.exists():
             out.rmdir()
         tmp.rename(out)
@@ -116,6 +118,33 @@ def save_recipe(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def report_markdown(result: CalibrationResult) -> str:
+    """The per-linear report as a markdown table (smoothing strength, clip, error, outlier ratios)."""
+    cfg = result.config
+    lines = [
+        f"# Calibration report: {cfg.method}",
+        "",
+        f"{result.samples} sequences, {result.tokens:,} tokens, {result.seconds:.0f} s, "
+        f"peak RSS {result.peak_rss_mb:.0f} MB. Kept in FP: {', '.join(result.kept_fp) or 'none'}. "
+        f"Never quantized: {', '.join(sorted(set(result.excluded)))}.",
+        "",
+        "| linear | W8A8 | smoothing a | clip (x absmax) | input scale | rel. output error "
+        "| outlier ratio before -> after | tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None or not math.isfinite(v) else format(v, fmt)
+
+    for name, r in result.linears.items():
+        lines.append(
+            f"| {name} | {'yes' if r.quantized else 'FP'} | {num(r.alpha, 'g')} | {num(r.clip_ratio, '.3f')} "
+            f"| {num(r.input_scale, '.4g')} | {num(r.rel_error, '.2e')} "
+            f"| {num(r.outlier_ratio_before, '.1f')} -> {num(r.outlier_ratio_after, '.1f')} | {r.tokens:,} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _version(dist: str) -> str:

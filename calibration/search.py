@@ -8,7 +8,7 @@ from moedge.calibration.quant import act_scale, fake_quant_act, rtn_weight
 
 # Clip ratios (of the input's calibration absmax) tried when the range is chosen by error.
 COARSE_CLIPS = (1.0, 0.8, 0.63, 0.5, 0.4, 0.32, 0.25, 0.2, 0.16, 0.125, 0.1, 0.08, 0.063, 0.05, 0.04, 0.03)
-SEARCH_CLIPS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12, 0.08)  # inside the smoothing-strength search
+SEARCH_CLIPS = (1.0, 0.7, 0.5, 0.35, 0.22, 0.12)  # inside the smoothing-strength search
 FINE_STEPS = (0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.18, 1.25)
 
 

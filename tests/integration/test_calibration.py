@@ -274,3 +274,28 @@ def test_cli_failures_leave_nothing_behind(tmp_path, capsys, data_dir):
     (out / "keep.txt").write_text("x")
     code = main(["-q", "calibrate", "stories260k", "-o", str(out), "--data-dir", str(data_dir)])
     assert code == 1 and "not an empty folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["absmax", "percentile", "mse", "output"])
+def test_every_activation_range_mode(mode):
+    loaded = build_tiny("llama")
+    result = calibrate(
+        loaded, _samples(4, 32), CalibrationConfig(method="haq", act_clip=mode), progress=False
+    )
+    ratios = [r.clip_ratio for r in result.linears.values() if r.quantized]
+    assert all(r is not None and 0 < r <= 1 for r in ratios)
+    if mode == "absmax":
+        assert set(ratios) == {1.0}
+    elif mode == "output":  # chosen by output error: never worse than the maximum's error
+        plain = calibrate(
+            build_tiny("llama"),
+            _samples(4, 32),
+            CalibrationConfig(method="haq", act_clip="absmax"),
+            progress=False,
+        )
+        assert sum(r.rel_error for r in result.linears.values()) <= sum(
+            r.rel_error for r in plain.linears.values()
+        )
+    else:
+        assert min(ratios) < 1.0  # the range was chosen, not copied from the maximum
+    assert torch.isfinite(_logits(loaded.model, _ids(1, 16, 3))).all()
