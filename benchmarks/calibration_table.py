@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).parent / "results"
+AUTO_FP = 0.02
 EVALS = {"wikitext2": 128, "ptb": 64, "c4": 64}
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {},
@@ -39,13 +40,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "smoothquant": {"method": "smoothquant"},
     "gptq": {"method": "gptq"},
     "haq": {"method": "haq"},  # also yields "haq+auto-fp" (same calibration, then 2% kept FP)
+    "haq+auto-fp": {"method": "haq", "auto_keep_fp": AUTO_FP},  # that row alone
 }
 PLANS = {
     "smollm2-135m": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
     "smollm2-135m-moe": ["fp32", "rtn", "haq"],
     "stories260k": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
 }
-AUTO_FP = 0.02
 
 
 def _results_path(model: str) -> Path:
@@ -156,11 +157,22 @@ def run_one(model_name: str, config: str, full: bool) -> dict[str, dict[str, Any
         "threads": torch.get_num_threads(),
     }
     rows: dict[str, dict[str, Any]] = {}
+
+    def emit(name: str, row: dict[str, Any]) -> None:
+        # saved as soon as measured: a stopped run keeps what it finished
+        rows[name] = row
+        doc = _load(model_name)
+        doc["rows"][name] = row
+        doc["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
+        _save(model_name, doc)
+
     if config == "fp32":
-        rows["fp32"] = {"settings": settings, "eval": evaluate(full)}
+        emit("fp32", {"settings": settings, "eval": evaluate(full)})
         return rows
-    cfg = CalibrationConfig(**CONFIGS[config])
-    result = calibrate(loaded, calib, cfg, progress=False, retain_fp=config == "haq")
+    auto_only = config == "haq+auto-fp"
+    cfg = CalibrationConfig(**CONFIGS["haq" if auto_only else config])
+    with_auto = config == "haq" or auto_only
+    result = calibrate(loaded, calib, cfg, progress=False, retain_fp=with_auto)
     calib_info = {
         "seconds": result.seconds,
         "peak_rss_mb": _peak_mb(),
@@ -178,14 +190,14 @@ def run_one(model_name: str, config: str, full: bool) -> dict[str, dict[str, Any
         if not recipe_dir.exists():
             save_recipe(loaded, result, recipe_dir, calibration_data="c4")
         calib_info["recipe"] = str(recipe_dir)
-    rows[config] = {
-        "settings": {**settings, **cfg.__dict__},
-        "calibration": calib_info,
-        "eval": evaluate(full),
-    }
-    if config == "haq":
+    if not auto_only:
+        emit(
+            config,
+            {"settings": {**settings, **cfg.__dict__}, "calibration": calib_info, "eval": evaluate(full)},
+        )
+    if with_auto:
         start = time.perf_counter()
-        kept = keep_most_sensitive(loaded, result, AUTO_FP, calib[:4])
+        kept = keep_most_sensitive(loaded, result, AUTO_FP, calib[: cfg.probe_sequences])
         params = sum(r.params for r in result.linears.values())
         kept_params = sum(result.linears[n].params for n in kept)
         auto = {
@@ -194,11 +206,17 @@ def run_one(model_name: str, config: str, full: bool) -> dict[str, dict[str, Any
             "kept_fp": kept,
             "kept_fraction_of_linear_params": kept_params / params,
         }
-        rows["haq+auto-fp"] = {
-            "settings": {**settings, **cfg.__dict__, "auto_keep_fp": AUTO_FP},
-            "calibration": auto,
-            "eval": evaluate(full),
-        }
+        print(
+            f"  {config}: kept in FP {kept} ({100 * kept_params / params:.2f}% of linear params)", flush=True
+        )
+        emit(
+            "haq+auto-fp",
+            {
+                "settings": {**settings, **cfg.__dict__, "auto_keep_fp": AUTO_FP},
+                "calibration": auto,
+                "eval": evaluate(full and auto_only),
+            },
+        )
     return rows
 
 
@@ -215,6 +233,17 @@ def _histogram(values: list[float | None]) -> dict[str, int]:
     return out
 
 
+def _fp32_full(model: str) -> dict[str, Any] | None:
+    """The full-WikiText-2 FP32 figure measured earlier with the same evaluation function, if any."""
+    if model == "smollm2-135m":
+        path = RESULTS / "smollm2_wikitext2_pytorch.json"  # moedge eval smollm2-135m --data wikitext2
+        return json.loads(path.read_text()) if path.is_file() else None
+    if model == "smollm2-135m-moe":
+        path = RESULTS / "testbed_report.json"  # benchmarks/testbed_report.py
+        return json.loads(path.read_text())[model]["perplexity"] if path.is_file() else None
+    return None
+
+
 def table(models: list[str]) -> str:
     """The README table (markdown) from the saved JSON."""
     lines = [
@@ -228,8 +257,11 @@ def table(models: list[str]) -> str:
             continue
         key = "stories" if model == "stories260k" else "wikitext2"
         fp = rows["fp32"]["eval"][key]["perplexity"]
+        fp_full = rows["fp32"]["eval"].get("wikitext2_full") or _fp32_full(model)
         for name, row in rows.items():
-            ev = row["eval"]
+            ev = dict(row["eval"])
+            if name == "fp32" and fp_full is not None:
+                ev["wikitext2_full"] = fp_full
             ppl = ev[key]["perplexity"]
 
             def cell(k: str, ev: dict[str, Any] = ev) -> str:
@@ -237,9 +269,12 @@ def table(models: list[str]) -> str:
 
             cal = row.get("calibration")
             cal_cell = f"{cal['seconds']:.0f} s, {cal['peak_rss_mb'] / 1024:.1f} GB" if cal else "-"
+            full = cell("wikitext2_full")
+            if name != "fp32" and "wikitext2_full" in ev and fp_full is not None:
+                full += f" (x{ev['wikitext2_full']['perplexity'] / fp_full['perplexity']:.3f})"
             lines.append(
                 f"| {model} | {name} | {ppl:.3f} | {ppl / fp:.3f} | {cell('ptb')} | {cell('c4')} | "
-                f"{cell('wikitext2_full')} | {cal_cell} |"
+                f"{full} | {cal_cell} |"
             )
     return "\n".join(lines)
 
@@ -249,6 +284,7 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(PLANS))
     parser.add_argument("--configs", help="comma-separated subset of the model's plan")
     parser.add_argument("--full", default="fp32,haq", help="configurations that also get the full WikiText-2")
+    parser.add_argument("--threads", type=int, help="PyTorch threads per configuration (default: all cores)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     parser.add_argument("--table", action="store_true", help="print the markdown table from the JSON files")
     args = parser.parse_args()
@@ -261,11 +297,11 @@ def main() -> None:
         parser.error("--model is required")
     full = set(args.full.split(","))
     if args.one:
-        rows = run_one(args.model, args.one, args.one in full and args.model != "stories260k")
-        doc = _load(args.model)
-        doc["rows"].update(rows)
-        doc["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
-        _save(args.model, doc)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_one(args.model, args.one, args.one in full and args.model != "stories260k")
         return
     plan = args.configs.split(",") if args.configs else PLANS[args.model]
     for config in plan:
@@ -274,6 +310,8 @@ def main() -> None:
             continue
         print(f"{args.model} {config}:", flush=True)
         cmd = [sys.executable, __file__, "--model", args.model, "--one", config, "--full", args.full]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
         subprocess.run(cmd, check=True)
     print(table([args.model]))
 

@@ -69,7 +69,7 @@ class CalibrationConfig:
     act_order: bool = True
     keep_fp: tuple[str, ...] = ()
     auto_keep_fp: float = 0.0  # fraction of linear parameters the automatic mixed-precision mode may keep
-    probe_sequences: int = 4  # calibration sequences the automatic mode measures loss sensitivity on
+    probe_sequences: int = 8  # calibration sequences the automatic mode measures loss sensitivity on
     seed: int = 0
     batch_size: int = 8
 
@@ -588,8 +588,7 @@ def _auto_keep(
     Costs are measured, not guessed from local errors (which rank poorly: see ARCHITECTURE.md). A
     forward/backward pass of the quantized model over ``probe`` sequences estimates, per linear, the
     first-order loss change of removing its output error; the ``candidates`` largest are then each
-    restored alone and the probe loss measured; linears are kept greedily by measured loss saved per
-    parameter.
+    restored alone and the probe loss measured; linears are kept greedily by measured loss saved.
     """
     total = sum(r.params for r in reports.values())
     budget = fraction * total
@@ -598,7 +597,7 @@ def _auto_keep(
         (n for n, r in reports.items() if r.quantized and n in estimate and r.params <= budget),
         key=lambda n: estimate[n],
         reverse=True,
-    )[:candidates]
+    )[:candidates]  # by the whole loss each would save: a per-parameter rank fills the budget with noise
     base = _probe_loss(model, probe)
     measured: dict[str, float] = {}
     for name in shortlist:
@@ -610,7 +609,7 @@ def _auto_keep(
         log.debug("restoring %s saves %.4f nats on the probe", name, measured[name])
     kept: list[str] = []
     used = 0
-    for name in sorted(measured, key=lambda n: measured[n] / reports[n].params, reverse=True):
+    for name in sorted(measured, key=lambda n: measured[n], reverse=True):
         r = reports[name]
         if measured[name] <= 0 or used + r.params > budget:
             continue
