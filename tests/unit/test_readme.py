@@ -12,6 +12,7 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README lost its Python API example"
     code = blocks[0].replace("/tmp/tiny-mixtral-onnx", str(tmp_path / "tiny-mixtral-onnx"))
+    code = code.replace("/tmp/tiny-mixtral-recipe", str(tmp_path / "tiny-mixtral-recipe"))
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "{0: 4, 1: 4}" in out
