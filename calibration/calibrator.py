@@ -271,6 +271,7 @@ def calibrate(
         tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in cache)
 
         reports: dict[str, LinearReport] = {}
+        excluded = ["lm_head"]
         smoothing: dict[str, float | None] = {}
         fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = {}
         for index in tqdm(
@@ -279,6 +280,7 @@ def calibrate(
             layer = layers[index]
             spec = layer_spec(model, index)
             name_prefix = prefix[id(layer)]
+            excluded += [f"{name_prefix}.{r}" for r in spec.routers]
             _calibrate_layer(
                 layer,
                 spec,
@@ -302,9 +304,6 @@ def calibrate(
 
     kept = [n for n, r in reports.items() if not r.quantized]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    excluded = ["lm_head"] + [
-        f"{prefix[id(layers[i])]}.{r}" for i in range(len(layers)) for r in layer_spec(model, i).routers
-    ]
     result = CalibrationResult(
         config=cfg,
         linears=reports,

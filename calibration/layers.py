@@ -192,31 +192,11 @@ def _llama_like_spec(layer: Any, index: int, cfg: Any) -> LayerSpec:
         expert: Any
         for e, expert in enumerate(experts_module):
             prefix = f"mlp.experts.{e}"
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                linears[f"{prefix}.{p}"] = getattr(expert, p)
-            key[f"{prefix}.gate_proj"] = key[f"{prefix}.up_proj"] = f"{prefix}.in"
-            key[f"{prefix}.down_proj"] = f"{prefix}.out"
-            observed[f"{prefix}.in"] = expert.gate_proj
-            observed[f"{prefix}.out"] = expert.down_proj
-            mlp_in_consumers += [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-            groups.append(
-                SmoothGroup(
-                    f"{prefix}.mlp_out", "rows", expert.up_proj, [f"{prefix}.down_proj"], f"{prefix}.out"
-                )
-            )
+            mlp_in_consumers += _gated_mlp(prefix, expert, f"{prefix}.in", linears, key, observed, groups)
         shared = getattr(mlp, "shared_expert", None)
-        if shared is not None:
-            prefix = "mlp.shared_expert"
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                linears[f"{prefix}.{p}"] = getattr(shared, p)
-            key[f"{prefix}.gate_proj"] = key[f"{prefix}.up_proj"] = "mlp_in"
-            key[f"{prefix}.down_proj"] = f"{prefix}.out"
-            observed[f"{prefix}.out"] = shared.down_proj
-            mlp_in_consumers += [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
-            groups.append(
-                SmoothGroup(
-                    f"{prefix}.mlp_out", "rows", shared.up_proj, [f"{prefix}.down_proj"], f"{prefix}.out"
-                )
+        if shared is not None:  # reads the same tensor as the router: its input key is mlp_in
+            mlp_in_consumers += _gated_mlp(
+                "mlp.shared_expert", shared, "mlp_in", linears, key, observed, groups
             )
             gate = getattr(mlp, "shared_expert_gate", None)
             if gate is not None:
@@ -234,16 +214,37 @@ def _llama_like_spec(layer: Any, index: int, cfg: Any) -> LayerSpec:
             ),
         )
     else:
-        for p in ("gate_proj", "up_proj", "down_proj"):
-            linears[f"mlp.{p}"] = getattr(mlp, p)
-        key["mlp.gate_proj"] = key["mlp.up_proj"] = "mlp_in"
-        key["mlp.down_proj"] = "mlp_out"
-        observed["mlp_in"] = mlp.gate_proj
-        observed["mlp_out"] = mlp.down_proj
-        groups += [
-            SmoothGroup(
-                "mlp_in", "norm", layer.post_attention_layernorm, ["mlp.gate_proj", "mlp.up_proj"], "mlp_in"
-            ),
-            SmoothGroup("mlp_out", "rows", mlp.up_proj, ["mlp.down_proj"], "mlp_out"),
-        ]
+        consumers = _gated_mlp("mlp", mlp, "mlp_in", linears, key, observed, groups)
+        groups.insert(2, SmoothGroup("mlp_in", "norm", layer.post_attention_layernorm, consumers, "mlp_in"))
     return LayerSpec(index, linears, key, observed, groups, routers, experts_module)
+
+
+def _gated_mlp(
+    prefix: str,
+    mlp: Any,
+    in_key: str,
+    linears: dict[str, nn.Linear],
+    key: dict[str, str],
+    observed: dict[str, nn.Module],
+    groups: list[SmoothGroup],
+) -> list[str]:
+    """Register a gate/up/down MLP (dense, routed expert or shared expert) and its up -> down group.
+
+    Returns its gate/up names, the consumers of the norm that feeds ``in_key``.
+    """
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        linears[f"{prefix}.{p}"] = getattr(mlp, p)
+    key[f"{prefix}.gate_proj"] = key[f"{prefix}.up_proj"] = in_key
+    key[f"{prefix}.down_proj"] = f"{prefix}.out" if prefix != "mlp" else "mlp_out"
+    observed.setdefault(in_key, mlp.gate_proj)  # an MoE layer's mlp_in is recorded at the router
+    observed[key[f"{prefix}.down_proj"]] = mlp.down_proj
+    groups.append(
+        SmoothGroup(
+            f"{prefix}.mlp_out" if prefix != "mlp" else "mlp_out",
+            "rows",
+            mlp.up_proj,
+            [f"{prefix}.down_proj"],
+            key[f"{prefix}.down_proj"],
+        )
+    )
+    return [f"{prefix}.gate_proj", f"{prefix}.up_proj"]

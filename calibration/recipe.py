@@ -61,6 +61,14 @@ class Recipe:
         return str(self.meta["config"]["method"])
 
 
+def check_new_output(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, or a clear error when it exists and is not an empty folder."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new output path")
+    return out
+
+
 def save_recipe(
     loaded: LoadedModel,
     result: CalibrationResult,
@@ -73,9 +81,7 @@ def save_recipe(
 
     import moedge
 
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new output path")
+    out = check_new_output(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -220,8 +226,7 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                     fq = FakeQuantLinear(
                         tensors[f"{full}.qweight"], tensors[f"{full}.weight_scale"], bias, scales[full]
                     )
-                    parent_name, _, leaf = rel.rpartition(".")
-                    setattr(layer.get_submodule(parent_name) if parent_name else layer, leaf, fq)
+                    layer.set_submodule(rel, fq)
                     used.update({f"{full}.qweight", f"{full}.weight_scale", f"{full}.bias"})
                     continue
                 for pname, p in module.named_parameters(recurse=False):

@@ -148,10 +148,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from moedge.calibration import CalibrationConfig, calibrate, calibration_windows, save_recipe
+    from moedge.calibration.recipe import check_new_output
     from moedge.loading import load_model
 
-    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
-        raise MoedgeError(f"{args.output} exists and is not an empty folder: choose a new output path")
+    check_new_output(args.output)  # before a long calibration, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CalibrationConfig(
