@@ -16,6 +16,8 @@ class ArchitectureConfig:
     (transformers 5.x stores experts as 3-D ``gate_up_proj``/``down_proj`` tensors); the export patcher
     rewrites it into one module per expert. ``router_path`` and ``shared_expert_path`` (an always-on
     expert, Qwen2-MoE) are for the split pass, which cuts the graph by those module names.
+    ``normalize_top_k`` says whether the chosen experts' softmax scores are renormalized to sum to one:
+    always (True), never (False), or as the named HF config flag says.
     """
 
     name: str
@@ -24,6 +26,7 @@ class ArchitectureConfig:
     experts_path: str | None = None
     router_path: str | None = None
     shared_expert_path: str | None = None
+    normalize_top_k: bool | str = False
 
     @property
     def is_moe(self) -> bool:
@@ -44,6 +47,18 @@ class ArchitectureConfig:
         if not self.is_moe:
             return 0
         return int(getattr(hf_config, "num_local_experts", None) or hf_config.num_experts)
+
+    def gating_rule(self, hf_config: Any) -> dict[str, Any] | None:
+        """The MoE gating as the bundle manifest states it (None for dense models)."""
+        if not self.is_moe:
+            return None
+        norm = self.normalize_top_k
+        return {
+            "scoring": "softmax",
+            "top_k": int(hf_config.num_experts_per_tok),
+            "normalize_top_k": bool(getattr(hf_config, norm, False) if isinstance(norm, str) else norm),
+            "shared_expert": self.shared_expert_path is not None,
+        }
 
 
 _REGISTRY: dict[str, ArchitectureConfig] = {}
@@ -75,6 +90,7 @@ register(
         description="softmax, top-k, renormalized weights",
         experts_path="mlp.experts",
         router_path="mlp.gate",
+        normalize_top_k=True,
     )
 )
 register(
@@ -85,6 +101,7 @@ register(
         experts_path="mlp.experts",
         router_path="mlp.gate",
         shared_expert_path="mlp.shared_expert",
+        normalize_top_k="norm_topk_prob",
     )
 )
 register(
@@ -94,6 +111,7 @@ register(
         description="many small experts, q/k RMSNorm",
         experts_path="mlp.experts",
         router_path="mlp.gate",
+        normalize_top_k="norm_topk_prob",
     )
 )
 

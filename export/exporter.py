@@ -118,6 +118,21 @@ def _quiet_exporter() -> Iterator[None]:
         log_.removeFilter(notice)
 
 
+def _quant_summary(loaded: LoadedModel, report: Any) -> dict[str, Any]:
+    recipe = loaded.provenance.get("recipe")
+    method = None
+    if recipe and (Path(recipe) / "recipe.json").is_file():
+        method = json.loads((Path(recipe) / "recipe.json").read_text())["config"]["method"]
+    return {
+        "recipe": recipe,
+        "method": method,
+        "weights": "int8, per output channel, symmetric (DequantizeLinear axis 1, zero point 0)",
+        "activations": "int8, per tensor, static, symmetric (QuantizeLinear/DequantizeLinear, zero point 0)",
+        "quantized_linears": len(report.quantized),
+        "float_linears": sorted(set(report.float_linears)),
+    }
+
+
 def _prepare_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise MoedgeError(f"output path {out_dir} is a file: choose a folder for -o")
@@ -141,14 +156,17 @@ def export_model(
     """Export ``loaded`` to ``out_dir`` as an exact FP32 ONNX graph that ONNX Runtime runs as-is.
 
     MoE experts are rewritten into one subgraph per expert (see ``per_expert_modules``) and every node
-    carries ``moedge.module`` metadata, so later passes can cut the graph by module. The folder is
+    carries ``moedge.module`` metadata, so later passes can cut the graph by module. A model with a
+    recipe applied (``apply_recipe``) exports as a W8A8 QDQ graph (``InsertQDQPass``) whose float math
+    is the fake-quant model's, and the recipe's ``routing.json`` travels with it. The folder is
     written to a temporary sibling and moved into place, so a failure leaves nothing half-written.
     """
     import torch
     import transformers
 
-    from moedge.export.patchers import per_expert_modules
+    from moedge.export.patchers import fake_quant_as_linear, per_expert_modules
     from moedge.export.wrapper import CausalLMExport, kv_names
+    from moedge.graph_passes.insert_qdq import InsertQDQPass
 
     if opset < 17:
         raise MoedgeError(f"opset {opset} is too old: moedge exports opset 17 or newer")
@@ -166,7 +184,13 @@ def export_model(
     start = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        with per_expert_modules(model, arch), _quiet_exporter(), torch.no_grad(), warnings.catch_warnings():
+        with (
+            per_expert_modules(model, arch),
+            fake_quant_as_linear(model) as quant,
+            _quiet_exporter(),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             wrapper = CausalLMExport(model, with_cache=with_cache).eval()
             log.info("tracing %s (%s, %d layers) with torch.export", loaded.name, arch.name, num_layers)
@@ -191,6 +215,10 @@ def export_model(
                 raise MoedgeError(
                     f"export lost experts: found {experts or 'none'}, expected {want} per layer"
                 )
+        qdq = None
+        if quant:
+            qdq = InsertQDQPass(quant)
+            qdq(program.model)
         program.model.producer_name = "moedge"
         log.info("writing %s", out_dir / MODEL_FILE)
         program.save(str(tmp / MODEL_FILE), external_data=True)
@@ -213,11 +241,15 @@ def export_model(
             "name": loaded.name,
             "source": loaded.source,
             "provenance": loaded.provenance,
-            "precision": "fp32",
+            "precision": "w8a8" if qdq else "fp32",
+            "quantization": None if qdq is None else _quant_summary(loaded, qdq.report),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         }
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
         loaded.tokenizer.save(str(tmp / "tokenizer.json"))
+        recipe = loaded.provenance.get("recipe")
+        if qdq is not None and recipe and (Path(recipe) / "routing.json").is_file():
+            shutil.copyfile(Path(recipe) / "routing.json", tmp / "routing.json")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -91,3 +91,38 @@ def per_expert_modules(model: nn.Module, arch: ArchitectureConfig) -> Iterator[n
     finally:
         for parent, leaf, fused in reversed(swapped):
             setattr(parent, leaf, fused)
+
+
+@contextmanager
+def fake_quant_as_linear(model: nn.Module) -> Iterator[dict[str, Any]]:
+    """Trace the recipe's fake-quant linears as plain ``nn.Linear`` holding their dequantized weights.
+
+    Yields, by module name, the int8 decisions (``LinearQuant``) that ``InsertQDQPass`` turns back into
+    Q/DQ nodes on the exported graph; the fake-quant modules are restored on exit.
+    """
+    from moedge.calibration.quant import FakeQuantLinear
+    from moedge.graph_passes.insert_qdq import LinearQuant
+
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    quant: dict[str, Any] = {}
+    try:
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, FakeQuantLinear):
+                continue
+            lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(module.weight)
+                if module.bias is not None:
+                    lin.bias.copy_(module.bias)
+            parent, leaf = _resolve(model, name)
+            swapped.append((parent, leaf, module))
+            setattr(parent, leaf, lin)
+            quant[name] = LinearQuant(
+                qweight=module.qweight.numpy().copy(),
+                weight_scale=module.weight_scale.numpy().astype("float32"),
+                input_scale=module.input_scale,
+            )
+        yield quant
+    finally:
+        for parent, leaf, module in reversed(swapped):
+            setattr(parent, leaf, module)

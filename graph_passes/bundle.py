@@ -1,0 +1,172 @@
+"""``split_bundle``: an exported folder (monolithic ONNX) to a bundle folder a device runs as-is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from tqdm import tqdm
+
+from moedge._errors import MoedgeError
+from moedge.graph_passes.split_experts import SplitExpertsPass
+from moedge.manifest import (
+    MANIFEST_FILE,
+    GatingRule,
+    GraphSpec,
+    LayerSpec,
+    Manifest,
+    MoeSpec,
+    TensorSpec,
+    sha256_file,
+)
+from moedge.runtime.exported import read_export_info
+
+log = logging.getLogger(__name__)
+
+# Initializers at least this large go to the graph's external data file (memory-mappable weights).
+EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def _spec(value: ir.Value) -> TensorSpec:
+    dtype = value.dtype.numpy().name if value.dtype is not None else "unknown"
+    shape: list[int | str] = []
+    if value.shape is not None:
+        shape = [d if isinstance(d, int) else str(d) for d in value.shape]
+    return TensorSpec(name=value.name or "", dtype=dtype, shape=shape)
+
+
+def _save(model: ir.Model, folder: Path, rel: str) -> tuple[GraphSpec, list[str]]:
+    """Write one graph (+ its external data) and describe it; returns the spec and the files written."""
+    common_passes.RemoveUnusedNodesPass()(model)
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.name + ".data"
+    ir.save(model, path, external_data=data, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
+    files = [rel]
+    if (path.parent / data).is_file():
+        files.append(str(Path(rel).parent / data))
+    size = sum((folder / f).stat().st_size for f in files)
+    spec = GraphSpec(
+        file=rel,
+        inputs=[_spec(v) for v in model.graph.inputs],
+        outputs=[_spec(v) for v in model.graph.outputs],
+        bytes=size,
+    )
+    return spec, files
+
+
+def split_bundle(export_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Manifest:
+    """Cut ``export_dir`` (``moedge export`` output, FP32 or QDQ) into a bundle folder at ``out_dir``.
+
+    The bundle holds ``stages/`` (embedding, one graph per decoder layer, head), ``experts/`` (one graph
+    per routed expert), ``tokenizer.json``, ``routing.json`` when the export has one, and
+    ``manifest.json``. Written to a temporary sibling and renamed at the end.
+    """
+    from moedge.export.configs import get_config
+
+    info = read_export_info(export_dir)
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new bundle path")
+    if not info.with_cache:
+        raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
+    raw = json.loads((info.folder / "config.json").read_text())
+    meta = raw["moedge"]
+    arch = get_config(str(raw["model_type"]))
+    gating = arch.gating_rule(SimpleNamespace(**raw))
+    start = time.perf_counter()
+    log.info("loading %s", info.model_file)
+    model = ir.load(info.model_file)
+    splitter = SplitExpertsPass(
+        experts_path=arch.experts_path,
+        router_path=arch.router_path,
+        gating=None if gating is None else GatingRule(**gating),
+    )
+    split = splitter(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        files: list[str] = []
+        total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
+        bar = tqdm(total=total, desc="writing bundle", unit="graph", disable=not progress)
+
+        def save(graph: ir.Model, rel: str) -> GraphSpec:
+            spec, written = _save(graph, tmp, rel)
+            files.extend(written)
+            bar.update(1)
+            return spec
+
+        embedding = save(split.embedding, "stages/embedding.onnx")
+        layers: list[LayerSpec] = []
+        for layer in split.layers:
+            stage = save(layer.stage, f"stages/layer_{layer.index:03d}.onnx")
+            moe = None
+            if layer.gating is not None:
+                experts = [
+                    save(g, f"experts/layer_{layer.index:03d}_expert_{e:03d}.onnx")
+                    for e, g in enumerate(layer.experts)
+                ]
+                moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts)
+            layers.append(LayerSpec(index=layer.index, stage=stage, moe=moe))
+        head = save(split.head, "stages/head.onnx")
+        bar.close()
+        shutil.copyfile(info.tokenizer_file, tmp / "tokenizer.json")
+        files.append("tokenizer.json")
+        routing = None
+        if (info.folder / "routing.json").is_file():
+            shutil.copyfile(info.folder / "routing.json", tmp / "routing.json")
+            files.append("routing.json")
+            routing = "routing.json"
+        model_info: dict[str, Any] = {
+            k: meta.get(k)
+            for k in (
+                "name",
+                "architecture",
+                "num_layers",
+                "num_kv_heads",
+                "head_dim",
+                "bos_token_id",
+                "eos_token_id",
+            )
+        }
+        model_info.update(
+            model_type=raw["model_type"],
+            hidden_size=raw.get("hidden_size"),
+            vocab_size=raw.get("vocab_size"),
+            num_experts=meta.get("num_experts", 0),
+            source=meta.get("source"),
+        )
+        manifest = Manifest(
+            model=model_info,
+            precision=str(meta.get("precision", "fp32")),
+            embedding=embedding,
+            layers=layers,
+            head=head,
+            files={f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            quantization=meta.get("quantization"),
+            routing=routing,
+            extra={"split_from": str(info.folder), "opset": meta.get("opset")},
+        )
+        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "bundle %s: %d graphs, experts %.1f MiB, in %.1f s",
+        out,
+        len(manifest.graphs()),
+        manifest.expert_bytes() / 2**20,
+        time.perf_counter() - start,
+    )
+    return manifest

@@ -1,0 +1,404 @@
+"""``SplitExpertsPass``: cut a monolithic export into a bundle's graphs, by module metadata.
+
+Functional: the input model is never changed; the pass returns new graphs. The cut points come from
+the ``moedge.module`` metadata every exported node carries:
+
+- the embedding stage ends where decoder layer 0 begins (its input hidden state);
+- each decoder layer is one stage graph. For an MoE layer the stage stops before the routed experts:
+  it outputs the residual stream (``residual``), the normalized tokens the experts read
+  (``moe_input``, tokens x hidden), the router logits and, for an always-on shared expert, its gated
+  output (``shared_output``), plus the layer's KV cache. The gating (softmax, top-k,
+  renormalization) is left to the runner, which follows the manifest's ``GatingRule``;
+- each routed expert is its own graph, ``y = expert(x)`` on the routed tokens' rows;
+- the head stage is the final norm and lm_head.
+
+Every stage takes the graph inputs it needs (``input_ids``, ``attention_mask``, ``position_ids``, the
+layer's ``past_key_values``), so masks and rotary tables are recomputed per stage from the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from moedge._errors import MoedgeError
+from moedge.manifest import (
+    EXPERT_INPUT,
+    EXPERT_OUTPUT,
+    HIDDEN,
+    HIDDEN_OUT,
+    LOGITS,
+    MOE_INPUT,
+    RESIDUAL,
+    ROUTER_LOGITS,
+    SHARED_OUTPUT,
+    GatingRule,
+)
+from moedge.module_names import MODULE_KEY
+
+log = logging.getLogger(__name__)
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)(?:\.|$)")
+_PASS_THROUGH = frozenset({"Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "View"})
+
+
+@dataclass
+class SplitLayer:
+    """One decoder layer's graphs."""
+
+    index: int
+    stage: ir.Model
+    experts: list[ir.Model] = field(default_factory=list)
+    gating: GatingRule | None = None
+
+
+@dataclass
+class SplitModel:
+    """What ``SplitExpertsPass`` returns: every graph of the bundle, in run order."""
+
+    embedding: ir.Model
+    layers: list[SplitLayer]
+    head: ir.Model
+
+
+def _module(node: ir.Node) -> str:
+    return node.metadata_props.get(MODULE_KEY, "")
+
+
+def _layer_index(node: ir.Node) -> int | None:
+    match = _LAYER.match(_module(node))
+    return int(match.group("index")) if match else None
+
+
+def _ancestors(values: Iterable[ir.Value], stop: set[ir.Value]) -> tuple[set[ir.Node], set[ir.Value]]:
+    """Nodes needed to compute ``values`` when ``stop`` values are given, and the graph inputs reached."""
+    nodes: set[ir.Node] = set()
+    inputs: set[ir.Value] = set()
+    todo = list(values)
+    seen: set[ir.Value] = set()
+    while todo:
+        value = todo.pop()
+        if value in seen or value in stop:
+            continue
+        seen.add(value)
+        producer = value.producer()
+        if producer is None:
+            if value.is_graph_input():
+                inputs.add(value)
+            continue
+        if producer in nodes:
+            continue
+        nodes.add(producer)
+        todo += [v for v in producer.inputs if v is not None]
+        for attr in producer.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                raise MoedgeError(f"node {producer.name} has a subgraph; the split pass needs a flat graph")
+    return nodes, inputs
+
+
+def _descendants(nodes: set[ir.Node]) -> set[ir.Value]:
+    """Every value computed from the outputs of ``nodes``."""
+    out: set[ir.Value] = set()
+    todo = [v for n in nodes for v in n.outputs]
+    while todo:
+        value = todo.pop()
+        if value in out:
+            continue
+        out.add(value)
+        for user, _ in value.uses():
+            todo += list(user.outputs)
+    return out
+
+
+def _is_const(value: ir.Value) -> bool:
+    producer = value.producer()
+    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
+
+
+def _boundary(nodes: set[ir.Node]) -> tuple[list[ir.Value], list[ir.Value]]:
+    """Non-constant values ``nodes`` read from outside, and values they produce that outside reads."""
+    ins: list[ir.Value] = []
+    outs: list[ir.Value] = []
+    for node in nodes:
+        for value in node.inputs:
+            if value is None or _is_const(value) or value in ins:
+                continue
+            producer = value.producer()
+            if producer is None or producer not in nodes:
+                ins.append(value)
+        for value in node.outputs:
+            if value.is_graph_output() or any(user not in nodes for user, _ in value.uses()):
+                outs.append(value)
+    return ins, outs
+
+
+class SplitExpertsPass:
+    """Cut the monolithic graph into embedding, per-layer stages, per-expert graphs and head.
+
+    Functional: calling it returns a ``SplitModel`` of new graphs and leaves the input untouched. It
+    returns many graphs, so it is not an onnx-ir pass (one model in, one model out); the passes that
+    run on each graph afterwards are. The decoder-layer prefix is found from the metadata;
+    ``experts_path`` and ``router_path`` name the routed experts and the router inside a decoder layer
+    (``ArchitectureConfig``), ``gating`` the rule every MoE layer applies.
+    """
+
+    def __init__(
+        self,
+        *,
+        experts_path: str | None,
+        router_path: str | None,
+        gating: GatingRule | None,
+    ) -> None:
+        super().__init__()
+        self.experts_path = experts_path
+        self.router_path = router_path
+        self.gating = gating
+
+    def __call__(self, model: ir.Model) -> SplitModel:
+        """Find the cut values, then extract each graph (the input model is not modified)."""
+        graph = model.graph
+        by_layer: dict[int, list[ir.Node]] = {}
+        prefixes: set[str] = set()
+        for node in graph:
+            match = _LAYER.match(_module(node))
+            if match:
+                by_layer.setdefault(int(match.group("index")), []).append(node)
+                prefixes.add(match.group("prefix"))
+        if not by_layer or len(prefixes) != 1:
+            raise MoedgeError(
+                "the graph's nodes carry no decoder-layer module names (moedge.module): "
+                "split a graph made by `moedge export`"
+            )
+        prefix = prefixes.pop()
+        num_layers = max(by_layer) + 1
+        outputs_of = [self._layer_output(by_layer.get(i, []), f"{prefix}.{i}") for i in range(num_layers)]
+        first_input = self._layer_input(by_layer[0], f"{prefix}.0")
+        logits = next((v for v in graph.outputs if v.name == LOGITS), graph.outputs[0])
+
+        embedding = self._extract(model, [], {first_input: HIDDEN}, "embedding")
+        layers: list[SplitLayer] = []
+        for i in range(num_layers):
+            hidden_in = first_input if i == 0 else outputs_of[i - 1]
+            layers.append(self._split_layer(model, i, f"{prefix}.{i}", by_layer[i], hidden_in, outputs_of[i]))
+        head = self._extract(
+            model, [outputs_of[-1]], {logits: LOGITS}, "head", rename={outputs_of[-1]: HIDDEN}
+        )
+        return SplitModel(embedding=embedding, layers=layers, head=head)
+
+    # -- cut values ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _layer_adds(nodes: list[ir.Node], scope: str) -> list[ir.Node]:
+        adds = [n for n in nodes if n.op_type == "Add" and _module(n) == scope]
+        if not adds:
+            raise MoedgeError(f"{scope}: no residual Add at decoder-layer level; cannot find the layer's cut")
+        return adds
+
+    def _layer_output(self, nodes: list[ir.Node], scope: str) -> ir.Value:
+        """The hidden state a decoder layer hands on: its last residual Add, through any final reshape."""
+        inside = set(nodes)
+        value = self._layer_adds(nodes, scope)[-1].outputs[0]
+        while True:
+            users = [u for u, _ in value.uses() if u.op_type != "Shape"]
+            if any(u not in inside for u in users) or value.is_graph_output():
+                return value
+            follow = [u for u in users if u.op_type in _PASS_THROUGH]
+            if len(follow) != 1:
+                raise MoedgeError(f"{scope}: cannot find the hidden state the layer hands on")
+            value = follow[0].outputs[0]
+
+    def _layer_input(self, nodes: list[ir.Node], scope: str) -> ir.Value:
+        """The hidden state entering the first layer: the residual input of its first Add."""
+        inside = set(nodes)
+        for value in self._layer_adds(nodes, scope)[0].inputs:
+            if value is not None and value.producer() not in inside:
+                return value
+        raise MoedgeError(f"{scope}: cannot find the hidden state entering the layer")
+
+    def _split_layer(
+        self,
+        model: ir.Model,
+        index: int,
+        scope: str,
+        nodes: list[ir.Node],
+        hidden_in: ir.Value,
+        hidden_out: ir.Value,
+    ) -> SplitLayer:
+        kv = [v for v in model.graph.outputs if _layer_index_of_value(v) == index]
+        experts_scope = f"{scope}.{self.experts_path}" if self.experts_path else None
+        block = {n for n in nodes if experts_scope and _module(n).startswith(experts_scope)}
+        if not block:
+            stage = self._extract(
+                model,
+                [hidden_in],
+                {hidden_out: HIDDEN_OUT, **{v: v.name for v in kv}},
+                f"layer {index}",
+                rename={hidden_in: HIDDEN},
+            )
+            return SplitLayer(index=index, stage=stage)
+
+        assert experts_scope is not None and self.gating is not None
+        router = [
+            n
+            for n in nodes
+            if _module(n) == f"{scope}.{self.router_path}" and n.op_type in ("MatMul", "Gemm")
+        ]
+        if len(router) != 1:
+            raise MoedgeError(
+                f"{scope}: expected one router MatMul/Gemm under {self.router_path}, found {len(router)}"
+            )
+        router_logits = router[0].outputs[0]
+        after = _descendants(block)
+        router_needs, _ = _ancestors([router_logits], {hidden_in})
+        block_ins, _ = _boundary(block)
+        moe_inputs = [v for v in block_ins if v.producer() in router_needs or v is router[0].inputs[0]]
+        moe_inputs = [v for v in moe_inputs if v.dtype == ir.DataType.FLOAT and v not in after]
+        if len(moe_inputs) != 1:
+            raise MoedgeError(f"{scope}: cannot tell which experts input is the tokens' hidden state")
+        moe_input = moe_inputs[0]
+
+        final_add = self._layer_adds(nodes, scope)[-1]
+        residual = [v for v in final_add.inputs if v is not None and v not in after]
+        moe_out = [v for v in final_add.inputs if v is not None and v in after]
+        if len(residual) != 1 or len(moe_out) != 1:
+            raise MoedgeError(f"{scope}: the layer's last Add is not residual + MoE output")
+        shared = self._shared_output(moe_out[0], block, after, scope)
+
+        outputs: dict[ir.Value, str] = {
+            residual[0]: RESIDUAL,
+            moe_input: MOE_INPUT,
+            router_logits: ROUTER_LOGITS,
+        }
+        if shared is not None:
+            outputs[shared] = SHARED_OUTPUT
+        outputs.update({v: v.name for v in kv})
+        stage = self._extract(model, [hidden_in], outputs, f"layer {index}", rename={hidden_in: HIDDEN})
+
+        experts: list[ir.Model] = []
+        by_expert: dict[int, set[ir.Node]] = {}
+        expert_re = re.compile(rf"^{re.escape(experts_scope)}\.(\d+)(?:\.|$)")
+        for node in block:
+            m = expert_re.match(_module(node))
+            if m:
+                by_expert.setdefault(int(m.group(1)), set()).add(node)
+        if sorted(by_expert) != list(range(len(by_expert))):
+            raise MoedgeError(f"{scope}: experts {sorted(by_expert)} are not numbered 0..E-1")
+        for e in range(len(by_expert)):
+            ins, outs = _boundary(by_expert[e])
+            if len(ins) != 1 or len(outs) != 1:
+                raise MoedgeError(
+                    f"{experts_scope}.{e}: an expert must read one tensor and produce one "
+                    f"(found {len(ins)} inputs, {len(outs)} outputs)"
+                )
+            experts.append(
+                self._extract(
+                    model,
+                    ins,
+                    {outs[0]: EXPERT_OUTPUT},
+                    f"{experts_scope}.{e}",
+                    rename={ins[0]: EXPERT_INPUT},
+                )
+            )
+        gating = GatingRule(
+            scoring=self.gating.scoring,
+            top_k=self.gating.top_k,
+            normalize_top_k=self.gating.normalize_top_k,
+            shared_expert=shared is not None,
+        )
+        return SplitLayer(index=index, stage=stage, experts=experts, gating=gating)
+
+    @staticmethod
+    def _shared_output(
+        moe_out: ir.Value, block: set[ir.Node], after: set[ir.Value], scope: str
+    ) -> ir.Value | None:
+        """Walk from the MoE output back to the experts: an Add on the way brings the shared expert."""
+        shared: ir.Value | None = None
+        value = moe_out
+        while value.producer() not in block:
+            node = value.producer()
+            assert node is not None
+            if node.op_type == "Add":
+                ours = [v for v in node.inputs if v is not None and v in after]
+                other = [v for v in node.inputs if v is not None and v not in after]
+                if len(ours) != 1 or len(other) != 1 or shared is not None:
+                    raise MoedgeError(f"{scope}: unexpected combine of the experts' output ({node.name})")
+                shared, value = other[0], ours[0]
+            elif node.op_type in _PASS_THROUGH:
+                value = node.inputs[0]  # type: ignore[assignment]
+            else:
+                raise MoedgeError(
+                    f"{scope}: {node.op_type} between the experts and the residual Add; "
+                    "the bundle's gating rule cannot express it"
+                )
+        return shared
+
+    # -- extraction ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _extract(
+        model: ir.Model,
+        inputs: list[ir.Value],
+        outputs: dict[ir.Value, str],
+        what: str,
+        *,
+        rename: dict[ir.Value, str] | None = None,
+    ) -> ir.Model:
+        needed, graph_inputs = _ancestors(outputs, set(inputs))
+        stray = sorted({i for n in needed if n.op_type != "Constant" and (i := _layer_index(n)) is not None})
+        if what.startswith("layer ") and stray != [int(what.split()[1])]:
+            raise MoedgeError(f"{what}: its graph would pull in nodes of layers {stray}; cannot cut here")
+        ordered_inputs = list(inputs) + [
+            v for v in model.graph.inputs if v in graph_inputs and v not in inputs
+        ]
+        sub = ir.convenience.extract(model.graph, inputs=ordered_inputs, outputs=list(outputs))
+        names = {**{v.name: n for v, n in outputs.items()}, **{v.name: n for v, n in (rename or {}).items()}}
+        taken = {v.name for n in sub for v in n.outputs} | {v.name for v in sub.inputs}
+        for value in [*sub.inputs, *sub.outputs]:
+            new = names.get(value.name)
+            if new is None or new == value.name:
+                continue
+            if new in taken:
+                raise MoedgeError(f"{what}: value name {new} already used inside the graph")
+            value.name = new
+        sub.name = what.replace(" ", "_").replace(".", "_")
+        if what.startswith("layer "):
+            _own_cache_shapes(sub, int(what.split()[1]))
+        return _model(sub, model)
+
+
+def _own_cache_shapes(graph: ir.Graph, index: int) -> None:
+    """Read the past length from the layer's own cache, not another layer's.
+
+    The exporter shares shape computations across layers, so a layer stage can read another layer's
+    cache input only for its shape (all caches have the same shape). Rewire those uses to the layer's
+    own cache input so each stage takes exactly its own cache.
+    """
+    own = {v.name: v for v in graph.inputs}
+    for value in list(graph.inputs):
+        match = re.match(r"^past_key_values\.(\d+)\.(key|value)$", value.name or "")
+        if not match or int(match.group(1)) == index:
+            continue
+        if any(user.op_type != "Shape" for user, _ in value.uses()):
+            raise MoedgeError(f"layer {index} reads another layer's cache ({value.name}) beyond its shape")
+        mine = own.get(f"past_key_values.{index}.{match.group(2)}")
+        if mine is None:
+            value.name = f"past_key_values.{index}.{match.group(2)}"
+            own[value.name] = value
+            continue
+        value.replace_all_uses_with(mine)
+        graph.inputs.remove(value)
+
+
+def _model(graph: ir.Graph, like: ir.Model) -> ir.Model:
+    graph.opset_imports.update(like.graph.opset_imports)
+    return ir.Model(graph, ir_version=like.ir_version, producer_name="moedge")
+
+
+def _layer_index_of_value(value: ir.Value) -> int | None:
+    """Layer of a ``present.{i}.key``-style graph output."""
+    match = re.match(r"^present\.(\d+)\.", value.name or "")
+    return int(match.group(1)) if match else None

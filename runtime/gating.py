@@ -1,0 +1,27 @@
+"""An MoE layer's gating rule in numpy: router logits to expert choices and weights, as the model does."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moedge._errors import MoedgeError
+from moedge.manifest import GatingRule
+
+
+def route(logits: np.ndarray, rule: GatingRule) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen experts (tokens x top_k, int64, best first) and their weights (float32) for ``logits``.
+
+    Scores are a float32 softmax over all experts; ties go to the lower expert index; with
+    ``normalize_top_k`` the chosen scores are divided by their sum (``GatingRule``).
+    """
+    if rule.scoring != "softmax":
+        raise MoedgeError(f"gating scoring {rule.scoring!r} is not supported by this runtime")
+    x = np.asarray(logits, dtype=np.float32)
+    x = x - x.max(axis=-1, keepdims=True)
+    probs = np.exp(x)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    index = np.argsort(-probs, axis=-1, kind="stable")[:, : rule.top_k]
+    weights = np.take_along_axis(probs, index, axis=-1)
+    if rule.normalize_top_k:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return index.astype(np.int64), weights.astype(np.float32)

@@ -1,0 +1,159 @@
+"""Build a serialized TensorRT 10 engine from a QDQ ONNX file (explicit quantization, strongly typed).
+
+The network is created STRONGLY_TYPED: every int8 tensor comes from the graph's
+QuantizeLinear/DequantizeLinear nodes, so there is no calibrator and no INT8/FP16 builder flag (TensorRT
+rejects precision flags on strongly typed networks). ``tensorrt`` is imported only inside
+:func:`build_engine`; run ``moedge.graph_passes.check_tensorrt`` first for readable diagnostics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from moedge._errors import MoedgeError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ShapeRange", "build_engine"]
+
+ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+"""(min, opt, max) shapes of one dynamic input, for the engine's optimization profile."""
+
+_INSTALL = (
+    "TensorRT's Python package is not installed: pip install 'moedge[trt]' "
+    "(on Jetson, install JetPack's python3-libnvinfer instead)"
+)
+
+
+def build_engine(
+    onnx_file: Path,
+    engine_file: Path,
+    *,
+    profiles: dict[str, ShapeRange],
+    timing_cache: Path | None = None,
+    workspace_bytes: int | None = None,
+) -> Path:
+    """Parse ``onnx_file`` and write a serialized engine to ``engine_file``; returns ``engine_file``.
+
+    ``profiles`` gives (min, opt, max) shapes for every input with dynamic dims (one optimization
+    profile; ``moedge.graph_passes.check_tensorrt.profile_inputs`` lists them). ``timing_cache`` is
+    loaded when the file exists and saved after the build, so rebuilds on the same device are fast.
+    ``workspace_bytes`` caps the builder's workspace memory pool. External weights next to the model
+    are found because the parser reads the file itself.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MoedgeError(_INSTALL) from None
+    if not hasattr(trt, "Builder"):  # only the type stubs (an empty namespace package) are installed
+        raise MoedgeError(_INSTALL)
+    onnx_file, engine_file = Path(onnx_file), Path(engine_file)
+    if not onnx_file.is_file():
+        raise MoedgeError(f"{onnx_file} does not exist: export the model to ONNX first")
+
+    builder_errors: list[str] = []
+
+    class _Logger(trt.ILogger):
+        """Route TensorRT's messages to Python logging; keep the errors for the exception."""
+
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR):
+                builder_errors.append(msg)
+                log.error("TensorRT: %s", msg)
+            elif severity == trt.ILogger.Severity.WARNING:
+                log.warning("TensorRT: %s", msg)
+            else:
+                log.debug("TensorRT: %s", msg)
+
+    logger = _Logger()
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    log.info("parsing %s", onnx_file)
+    if not parser.parse_from_file(str(onnx_file)):
+        lines = []
+        for i in range(parser.num_errors):
+            error = parser.get_error(i)
+            where = f"node {error.node()} ({error.node_operator()} {error.node_name()!r})"
+            lines.append(f"  {where if error.node() >= 0 else 'graph'}: {error.desc()}")
+        raise MoedgeError(f"TensorRT cannot parse {onnx_file} ({len(lines)} errors):\n" + "\n".join(lines))
+
+    config = builder.create_builder_config()
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+
+    inputs: dict[str, tuple[int, ...]] = {}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        inputs[tensor.name] = tuple(tensor.shape[d] for d in range(len(tensor.shape)))
+    _check_profiles(inputs, profiles)
+    if profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in profiles.items():
+            profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+        config.add_optimization_profile(profile)
+
+    cache_data = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_data)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning(
+            "timing cache %s was made for another device or TensorRT; starting a new one", timing_cache
+        )
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    log.info("building the TensorRT engine (minutes on a Jetson)")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:  # the bindings return None when the build fails
+        detail = "\n".join(f"  {m}" for m in builder_errors) or "  (no message; see the log)"
+        raise MoedgeError(f"TensorRT could not build an engine from {onnx_file}:\n{detail}")
+    if timing_cache is not None:
+        _write_atomically(timing_cache, config.get_timing_cache().serialize())
+    _write_atomically(engine_file, serialized)
+    log.info("wrote %s", engine_file)
+    return engine_file
+
+
+def _check_profiles(inputs: dict[str, tuple[int, ...]], profiles: dict[str, ShapeRange]) -> None:
+    """One clear error for missing, unknown or inconsistent optimization-profile shapes."""
+    problems = [f"{name} is not a network input" for name in profiles if name not in inputs]
+    for name, dims in inputs.items():
+        if -1 in dims and name not in profiles:
+            problems.append(f"{name} {list(dims)} has dynamic dims but no (min, opt, max) shapes")
+        if name not in profiles:
+            continue
+        low, opt, high = profiles[name]
+        if not len(low) == len(opt) == len(high) == len(dims):
+            problems.append(f"{name}: min/opt/max must each have rank {len(dims)}")
+            continue
+        for i, (d, lo, op, hi) in enumerate(zip(dims, low, opt, high, strict=True)):
+            if d >= 0 and not lo == op == hi == d:
+                problems.append(f"{name}: dim {i} is fixed at {d}, the profile gives {lo}/{op}/{hi}")
+            elif not 0 <= lo <= op <= hi:
+                problems.append(f"{name}: dim {i} needs 0 <= min <= opt <= max, got {lo}/{op}/{hi}")
+    if problems:
+        raise MoedgeError("bad optimization profile:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def _write_atomically(path: Path, data: Buffer) -> None:
+    """Write ``data`` to a temp file next to ``path`` and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
