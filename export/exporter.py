@@ -152,13 +152,15 @@ def export_model(
     *,
     with_cache: bool = True,
     opset: int = DEFAULT_OPSET,
+    validate: bool = False,
 ) -> ExportResult:
     """Export ``loaded`` to ``out_dir`` as an exact FP32 ONNX graph that ONNX Runtime runs as-is.
 
     MoE experts are rewritten into one subgraph per expert (see ``per_expert_modules``) and every node
     carries ``moedge.module`` metadata, so later passes can cut the graph by module. A model with a
     recipe applied (``apply_recipe``) exports as a W8A8 QDQ graph (``InsertQDQPass``) whose float math
-    is the fake-quant model's, and the recipe's ``routing.json`` travels with it. The folder is
+    is the fake-quant model's, and the recipe's ``routing.json`` travels with it (``validate`` runs the
+    ONNX checker after each graph pass). The folder is
     written to a temporary sibling and moved into place, so a failure leaves nothing half-written.
     """
     import torch
@@ -167,6 +169,7 @@ def export_model(
     from moedge.export.patchers import fake_quant_as_linear, per_expert_modules
     from moedge.export.wrapper import CausalLMExport, kv_names
     from moedge.graph_passes.insert_qdq import InsertQDQPass
+    from moedge.graph_passes.pipeline import run_passes
 
     if opset < 17:
         raise MoedgeError(f"opset {opset} is too old: moedge exports opset 17 or newer")
@@ -218,7 +221,7 @@ def export_model(
         qdq = None
         if quant:
             qdq = InsertQDQPass(quant)
-            qdq(program.model)
+            run_passes(program.model, [qdq], debug=validate)
         program.model.producer_name = "moedge"
         log.info("writing %s", out_dir / MODEL_FILE)
         program.save(str(tmp / MODEL_FILE), external_data=True)

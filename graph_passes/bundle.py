@@ -16,6 +16,7 @@ import onnx_ir.passes.common as common_passes
 from tqdm import tqdm
 
 from moedge._errors import MoedgeError
+from moedge.graph_passes.pipeline import run_passes
 from moedge.graph_passes.split_experts import SplitExpertsPass
 from moedge.manifest import (
     MANIFEST_FILE,
@@ -43,9 +44,9 @@ def _spec(value: ir.Value) -> TensorSpec:
     return TensorSpec(name=value.name or "", dtype=dtype, shape=shape)
 
 
-def _save(model: ir.Model, folder: Path, rel: str) -> tuple[GraphSpec, list[str]]:
+def _save(model: ir.Model, folder: Path, rel: str, validate: bool) -> tuple[GraphSpec, list[str]]:
     """Write one graph (+ its external data) and describe it; returns the spec and the files written."""
-    common_passes.RemoveUnusedNodesPass()(model)
+    model = run_passes(model, [common_passes.RemoveUnusedNodesPass()], debug=validate)
     path = folder / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     data = path.name + ".data"
@@ -63,12 +64,15 @@ def _save(model: ir.Model, folder: Path, rel: str) -> tuple[GraphSpec, list[str]
     return spec, files
 
 
-def split_bundle(export_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> Manifest:
+def split_bundle(
+    export_dir: str | Path, out_dir: str | Path, *, progress: bool = True, validate: bool = False
+) -> Manifest:
     """Cut ``export_dir`` (``moedge export`` output, FP32 or QDQ) into a bundle folder at ``out_dir``.
 
     The bundle holds ``stages/`` (embedding, one graph per decoder layer, head), ``experts/`` (one graph
     per routed expert), ``tokenizer.json``, ``routing.json`` when the export has one, and
-    ``manifest.json``. Written to a temporary sibling and renamed at the end.
+    ``manifest.json``. Written to a temporary sibling and renamed at the end; ``validate`` runs the
+    ONNX checker on every graph.
     """
     from moedge.export.configs import get_config
 
@@ -99,7 +103,7 @@ def split_bundle(export_dir: str | Path, out_dir: str | Path, *, progress: bool 
         bar = tqdm(total=total, desc="writing bundle", unit="graph", disable=not progress)
 
         def save(graph: ir.Model, rel: str) -> GraphSpec:
-            spec, written = _save(graph, tmp, rel)
+            spec, written = _save(graph, tmp, rel, validate)
             files.extend(written)
             bar.update(1)
             return spec

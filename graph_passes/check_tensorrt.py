@@ -191,7 +191,7 @@ class CheckTensorRTReadyPass(ir.passes.InPlacePass):
             self._check_node(model, node)
         self.dynamic_inputs = profile_inputs(model)
         for name, dims in self.dynamic_inputs.items():
-            log.info("input %s %s needs optimization-profile ranges", name, dims)
+            log.debug("input %s %s needs optimization-profile ranges", name, dims)
         errors = [f for f in self.findings if f.severity == "error"]
         if self.strict and errors:
             lines = "\n".join(f"  {f}" for f in errors)

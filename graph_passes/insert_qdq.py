@@ -113,7 +113,7 @@ def _mark_gemm(node: ir.Node, module: str) -> _Target | None:
         return None
     x, w = node.inputs[0], node.inputs[1]
     array = _const(w)
-    if x is None or array is None or array.ndim != 2:
+    if x is None or w is None or array is None or array.ndim != 2:
         return None
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     return _Target(node, module, x, array, bias, (), w)
@@ -155,7 +155,7 @@ def _insert(graph: ir.Graph, target: _Target, quant: LinearQuant) -> None:
         node.metadata_props.update(meta)
         node.outputs[0].dtype = ir.DataType.FLOAT
     nodes[1].outputs[0].dtype = ir.DataType.INT8
-    nodes[0].outputs[0].shape = ir.Shape(w_q.shape)
+    nodes[0].outputs[0].shape = ir.Shape(np.shape(quant.qweight.T))
     nodes[1].outputs[0].shape = nodes[2].outputs[0].shape = target.activation.shape
     result = nodes[-1].outputs[0]
     out = old.outputs[0]
@@ -166,7 +166,7 @@ def _insert(graph: ir.Graph, target: _Target, quant: LinearQuant) -> None:
     out.replace_all_uses_with(result)
     graph.remove([old, *target.dead], safe=True)
     source = target.source
-    if source.is_initializer() and not source.uses() and source.name in graph.initializers:
+    if source.is_initializer() and not source.uses() and source.name and source.name in graph.initializers:
         del graph.initializers[source.name]
 
 

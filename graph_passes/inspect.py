@@ -91,3 +91,138 @@ def inspect_model(path: str | Path) -> GraphSummary:
         experts_per_layer=experts_per_layer(modules),
         nodes_with_module=len(modules),
     )
+
+
+_WEIGHTED = ("MatMul", "Gemm")
+# Kernels ONNX Runtime's CPU provider runs int8 arithmetic in (after its QDQ fusions).
+INT8_KERNELS = frozenset(
+    {"QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention"}
+)
+
+
+def qdq_coverage(model: Any) -> dict[str, int]:
+    """Weighted ops (MatMul/Gemm) whose weight comes through a DequantizeLinear, and those left float."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {i.name for i in model.graph.initializer}
+    quantized = float_weighted = activations = 0
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            activations += 1
+        if node.op_type not in _WEIGHTED or len(node.input) < 2:
+            continue
+        source = producers.get(node.input[1])
+        if source is not None and source.op_type == "DequantizeLinear":
+            quantized += 1
+        elif node.input[1] in inits or (source is not None and source.op_type == "Transpose"):
+            float_weighted += 1
+    return {
+        "quantized_matmuls": quantized,
+        "float_matmuls": float_weighted,
+        "activation_quantizers": activations,
+    }
+
+
+def ort_census(model_file: Path) -> dict[str, int]:
+    """Op census of ``model_file`` after ONNX Runtime's CPU graph optimizations (the kernels it will run)."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="moedge-inspect-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
+        )
+        ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
+    return dict(collections.Counter(n.op_type for n in optimized.graph.node))
+
+
+def _census_lines(model_file: Path, *, ort_too: bool, indent: str = "  ") -> list[str]:
+    import onnx
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    cov = qdq_coverage(model)
+    lines = [
+        f"{indent}Q/DQ: {cov['quantized_matmuls']} int8-weight MatMuls, {cov['float_matmuls']} float weighted ops, "
+        f"{cov['activation_quantizers']} activation quantizers"
+    ]
+    if ort_too:
+        census = ort_census(model_file)
+        int8 = {op: n for op, n in census.items() if op in INT8_KERNELS}
+        floats = {op: n for op, n in census.items() if op in ("MatMul", "Gemm", "FusedMatMul")}
+        lines.append(
+            f"{indent}after ORT optimization: int8 kernels {int8 or 'none'}, float matmuls {floats or 'none'}"
+        )
+    lines += _lint_lines(model_file, indent)
+    return lines
+
+
+def _lint_lines(model_file: Path, indent: str) -> list[str]:
+    try:
+        import onnx_ir as ir
+
+        from moedge.graph_passes.check_tensorrt import check_tensorrt_ready
+    except ImportError:  # pragma: no cover - the lint ships with the package
+        return []
+    findings = check_tensorrt_ready(ir.load(str(model_file)))
+    errors = [f for f in findings if f.severity == "error"]
+    warnings = [f for f in findings if f.severity != "error"]
+    lines = [f"{indent}TensorRT lint: {len(errors)} errors, {len(warnings)} warnings"]
+    shown = collections.Counter(f"{f.severity}: {f.op_type}: {f.message}" for f in findings)
+    lines += [f"{indent}  {text}" + (f" (x{n})" if n > 1 else "") for text, n in list(shown.items())[:8]]
+    return lines
+
+
+def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
+    """Summary lines of a bundle: model, graphs, gating, sizes, and a census of one stage and one expert."""
+    from moedge.manifest import read_manifest
+
+    manifest = read_manifest(folder)
+    model = manifest.model
+    moe = [layer for layer in manifest.layers if layer.moe is not None]
+    expert_sizes = [g.bytes for layer in moe if layer.moe for g in layer.moe.experts]
+    stage_bytes = (
+        sum(layer.stage.bytes for layer in manifest.layers) + manifest.embedding.bytes + manifest.head.bytes
+    )
+    lines = [
+        f"{folder}  (bundle schema {manifest.schema_version}, {model.get('name')}, {model.get('architecture')}, "
+        f"precision {manifest.precision})",
+        f"  graphs: embedding, {len(manifest.layers)} layer stages, "
+        f"{len(expert_sizes)} experts in {len(moe)} MoE layers, head",
+        f"  stages {stage_bytes / 2**20:.1f} MiB; experts {sum(expert_sizes) / 2**20:.1f} MiB"
+        + (
+            f" ({min(expert_sizes) / 2**10:.0f}-{max(expert_sizes) / 2**10:.0f} KiB each)"
+            if expert_sizes
+            else ""
+        ),
+    ]
+    rules = collections.Counter(str(layer.moe.gating) for layer in moe if layer.moe)
+    lines += [f"  gating ({n} layers): {rule}" for rule, n in rules.items()]
+    if manifest.quantization:
+        q = manifest.quantization
+        lines.append(
+            f"  quantization: {q.get('method')} recipe, {q.get('quantized_linears')} linears W8A8; "
+            f"float: {', '.join(q.get('float_linears', [])[:4])}{' ...' if len(q.get('float_linears', [])) > 4 else ''}"
+        )
+    samples = [("layer 0 stage", manifest.layers[0].stage)]
+    if moe and moe[0].moe:
+        samples.append((f"layer {moe[0].index} expert 0", moe[0].moe.experts[0]))
+    for label, graph in samples:
+        lines.append(f"  {label} ({graph.file}): in {graph.input_names} -> out {graph.output_names}")
+        lines += _census_lines(folder / graph.file, ort_too=ort_census_too, indent="    ")
+    return lines
+
+
+def inspect_path(path: str | Path, *, ort_census: bool = True) -> list[str]:
+    """What ``moedge inspect`` prints for an exported folder, an .onnx file or a bundle."""
+    from moedge.manifest import MANIFEST_FILE
+
+    path = Path(path)
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        return inspect_bundle(path, ort_census_too=ort_census)
+    summary = inspect_model(path)
+    return summary.lines() + _census_lines(summary.path, ort_too=ort_census)

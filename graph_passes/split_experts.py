@@ -235,7 +235,7 @@ class SplitExpertsPass:
             stage = self._extract(
                 model,
                 [hidden_in],
-                {hidden_out: HIDDEN_OUT, **{v: v.name for v in kv}},
+                {hidden_out: HIDDEN_OUT, **{v: str(v.name) for v in kv}},
                 f"layer {index}",
                 rename={hidden_in: HIDDEN},
             )
@@ -275,7 +275,7 @@ class SplitExpertsPass:
         }
         if shared is not None:
             outputs[shared] = SHARED_OUTPUT
-        outputs.update({v: v.name for v in kv})
+        outputs.update({v: str(v.name) for v in kv})
         stage = self._extract(model, [hidden_in], outputs, f"layer {index}", rename={hidden_in: HIDDEN})
 
         experts: list[ir.Model] = []

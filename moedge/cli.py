@@ -71,8 +71,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = args.output.expanduser().resolve()
     ensure_writable_dir(out.parent)  # fail before minutes of loading; export_model checks again for API users
+    recipe = None
+    if args.recipe is not None:
+        from moedge.calibration.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)  # a bad recipe fails before the model loads
     loaded = load_model(args.model, cache_dir=args.cache_dir)
-    result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset)
+    if recipe is not None:
+        from moedge.calibration.recipe import apply_recipe
+
+        apply_recipe(loaded, recipe)
+    result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset, validate=args.validate)
     experts = (
         f", experts per layer {sorted(set(result.experts_per_layer.values()))}"
         if result.experts_per_layer
@@ -189,11 +198,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Print a model's graph summary."""
-    from moedge.graph_passes.inspect import inspect_model
+def cmd_split(args: argparse.Namespace) -> int:
+    """Cut an exported folder into a bundle (stages, one graph per expert, manifest.json)."""
+    from moedge.graph_passes.bundle import split_bundle
 
-    print("\n".join(inspect_model(args.path).lines()))
+    manifest = split_bundle(args.export_dir, args.output, validate=args.validate)
+    moe = [layer for layer in manifest.layers if layer.moe is not None]
+    experts = sum(len(layer.moe.experts) for layer in moe if layer.moe is not None)
+    print(
+        f"bundle {args.output}: {len(manifest.layers)} layer stages, {experts} expert graphs "
+        f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}"
+    )
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Print a model's or a bundle's summary."""
+    from moedge.graph_passes.inspect import inspect_path
+
+    print("\n".join(inspect_path(args.path, ort_census=not args.no_ort)))
     return EXIT_OK
 
 
@@ -231,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     export.add_argument("--no-cache", action="store_true", help="export without KV-cache inputs/outputs")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    export.add_argument(
+        "--recipe", type=Path, help="a calibration recipe folder: export the W8A8 QDQ graph it describes"
+    )
     _common(export)
+    export.add_argument("--validate", action="store_true", help="run the ONNX checker after every graph pass")
     export.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", help="perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)")
@@ -307,8 +334,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(cal)
     cal.set_defaults(func=cmd_calibrate)
 
-    insp = sub.add_parser("inspect", help="print an exported model: I/O, op census, weights, experts")
-    insp.add_argument("path", type=Path, help="an exported folder or .onnx file")
+    split = sub.add_parser(
+        "split", help="cut an exported folder into a bundle: per-layer stages, one graph per expert, manifest"
+    )
+    split.add_argument("export_dir", metavar="EXPORT", type=Path, help="a folder written by moedge export")
+    split.add_argument(
+        "-o", "--output", type=Path, required=True, help="bundle folder to write (must not exist)"
+    )
+    split.add_argument("--validate", action="store_true", help="run the ONNX checker on every graph")
+    split.set_defaults(func=cmd_split)
+
+    insp = sub.add_parser(
+        "inspect",
+        help="print an exported model or a bundle: graphs, op census (and the kernels ORT picks), Q/DQ coverage, sizes, TensorRT lint",
+    )
+    insp.add_argument("path", type=Path, help="an exported folder, a bundle folder or an .onnx file")
+    insp.add_argument(
+        "--no-ort", action="store_true", help="skip the census after ONNX Runtime's optimizations (faster)"
+    )
     insp.set_defaults(func=cmd_inspect)
     return parser
 

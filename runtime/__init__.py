@@ -1,6 +1,16 @@
-"""Run exported models on a device with numpy, ONNX Runtime and tokenizers only (never torch)."""
+"""Run exported models and bundles on a device with numpy, ONNX Runtime and tokenizers only (never torch)."""
 
+from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 from moedge.runtime.exported import ExportInfo, is_exported_folder, read_export_info
+from moedge.runtime.gating import route
 from moedge.runtime.ort_causal_lm import OrtCausalLM
 
-__all__ = ["ExportInfo", "OrtCausalLM", "is_exported_folder", "read_export_info"]
+__all__ = [
+    "BundleRunner",
+    "ExportInfo",
+    "OrtCausalLM",
+    "RoutingTrace",
+    "is_exported_folder",
+    "read_export_info",
+    "route",
+]

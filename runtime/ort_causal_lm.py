@@ -26,11 +26,14 @@ class OrtCausalLM:
         *,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         intra_op_threads: int | None = None,
+        optimize: bool = True,
     ) -> None:
         self.info: ExportInfo = read_export_info(folder)
         options = ort.SessionOptions()
         if intra_op_threads:
             options.intra_op_num_threads = intra_op_threads
+        if not optimize:  # ORT runs the graph op for op (its fusions change float rounding)
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(
                 str(self.info.model_file), sess_options=options, providers=list(providers)

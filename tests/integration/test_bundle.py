@@ -1,0 +1,214 @@
+"""Graph passes end to end on tiny models: QDQ export from a recipe, split into a bundle, reference runner.
+
+Chain of parity (prompt, then 8 cached decode steps): bundle == monolithic ONNX == PyTorch within 1e-4
+on FP32 logits; for W8A8, the QDQ graph computes the recipe's fake-quant model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from moedge._errors import MoedgeError
+from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
+from moedge.export.exporter import export_model
+from moedge.graph_passes.bundle import split_bundle
+from moedge.graph_passes.inspect import INT8_KERNELS, ort_census, qdq_coverage
+from moedge.manifest import read_manifest
+from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
+from moedge.runtime.ort_causal_lm import OrtCausalLM
+from moedge.testbeds import build_tiny
+
+MOE_KINDS = ("mixtral", "qwen2-moe", "olmoe")
+PARITY_KINDS = (*MOE_KINDS, "llama")
+TOL = 1e-4
+
+
+def _torch_logits(model: torch.nn.Module, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+def _prompt_and_decode(runner, ids: np.ndarray, steps: int = 8) -> tuple[list[np.ndarray], list[int]]:
+    """Logits of the prompt and of ``steps`` greedy cached steps, plus the tokens chosen."""
+    logits, past = runner.forward(ids)
+    out, tokens = [logits], []
+    for _ in range(steps):
+        token = int(np.argmax(logits[0, -1]))
+        tokens.append(token)
+        logits, past = runner.forward(np.array([[token]]), past=past)
+        out.append(logits)
+    return out, tokens
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, tiny_exports):
+    done: dict[str, object] = {}
+
+    def get(kind: str):
+        if kind not in done:
+            out = tmp_path_factory.mktemp("bundle") / kind
+            split_bundle(tiny_exports(kind), out, progress=False)
+            done[kind] = out
+        return done[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", PARITY_KINDS)
+def test_fp32_bundle_matches_monolithic_and_pytorch(kind, bundles, tiny_exports, tiny_models):
+    ids = np.random.default_rng(3).integers(0, 256, (1, 11))
+    bundle, mono = BundleRunner(bundles(kind)), OrtCausalLM(tiny_exports(kind))
+    got, tokens = _prompt_and_decode(bundle, ids)
+    want, want_tokens = _prompt_and_decode(mono, ids)
+    assert tokens == want_tokens
+    for a, b in zip(got, want, strict=True):
+        assert np.abs(a - b).max() < TOL
+    # the whole sequence in PyTorch equals the prompt + cached steps of the bundle
+    full = np.concatenate([ids, np.array([tokens[:-1]])], axis=1)
+    ref = _torch_logits(tiny_models(kind).model, full)
+    steps = np.concatenate([got[0][0], *[g[0] for g in got[1:-1]]], axis=0)
+    assert np.abs(steps - ref[0]).max() < TOL
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_bundle_routes_like_the_pytorch_router(kind, bundles, tiny_models):
+    model = tiny_models(kind).model
+    ids = np.random.default_rng(4).integers(0, 256, (2, 9))
+    torch_choice: dict[int, np.ndarray] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+
+        def hook(_m, _a, out, i=i):
+            torch_choice[i] = out[2].numpy()
+
+        handles.append(layer.mlp.gate.register_forward_hook(hook))
+    try:
+        _torch_logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    trace = RoutingTrace()
+    BundleRunner(bundles(kind)).forward(ids, trace=trace)
+    assert sorted(trace.chosen) == sorted(torch_choice)
+    for i, chosen in trace.chosen.items():
+        assert np.array_equal(np.sort(chosen, axis=1), np.sort(torch_choice[i], axis=1))
+
+
+def test_manifest_describes_every_graph_and_file(bundles):
+    folder = bundles("qwen2-moe")
+    manifest = read_manifest(folder, verify=True)
+    assert manifest.schema_version == 1 and manifest.precision == "fp32"
+    assert len(manifest.layers) == 2
+    for layer in manifest.layers:
+        assert layer.moe is not None and layer.moe.num_experts == 4
+        assert layer.moe.gating.top_k == 2 and layer.moe.gating.shared_expert
+        assert not layer.moe.gating.normalize_top_k  # tiny qwen2-moe: norm_topk_prob=False
+        assert {"residual", "moe_input", "router_logits", "shared_output"} <= set(layer.stage.output_names)
+        for expert in layer.moe.experts:
+            assert expert.input_names == ["x"] and expert.output_names == ["y"]
+            assert (folder / (expert.file + ".data")).is_file()  # weights as external data
+    for graph in manifest.graphs():
+        model = onnx.load(str(folder / graph.file))
+        onnx.checker.check_model(model)
+        assert [i.name for i in model.graph.input] == graph.input_names
+    assert "tokenizer.json" in manifest.files
+    mixtral = read_manifest(bundles("mixtral"))
+    assert all(layer.moe and layer.moe.gating.normalize_top_k for layer in mixtral.layers)
+
+
+def test_dense_bundle_has_one_stage_per_layer_and_no_experts(bundles):
+    manifest = read_manifest(bundles("llama"))
+    assert [layer.moe for layer in manifest.layers] == [None, None]
+    assert manifest.layers[0].stage.output_names[0] == "hidden_states_out"
+
+
+@pytest.fixture(scope="module")
+def qdq_mixtral(tmp_path_factory):
+    """tiny-mixtral calibrated with rtn, its fake-quant model, QDQ export and bundle."""
+    root = tmp_path_factory.mktemp("qdq")
+    loaded = build_tiny("mixtral")
+    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
+    result = calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False)
+    save_recipe(loaded, result, root / "recipe")
+    fake = apply_recipe(build_tiny("mixtral"), root / "recipe")
+    export_model(fake, root / "export")
+    split_bundle(root / "export", root / "bundle", progress=False)
+    return fake, root, result
+
+
+def test_qdq_export_quantizes_every_recipe_linear_and_ort_runs_int8(qdq_mixtral):
+    _, root, result = qdq_mixtral
+    quantized = [n for n, r in result.linears.items() if r.quantized]
+    model = onnx.load(str(root / "export" / "model.onnx"), load_external_data=False)
+    coverage = qdq_coverage(model)
+    assert coverage["quantized_matmuls"] == len(quantized) == coverage["activation_quantizers"]
+    assert coverage["float_matmuls"] == 2 + 1  # two routers + lm_head stay FP
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":  # symmetric int8, zero point 0, one consumer
+            zp = next(i for i in model.graph.initializer if i.name == node.input[2])
+            assert zp.data_type == onnx.TensorProto.INT8 and onnx.numpy_helper.to_array(zp) == 0
+            users = [n for n in model.graph.node if node.output[0] in n.input]
+            assert [u.op_type for u in users] == ["DequantizeLinear"]
+    census = ort_census(root / "export" / "model.onnx")
+    assert sum(n for op, n in census.items() if op in INT8_KERNELS) == len(quantized)
+    config = json.loads((root / "export" / "config.json").read_text())
+    assert config["moedge"]["precision"] == "w8a8"
+    assert config["moedge"]["quantization"]["quantized_linears"] == len(quantized)
+
+
+def test_qdq_graph_computes_the_fake_quant_model(qdq_mixtral):
+    fake, root, _ = qdq_mixtral
+    ids = np.random.default_rng(5).integers(0, 256, (1, 16))
+    want = _torch_logits(fake.model, ids)
+    exact = OrtCausalLM(root / "export", optimize=False).forward(ids)[0]
+    assert np.abs(exact - want).max() < 1e-5  # the same float math, op for op
+    fused = OrtCausalLM(root / "export").forward(ids)[0]  # ORT's int8 kernels
+    assert np.abs(fused - want).max() < 1e-3
+    assert (fused.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_qdq_bundle_matches_the_qdq_monolithic_graph(qdq_mixtral):
+    _, root, _ = qdq_mixtral
+    manifest = read_manifest(root / "bundle")
+    assert manifest.precision == "w8a8" and manifest.quantization is not None
+    ids = np.random.default_rng(6).integers(0, 256, (1, 10))
+    got, tokens = _prompt_and_decode(BundleRunner(root / "bundle"), ids)
+    want, want_tokens = _prompt_and_decode(OrtCausalLM(root / "export"), ids)
+    assert tokens == want_tokens
+    for a, b in zip(got, want, strict=True):
+        assert np.abs(a - b).max() < TOL
+
+
+def test_bundle_bad_input_is_one_clear_error(bundles, tmp_path, tiny_exports):
+    good = bundles("mixtral")
+    broken = tmp_path / "broken"
+    shutil.copytree(good, broken)
+    victim = next((broken / "experts").glob("*.onnx.data"))
+    victim.write_bytes(victim.read_bytes()[::-1])
+    with pytest.raises(MoedgeError, match="sha256"):
+        BundleRunner(broken)
+    victim.unlink()
+    with pytest.raises(MoedgeError, match="missing"):
+        BundleRunner(broken)
+    newer = tmp_path / "newer"
+    shutil.copytree(good, newer)
+    raw = json.loads((newer / "manifest.json").read_text())
+    raw["schema_version"] = 99
+    (newer / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(MoedgeError, match="schema version 99"):
+        BundleRunner(newer)
+    with pytest.raises(MoedgeError, match="out of range"):
+        BundleRunner(good).forward(np.array([[5, 100000]]))
+    with pytest.raises(MoedgeError, match="not a moedge bundle"):
+        BundleRunner(tmp_path)
+    with pytest.raises(MoedgeError, match="not an empty folder"):
+        split_bundle(tiny_exports("mixtral"), good, progress=False)
+    with pytest.raises(MoedgeError, match=r"holds no model\.onnx"):
+        split_bundle(tmp_path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
