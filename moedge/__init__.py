@@ -17,9 +17,12 @@ if TYPE_CHECKING:
     from moedge.evaluation import PerplexityResult, perplexity
     from moedge.export.exporter import ExportResult, export_model
     from moedge.loading import load_model
+    from moedge.graph_passes.bundle import split_bundle
+    from moedge.runtime.bundle_runner import BundleRunner
     from moedge.runtime.ort_causal_lm import OrtCausalLM
 
 __all__ = [
+    "BundleRunner",
     "CalibrationConfig",
     "ExportResult",
     "LoadedModel",
@@ -33,6 +36,7 @@ __all__ = [
     "load_model",
     "perplexity",
     "save_recipe",
+    "split_bundle",
 ]
 
 _LAZY = {
@@ -46,6 +50,8 @@ _LAZY = {
     "perplexity": "moedge.evaluation",
     "PerplexityResult": "moedge.evaluation",
     "OrtCausalLM": "moedge.runtime.ort_causal_lm",
+    "BundleRunner": "moedge.runtime.bundle_runner",
+    "split_bundle": "moedge.graph_passes.bundle",
 }
 
 

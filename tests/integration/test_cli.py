@@ -115,3 +115,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert "== moedge demo summary ==" in result.stdout
     assert "shipped with moedge" in result.stdout
     assert (tmp_path / "cache" / "demo" / "tiny-qwen2-moe-onnx" / "model.onnx").is_file()
+
+
+def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
+    recipe, export, bundle = tmp_path / "recipe", tmp_path / "export", tmp_path / "bundle"
+    code, _, err = _run(
+        capsys,
+        *["-q", "calibrate", "tiny-olmoe", "-o", str(recipe), "--method", "rtn"],
+        *["--calib-data", "demo", "--calib-windows", "4", "--seqlen", "32"],
+    )
+    assert code == 0, err
+    code, out, err = _run(capsys, "-q", "export", "tiny-olmoe", "--recipe", str(recipe), "-o", str(export))
+    assert code == 0, err
+    assert json.loads((export / "config.json").read_text())["moedge"]["precision"] == "w8a8"
+    assert (export / "routing.json").is_file()  # the recipe's routing statistics travel on
+    code, out, err = _run(capsys, "-q", "split", str(export), "-o", str(bundle))
+    assert code == 0 and "2 layer stages, 16 expert graphs" in out and "precision w8a8" in out
+    code, out, _ = _run(capsys, "inspect", str(bundle))
+    assert code == 0 and "16 experts in 2 MoE layers" in out
+    assert "int8 kernels {'MatMulIntegerToFloat': 3}" in out  # every expert linear runs in int8
+    assert "TensorRT lint: 0 errors" in out
+    code, _, err = _run(capsys, "-q", "split", str(export), "-o", str(bundle))
+    assert code == 1 and "not an empty folder" in err
+    code, _, err = _run(capsys, "-q", "export", "tiny-llama", "--recipe", str(recipe), "-o", str(tmp_path / "x"))
+    assert code == 1 and "recipe" in err and not (tmp_path / "x").exists()

@@ -11,6 +11,7 @@ import moedge
 def test_public_api_surface():
     assert sorted(moedge.__all__) == sorted(
         [
+            "BundleRunner",
             "CalibrationConfig",
             "ExportResult",
             "LoadedModel",
@@ -24,6 +25,7 @@ def test_public_api_surface():
             "load_model",
             "perplexity",
             "save_recipe",
+            "split_bundle",
         ]
     )
     for name in moedge.__all__:
