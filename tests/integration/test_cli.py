@@ -137,5 +137,7 @@ def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
     assert "TensorRT lint: 0 errors" in out
     code, _, err = _run(capsys, "-q", "split", str(export), "-o", str(bundle))
     assert code == 1 and "not an empty folder" in err
-    code, _, err = _run(capsys, "-q", "export", "tiny-llama", "--recipe", str(recipe), "-o", str(tmp_path / "x"))
+    code, _, err = _run(
+        capsys, "-q", "export", "tiny-llama", "--recipe", str(recipe), "-o", str(tmp_path / "x")
+    )
     assert code == 1 and "recipe" in err and not (tmp_path / "x").exists()

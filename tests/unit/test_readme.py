@@ -12,7 +12,8 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch, capsys):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README lost its Python API example"
     code = blocks[0].replace("/tmp/tiny-mixtral-onnx", str(tmp_path / "tiny-mixtral-onnx"))
-    code = code.replace("/tmp/tiny-mixtral-recipe", str(tmp_path / "tiny-mixtral-recipe"))
+    for name in ("tiny-mixtral-recipe", "tiny-mixtral-qdq", "tiny-mixtral-bundle"):
+        code = code.replace(f"/tmp/{name}", str(tmp_path / name))
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "{0: 4, 1: 4}" in out

@@ -1,0 +1,194 @@
+"""Bundle parity on a real MoE: the split bundle (reference orchestrator, ORT CPU) against PyTorch.
+
+Two rows, each on the first 64 windows (seqlen 512) of WikiText-2 raw test:
+
+- fp32: FP32 bundle vs the PyTorch model: top-1 agreement >= 99.9% of positions, perplexity within 0.05%.
+- w8a8: QDQ bundle (export with the recipe applied) vs the recipe's fake-quant PyTorch model: top-1
+  agreement >= 99%, perplexity within 0.5%.
+
+It also counts router decisions that differ between the bundle and PyTorch, and how close the PyTorch
+router was to a tie there (the gap between the k-th and (k+1)-th softmax score): float rounding can only
+flip near-ties. Exports and bundles are cached under ~/.cache/moedge/bench/. Writes
+benchmarks/results/bundle_parity_<model>.json.
+
+    MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/bundle_parity.py --model smollm2-135m-moe \
+        --recipe ~/.cache/moedge/recipes/smollm2-135m-moe-haq
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BARS = {"fp32": (0.999, 0.0005), "w8a8": (0.99, 0.005)}  # top-1 agreement >=, |ppl ratio - 1| <=
+
+
+def _router_choices(model: Any) -> tuple[dict[int, np.ndarray], list[Any]]:
+    """Hooks recording each MoE layer's top-k indices and softmax scores in PyTorch."""
+    seen: dict[int, np.ndarray] = {}
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is None:
+            continue
+
+        def hook(_m: Any, _a: Any, out: Any, i: int = i) -> None:
+            import torch
+
+            probs = torch.softmax(out[0].float(), dim=-1).numpy()
+            seen[i] = np.concatenate([out[2].numpy().astype(np.float32), probs], axis=1)
+
+        handles.append(gate.register_forward_hook(hook))
+    return seen, handles
+
+
+def _compare(label: str, model: Any, bundle_dir: Path, windows: np.ndarray, threads: int) -> dict[str, Any]:
+    import torch
+
+    from moedge.evaluation import window_nll
+    from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
+
+    runner = BundleRunner(bundle_dir, intra_op_threads=threads)
+    top_k = next(layer.moe.gating.top_k for layer in runner.manifest.layers if layer.moe)
+    nll_ref = nll_bundle = 0.0
+    agree = positions = 0
+    flips = decisions = 0
+    flip_gaps: list[float] = []
+    max_abs = 0.0
+    seconds = {"pytorch": 0.0, "bundle": 0.0}
+    for w, ids in enumerate(windows):
+        seen, handles = _router_choices(model)
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=torch.from_numpy(ids)[None], use_cache=False).logits[0].float().numpy()
+        finally:
+            for h in handles:
+                h.remove()
+        seconds["pytorch"] += time.perf_counter() - start
+        trace = RoutingTrace()
+        start = time.perf_counter()
+        got = runner.forward(ids[None], trace=trace)[0][0]
+        seconds["bundle"] += time.perf_counter() - start
+        nll_ref += window_nll(ref, ids)
+        nll_bundle += window_nll(got, ids)
+        agree += int((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).sum())
+        positions += len(ids) - 1
+        max_abs = max(max_abs, float(np.abs(ref - got).max()))
+        for layer, chosen in trace.chosen.items():
+            torch_idx = seen[layer][:, :top_k].astype(np.int64)
+            probs = seen[layer][:, top_k:]
+            same = (np.sort(chosen, axis=1) == np.sort(torch_idx, axis=1)).all(axis=1)
+            decisions += len(same)
+            flips += int((~same).sum())
+            ordered = -np.sort(-probs, axis=1)
+            gaps = ordered[:, top_k - 1] - ordered[:, top_k]
+            flip_gaps += [float(g) for g in gaps[~same]]
+        print(
+            f"  {label} window {w + 1}/{len(windows)}: top-1 agreement {agree / positions:.5f}, "
+            f"router flips {flips}",
+            flush=True,
+        )
+    tokens = positions
+    ppl_ref, ppl_bundle = float(np.exp(nll_ref / tokens)), float(np.exp(nll_bundle / tokens))
+    bar_agree, bar_ppl = BARS[label]
+    row = {
+        "windows": len(windows),
+        "seqlen": int(windows.shape[1]),
+        "predicted_tokens": tokens,
+        "top1_agreement": agree / positions,
+        "perplexity_pytorch": ppl_ref,
+        "perplexity_bundle": ppl_bundle,
+        "perplexity_ratio": ppl_bundle / ppl_ref,
+        "max_abs_logit_diff": max_abs,
+        "router_decisions": decisions,
+        "router_flips": flips,
+        "router_flip_gaps": {
+            "max": max(flip_gaps) if flip_gaps else None,
+            "median": float(np.median(flip_gaps)) if flip_gaps else None,
+        },
+        "seconds": seconds,
+        "bars": {"top1_agreement_min": bar_agree, "perplexity_rel_max": bar_ppl},
+        "passes": agree / positions >= bar_agree and abs(ppl_bundle / ppl_ref - 1) <= bar_ppl,
+    }
+    print(
+        f"  {label}: {json.dumps({k: row[k] for k in ('top1_agreement', 'perplexity_ratio', 'router_flips', 'passes')})}"
+    )
+    return row
+
+
+def _ensure_bundle(loaded: Any, export_dir: Path, bundle_dir: Path) -> dict[str, float]:
+    from moedge.export.exporter import export_model
+    from moedge.graph_passes.bundle import split_bundle
+
+    times: dict[str, float] = {}
+    if not (bundle_dir / "manifest.json").is_file():
+        if not (export_dir / "model.onnx").is_file():
+            start = time.perf_counter()
+            export_model(loaded, export_dir)
+            times["export_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        split_bundle(export_dir, bundle_dir)
+        times["split_s"] = time.perf_counter() - start
+    return times
+
+
+def main() -> None:
+    """Measure both rows and write the JSON."""
+    import torch
+
+    from moedge.calibration import apply_recipe
+    from moedge.datasets import load_text, windows
+    from moedge.loading import load_model
+    from moedge.paths import cache_dir
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="smollm2-135m-moe")
+    parser.add_argument("--recipe", type=Path, help="recipe folder for the w8a8 row (skipped without)")
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", default="fp32,w8a8")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = cache_dir() / "bench" / "bundle_parity"
+    out_file = RESULTS / f"bundle_parity_{args.model}.json"
+    record: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    record.update(model=args.model, protocol=f"wikitext2 test, first {args.windows} windows of 512")
+    record.setdefault("rows", {})
+    for label in args.rows.split(","):
+        loaded = load_model(args.model)
+        ids = np.asarray(loaded.encode(load_text("wikitext2").text), dtype=np.int64)
+        win = windows(ids, 512, max_windows=args.windows)
+        suffix = "fp32"
+        if label == "w8a8":
+            if args.recipe is None:
+                print("w8a8 row skipped: no --recipe")
+                continue
+            apply_recipe(loaded, args.recipe)
+            suffix = f"w8a8-{args.recipe.name}"
+        times = _ensure_bundle(
+            loaded, work / f"{args.model}-{suffix}-export", work / f"{args.model}-{suffix}-bundle"
+        )
+        row = _compare(label, loaded.model, work / f"{args.model}-{suffix}-bundle", win, args.threads)
+        row.update(times, bundle=str(work / f"{args.model}-{suffix}-bundle"), threads=args.threads)
+        if label == "w8a8":
+            row["recipe"] = str(args.recipe)
+        record["rows"][label] = row
+        RESULTS.mkdir(exist_ok=True)
+        out_file.write_text(json.dumps(record, indent=1))
+        del loaded
+        gc.collect()
+    print(f"wrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()
