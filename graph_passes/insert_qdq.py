@@ -161,8 +161,10 @@ def _insert(graph: ir.Graph, target: _Target, quant: LinearQuant) -> None:
     out = old.outputs[0]
     result.shape = out.shape
     graph.insert_before(old, nodes)
-    if out.is_graph_output():
-        raise MoedgeError(f"{name}: a quantized linear's output is a graph output; not supported")
+    if out.is_graph_output():  # the new value takes the graph output's place and name
+        index = graph.outputs.index(out)
+        result.name, out.name = out.name, f"{out.name}.float"
+        graph.outputs[index] = result
     out.replace_all_uses_with(result)
     graph.remove([old, *target.dead], safe=True)
     source = target.source

@@ -9,11 +9,9 @@ import onnx_ir.passes.common as common_passes
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, debug: bool = False) -> ir.Model:
-    """Apply ``passes`` in order; with ``debug``, the ONNX checker runs after each one.
+    """Apply ``passes`` in order; with ``debug``, strict ONNX shape inference and the checker run after each.
 
-    Shape inference is not rerun on the exported graphs: torch.export already stamped every value
-    with its (symbolic) shape, and ONNX's inference cannot follow data-dependent expert shapes. The
-    checker reads every tensor, so in debug mode external weights are loaded into memory first.
+    The checker reads every tensor, so in debug mode external weights are loaded into memory first.
     """
     if debug:
         model = ir.external_data.load_to_model(model)
@@ -21,5 +19,5 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase], *, debug: 
     for p in passes:
         steps.append(p)
         if debug:
-            steps.append(common_passes.CheckerPass(full_check=False))
+            steps += [common_passes.ShapeInferencePass(strict_mode=True), common_passes.CheckerPass()]
     return ir.passes.PassManager(steps)(model).model

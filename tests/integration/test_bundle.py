@@ -137,8 +137,8 @@ def qdq_mixtral(tmp_path_factory):
     result = calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False)
     save_recipe(loaded, result, root / "recipe")
     fake = apply_recipe(build_tiny("mixtral"), root / "recipe")
-    export_model(fake, root / "export")
-    split_bundle(root / "export", root / "bundle", progress=False)
+    export_model(fake, root / "export", validate=True)  # strict shape inference + checker after each pass
+    split_bundle(root / "export", root / "bundle", progress=False, validate=True)
     return fake, root, result
 
 
