@@ -16,8 +16,8 @@ if TYPE_CHECKING:
     from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
     from moedge.evaluation import PerplexityResult, perplexity
     from moedge.export.exporter import ExportResult, export_model
-    from moedge.loading import load_model
     from moedge.graph_passes.bundle import split_bundle
+    from moedge.loading import load_model
     from moedge.runtime.bundle_runner import BundleRunner
     from moedge.runtime.ort_causal_lm import OrtCausalLM
 
