@@ -88,7 +88,10 @@ def split_bundle(
     gating = arch.gating_rule(SimpleNamespace(**raw))
     start = time.perf_counter()
     log.info("loading %s", info.model_file)
-    model = ir.load(info.model_file)
+    try:
+        model = ir.load(info.model_file)
+    except Exception as exc:  # protobuf and onnx-ir raise several types for a damaged file
+        raise MoedgeError(f"{info.model_file} is not a readable ONNX model ({exc}): re-export it") from None
     splitter = SplitExpertsPass(
         experts_path=arch.experts_path,
         router_path=arch.router_path,

@@ -157,6 +157,7 @@ class SplitExpertsPass:
         self.experts_path = experts_path
         self.router_path = router_path
         self.gating = gating
+        self._order_of: tuple[ir.Model | None, dict[ir.Node, int]] = (None, {})
 
     def __call__(self, model: ir.Model) -> SplitModel:
         """Find the cut values, then extract each graph (the input model is not modified)."""
@@ -338,8 +339,14 @@ class SplitExpertsPass:
 
     # -- extraction ---------------------------------------------------------------------------
 
-    @staticmethod
+    def _order(self, model: ir.Model) -> dict[ir.Node, int]:
+        """Each node's position in the graph (topological), computed once per model."""
+        if self._order_of[0] is not model:
+            self._order_of = (model, {node: i for i, node in enumerate(model.graph)})
+        return self._order_of[1]
+
     def _extract(
+        self,
         model: ir.Model,
         inputs: list[ir.Value],
         outputs: dict[ir.Value, str],
@@ -354,7 +361,19 @@ class SplitExpertsPass:
         ordered_inputs = list(inputs) + [
             v for v in model.graph.inputs if v in graph_inputs and v not in inputs
         ]
-        sub = ir.convenience.extract(model.graph, inputs=ordered_inputs, outputs=list(outputs))
+        # The nodes are known already; a view over them, cloned, is the subgraph. (onnx-ir's extract()
+        # re-maps the whole graph per call, which would make the split quadratic in the experts.)
+        order = self._order(model)
+        nodes = sorted(needed, key=order.__getitem__)
+        inits = {v.name: v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
+        view = ir.GraphView(
+            ordered_inputs,
+            list(outputs),
+            nodes=nodes,
+            initializers=tuple(inits.values()),
+            opset_imports=dict(model.graph.opset_imports),
+        )
+        sub = view.clone()
         names = {**{v.name: n for v, n in outputs.items()}, **{v.name: n for v, n in (rename or {}).items()}}
         taken = {v.name for n in sub for v in n.outputs} | {v.name for v in sub.inputs}
         for value in [*sub.inputs, *sub.outputs]:

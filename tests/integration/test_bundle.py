@@ -212,3 +212,39 @@ def test_bundle_bad_input_is_one_clear_error(bundles, tmp_path, tiny_exports):
     with pytest.raises(MoedgeError, match=r"holds no model\.onnx"):
         split_bundle(tmp_path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_split_refuses_damaged_or_foreign_graphs_and_writes_nothing(tiny_exports, tmp_path):
+    import onnx_ir as ir
+
+    from moedge.graph_passes.split_experts import SplitExpertsPass
+    from moedge.module_names import MODULE_KEY
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_exports("llama"), truncated)
+    data = (truncated / "model.onnx").read_bytes()
+    (truncated / "model.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(MoedgeError, match="not a readable ONNX model"):
+        split_bundle(truncated, tmp_path / "b1", progress=False)
+    model = ir.load(tiny_exports("mixtral") / "model.onnx")
+    for node in model.graph:
+        node.metadata_props.pop(MODULE_KEY, None)
+    with pytest.raises(MoedgeError, match="no decoder-layer module names"):
+        SplitExpertsPass(experts_path="mlp.experts", router_path="mlp.gate", gating=None)(model)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_exports("llama"), bare)
+    ir.save(model, bare / "model.onnx", external_data="model.onnx.data")
+    with pytest.raises(MoedgeError, match="no decoder-layer module names"):
+        split_bundle(bare, tmp_path / "b2", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "truncated"]  # nothing half-written
+
+
+def test_expert_graphs_run_only_int8_kernels_after_ort_optimization(qdq_mixtral):
+    _, root, _ = qdq_mixtral
+    manifest = read_manifest(root / "bundle")
+    for layer in manifest.layers:
+        assert layer.moe is not None
+        for expert in layer.moe.experts:
+            census = ort_census(root / "bundle" / expert.file)
+            assert sum(n for op, n in census.items() if op in INT8_KERNELS) == 3
+            assert not {"MatMul", "Gemm", "FusedMatMul"} & set(census)  # zero float matmuls
