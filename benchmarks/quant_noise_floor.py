@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-moe")
     parser.add_argument("--recipe", type=Path, required=True)
     parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--eps", type=float, default=1e-6)
+    parser.add_argument("--eps", default="1e-7,1e-6", help="relative perturbations, comma-separated")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,11 +58,11 @@ def main() -> None:
         finally:
             handle.remove()
 
-    def measure() -> dict[str, Any]:
+    def measure(eps: float) -> dict[str, Any]:
         agree = positions = 0
         nll = {"clean": 0.0, "perturbed": 0.0}
         for w in wins:
-            clean, noisy = logits(w, 0.0), logits(w, args.eps)
+            clean, noisy = logits(w, 0.0), logits(w, eps)
             agree += int((clean[:-1].argmax(-1) == noisy[:-1].argmax(-1)).sum())
             positions += len(w) - 1
             nll["clean"] += window_nll(clean, w)
@@ -74,11 +74,12 @@ def main() -> None:
             "ppl_ratio": ppl["perturbed"] / ppl["clean"],
         }
 
-    record: dict[str, Any] = {"model": args.model, "eps": args.eps, "windows": len(wins), "seqlen": 512}
-    record["fp32"] = measure()
+    eps_values = [float(e) for e in args.eps.split(",")]
+    record: dict[str, Any] = {"model": args.model, "windows": len(wins), "seqlen": 512}
+    record["fp32"] = {f"{e:g}": measure(e) for e in eps_values}
     print(f"fp32: {record['fp32']}", flush=True)
     apply_recipe(loaded, args.recipe)
-    record["w8a8"] = measure()
+    record["w8a8"] = {f"{e:g}": measure(e) for e in eps_values}
     record["recipe"] = str(args.recipe)
     print(f"w8a8: {record['w8a8']}", flush=True)
     RESULTS.mkdir(exist_ok=True)
