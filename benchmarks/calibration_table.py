@@ -41,6 +41,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "gptq": {"method": "gptq"},
     "haq": {"method": "haq"},  # also yields "haq+auto-fp" (same calibration, then 2% kept FP)
     "haq+auto-fp": {"method": "haq", "auto_keep_fp": AUTO_FP},  # that row alone
+    # experiment: 83 of 120 smollm2 groups chose the grid's top strength (0.9); does the optimum lie above?
+    "haq-a1": {"method": "haq", "alpha_grid": (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 1.0)},
 }
 PLANS = {
     "smollm2-135m": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
