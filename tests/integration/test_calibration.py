@@ -278,9 +278,11 @@ def test_cli_failures_leave_nothing_behind(tmp_path, capsys, data_dir):
 
 @pytest.mark.parametrize("mode", ["absmax", "percentile", "mse", "output"])
 def test_every_activation_range_mode(mode):
+    # A fixed, moderate smoothing strength keeps outliers in the inputs (a strength of 1.0 flattens every
+    # channel to the same maximum, where clipping rightly stops paying), so the range search has work.
     loaded = build_tiny("llama")
     result = calibrate(
-        loaded, _samples(4, 32), CalibrationConfig(method="haq", act_clip=mode), progress=False
+        loaded, _samples(4, 32), CalibrationConfig(method="haq", act_clip=mode, alpha=0.5), progress=False
     )
     ratios = [r.clip_ratio for r in result.linears.values() if r.quantized]
     assert all(r is not None and 0 < r <= 1 for r in ratios)
@@ -290,7 +292,7 @@ def test_every_activation_range_mode(mode):
         plain = calibrate(
             build_tiny("llama"),
             _samples(4, 32),
-            CalibrationConfig(method="haq", act_clip="absmax"),
+            CalibrationConfig(method="haq", act_clip="absmax", alpha=0.5),
             progress=False,
         )
         assert sum(r.rel_error for r in result.linears.values()) <= sum(
