@@ -43,6 +43,7 @@ def _session(path: Path | bytes, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # sessions alternate
     return ort.InferenceSession(
         path if isinstance(path, bytes) else str(path), options, providers=["CPUExecutionProvider"]
     )

@@ -62,6 +62,9 @@ class BundleRunner:
         self.manifest: Manifest = read_manifest(self.folder, verify=verify)
         self.options = ort.SessionOptions()
         self.options.log_severity_level = 3
+        # Hundreds of sessions each keep a thread pool; spinning pools steal the cores from the one
+        # session running (measured on smollm2-135m-moe: decode 1.78 s/token spinning, 0.056 s not).
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_threads:
             self.options.intra_op_num_threads = intra_op_threads
         if not optimize:
