@@ -49,13 +49,15 @@ def _router_choices(model: Any) -> tuple[dict[int, np.ndarray], list[Any]]:
     return seen, handles
 
 
-def _compare(label: str, model: Any, bundle_dir: Path, windows: np.ndarray, threads: int) -> dict[str, Any]:
+def _compare(
+    label: str, model: Any, bundle_dir: Path, windows: np.ndarray, threads: int, optimize: bool = True
+) -> dict[str, Any]:
     import torch
 
     from moedge.evaluation import window_nll
     from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 
-    runner = BundleRunner(bundle_dir, intra_op_threads=threads)
+    runner = BundleRunner(bundle_dir, intra_op_threads=threads, optimize=optimize)
     top_k = next(layer.moe.gating.top_k for layer in runner.manifest.layers if layer.moe)
     nll_ref = nll_bundle = 0.0
     agree = positions = 0
@@ -98,7 +100,7 @@ def _compare(label: str, model: Any, bundle_dir: Path, windows: np.ndarray, thre
         )
     tokens = positions
     ppl_ref, ppl_bundle = float(np.exp(nll_ref / tokens)), float(np.exp(nll_bundle / tokens))
-    bar_agree, bar_ppl = BARS[label]
+    bar_agree, bar_ppl = BARS[label.split("-")[0]]
     row = {
         "windows": len(windows),
         "seqlen": int(windows.shape[1]),
@@ -157,6 +159,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", default="fp32,w8a8")
+    parser.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="run the bundle op for op (ORT graph optimizations off); rows are saved as <row>-unoptimized",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = cache_dir() / "bench" / "bundle_parity"
@@ -178,11 +185,15 @@ def main() -> None:
         times = _ensure_bundle(
             loaded, work / f"{args.model}-{suffix}-export", work / f"{args.model}-{suffix}-bundle"
         )
-        row = _compare(label, loaded.model, work / f"{args.model}-{suffix}-bundle", win, args.threads)
+        name = (f"{label}-unoptimized" if args.no_optimize else label) + (
+            "" if args.windows == 64 else f"-{args.windows}w"
+        )
+        bundle = work / f"{args.model}-{suffix}-bundle"
+        row = _compare(name, loaded.model, bundle, win, args.threads, optimize=not args.no_optimize)
         row.update(times, bundle=str(work / f"{args.model}-{suffix}-bundle"), threads=args.threads)
         if label == "w8a8":
             row["recipe"] = str(args.recipe)
-        record["rows"][label] = row
+        record["rows"][name] = row
         RESULTS.mkdir(exist_ok=True)
         out_file.write_text(json.dumps(record, indent=1))
         del loaded

@@ -153,7 +153,6 @@ class SplitExpertsPass:
         router_path: str | None,
         gating: GatingRule | None,
     ) -> None:
-        super().__init__()
         self.experts_path = experts_path
         self.router_path = router_path
         self.gating = gating
