@@ -94,31 +94,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)."""
+    """Perplexity of MODEL (PyTorch), of an exported folder or of a bundle (ONNX Runtime)."""
     import numpy as np
 
     from moedge.datasets import load_text
     from moedge.evaluation import ort_logits, perplexity, torch_logits
+    from moedge.manifest import MANIFEST_FILE
     from moedge.runtime.exported import is_exported_folder
 
     text = load_text(args.data)
     backend = args.backend
+    is_bundle = Path(args.model).is_dir() and (Path(args.model) / MANIFEST_FILE).is_file()
     if backend == "auto":
-        backend = "ort" if is_exported_folder(args.model) else "torch"
+        backend = "ort" if is_exported_folder(args.model) or is_bundle else "torch"
     if backend == "ort" and args.recipe is not None:
         raise MoedgeError("--recipe evaluates the fake-quant PyTorch model: drop --backend ort or the recipe")
-    if backend == "ort":
+    if backend == "ort" and is_bundle:
+        from moedge.runtime.bundle_runner import BundleRunner
+        from moedge.tokenizer import load_tokenizer
+
+        runner = BundleRunner(args.model, intra_op_threads=args.threads)
+        tokenizer = load_tokenizer(Path(args.model) / "tokenizer.json")
+        ids = np.asarray(tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
+        score, label = ort_logits(runner), f"bundle, onnxruntime cpu {runner.manifest.precision}"
+    elif backend == "ort":
         from moedge.runtime.ort_causal_lm import OrtCausalLM
         from moedge.tokenizer import load_tokenizer
 
         if not is_exported_folder(args.model):
             raise MoedgeError(
-                f"{args.model} is not an exported folder: run moedge export first, or use --backend torch"
+                f"{args.model} is neither an exported folder nor a bundle: run moedge export first, "
+                "or use --backend torch"
             )
         lm = OrtCausalLM(args.model, intra_op_threads=args.threads)
         tokenizer = load_tokenizer(lm.info.tokenizer_file)
         ids = np.asarray(tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
-        score, label = ort_logits(lm), "onnxruntime cpu fp32"
+        score, label = ort_logits(lm), f"onnxruntime cpu {lm.info.raw.get('precision', 'fp32')}"
     else:
         from moedge.loading import load_model
 
@@ -261,8 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--validate", action="store_true", help="run the ONNX checker after every graph pass")
     export.set_defaults(func=cmd_export)
 
-    ev = sub.add_parser("eval", help="perplexity of MODEL (PyTorch) or of an exported folder (ONNX Runtime)")
-    ev.add_argument("model", metavar="MODEL", help=model_help + ", or an exported folder")
+    ev = sub.add_parser(
+        "eval", help="perplexity of MODEL (PyTorch), an exported folder or a bundle (ONNX Runtime)"
+    )
+    ev.add_argument("model", metavar="MODEL", help=model_help + ", an exported folder, or a bundle")
     ev.add_argument(
         "--data", default="wikitext2", help="wikitext2, ptb, c4, demo, or a text file (default wikitext2)"
     )

@@ -16,6 +16,7 @@ from moedge.datasets import windows as cut_windows
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from moedge.runtime.bundle_runner import BundleRunner
     from moedge.runtime.ort_causal_lm import OrtCausalLM
 
 WindowLogits = Callable[[np.ndarray], np.ndarray]  # (seqlen,) ids -> (seqlen, vocab) logits
@@ -71,8 +72,8 @@ def torch_logits(model: PreTrainedModel) -> WindowLogits:
     return run
 
 
-def ort_logits(lm: OrtCausalLM) -> WindowLogits:
-    """Window scorer for an exported folder run by ONNX Runtime."""
+def ort_logits(lm: OrtCausalLM | BundleRunner) -> WindowLogits:
+    """Window scorer for an exported folder or a bundle run by ONNX Runtime."""
 
     def run(ids: np.ndarray) -> np.ndarray:
         logits, _ = lm.forward(ids[None])

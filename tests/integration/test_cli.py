@@ -135,6 +135,18 @@ def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
     assert code == 0 and "16 experts in 2 MoE layers" in out
     assert "int8 kernels {'MatMulIntegerToFloat': 3}" in out  # every expert linear runs in int8
     assert "TensorRT lint: 0 errors" in out
+    ppl = {}
+    for name, folder in (("export", export), ("bundle", bundle)):
+        record = tmp_path / f"{name}.json"
+        code, out, err = _run(
+            capsys,
+            *["-q", "eval", str(folder), "--data", "demo", "--seqlen", "32", "--max-windows", "2"],
+            *["--json", str(record)],
+        )
+        assert code == 0, err
+        ppl[name] = json.loads(record.read_text())
+    assert ppl["bundle"]["backend"] == "bundle, onnxruntime cpu w8a8"
+    assert ppl["bundle"]["perplexity"] == pytest.approx(ppl["export"]["perplexity"], rel=1e-4)
     code, _, err = _run(capsys, "-q", "split", str(export), "-o", str(bundle))
     assert code == 1 and "not an empty folder" in err
     code, _, err = _run(
