@@ -64,6 +64,72 @@ def _save(model: ir.Model, folder: Path, rel: str, validate: bool) -> tuple[Grap
     return spec, files
 
 
+def _share_tensors(folder: Path, owner: str, user: str) -> str | None:
+    """Point ``user``'s external tensors at byte-identical ones ``owner`` already stores (a tied lm_head,
+    or an untied one whose values equal the embedding's).
+
+    Returns None when nothing was shared, ``user``'s data file when nothing references it any more (the
+    caller drops it from the file list), else "" (the file was rewritten smaller).
+    """
+    import onnx
+
+    def external(proto: onnx.TensorProto) -> dict[str, str]:
+        return {e.key: e.value for e in proto.external_data}
+
+    def read(path: Path, info: dict[str, str]) -> bytes:
+        with path.open("rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return f.read(int(info["length"]))
+
+    base = (folder / owner).parent
+    if (folder / user).parent != base:
+        return None
+    owned = [
+        t
+        for t in onnx.load(str(folder / owner), load_external_data=False).graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    model = onnx.load(str(folder / user), load_external_data=False)
+    own_data = Path(user).name + ".data"
+    changed = False
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        mine = external(tensor)
+        candidates = [
+            t for t in owned if list(t.dims) == list(tensor.dims) and t.data_type == tensor.data_type
+        ]
+        data = read(base / mine["location"], mine) if candidates else b""
+        theirs = next(
+            (external(t) for t in candidates if read(base / external(t)["location"], external(t)) == data),
+            None,
+        )
+        if theirs is None:
+            continue
+        del tensor.external_data[:]
+        for key, value in theirs.items():
+            tensor.external_data.add(key=key, value=value)
+        changed = True
+    if not changed:
+        return None
+    # Rewrite the user's data file with only the tensors it still owns.
+    kept = [t for t in model.graph.initializer if external(t).get("location") == own_data]
+    blob = bytearray()
+    for tensor in kept:
+        info = external(tensor)
+        data = read(base / own_data, info)
+        del tensor.external_data[:]
+        for key, value in (("location", own_data), ("offset", str(len(blob))), ("length", str(len(data)))):
+            tensor.external_data.add(key=key, value=value)
+        blob += data
+    onnx.save(model, str(folder / user))
+    if kept:
+        (base / own_data).write_bytes(bytes(blob))
+        return ""
+    (base / own_data).unlink()
+    return str(Path(user).parent / own_data)
+
+
 def split_bundle(
     export_dir: str | Path, out_dir: str | Path, *, progress: bool = True, validate: bool = False
 ) -> Manifest:
@@ -125,6 +191,12 @@ def split_bundle(
             layers.append(LayerSpec(index=layer.index, stage=stage, moe=moe))
         head = save(split.head, "stages/head.onnx")
         bar.close()
+        dropped = _share_tensors(tmp, embedding.file, head.file)
+        if dropped is not None:  # a tied lm_head now reads the embedding's stored weight
+            if dropped:
+                files.remove(dropped)
+            size = sum((tmp / f).stat().st_size for f in files if f.startswith(head.file))
+            head = GraphSpec(file=head.file, inputs=head.inputs, outputs=head.outputs, bytes=size)
         shutil.copyfile(info.tokenizer_file, tmp / "tokenizer.json")
         files.append("tokenizer.json")
         routing = None

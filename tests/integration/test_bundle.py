@@ -248,3 +248,24 @@ def test_expert_graphs_run_only_int8_kernels_after_ort_optimization(qdq_mixtral)
             census = ort_census(root / "bundle" / expert.file)
             assert sum(n for op, n in census.items() if op in INT8_KERNELS) == 3
             assert not {"MatMul", "Gemm", "FusedMatMul"} & set(census)  # zero float matmuls
+
+
+def test_a_tied_lm_head_reads_the_embeddings_stored_weight(tmp_path):
+    loaded = build_tiny("llama")
+    model = loaded.model
+    model.lm_head.weight = model.model.embed_tokens.weight  # tie, as smollm2 does
+    model.config.tie_word_embeddings = True
+    export_model(loaded, tmp_path / "export")
+    manifest = split_bundle(tmp_path / "export", tmp_path / "bundle", progress=False)
+    assert (
+        "stages/head.onnx.data" not in manifest.files
+        and not (tmp_path / "bundle/stages/head.onnx.data").exists()
+    )
+    head = onnx.load(str(tmp_path / "bundle" / manifest.head.file), load_external_data=False)
+    locations = {e.value for t in head.graph.initializer for e in t.external_data if e.key == "location"}
+    assert locations == {"embedding.onnx.data"}
+    ids = np.random.default_rng(7).integers(0, 256, (1, 9))
+    got, _ = _prompt_and_decode(BundleRunner(tmp_path / "bundle"), ids, steps=3)
+    want, _ = _prompt_and_decode(OrtCausalLM(tmp_path / "export"), ids, steps=3)
+    for a, b in zip(got, want, strict=True):
+        assert np.abs(a - b).max() < TOL
