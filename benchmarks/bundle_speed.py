@@ -7,7 +7,8 @@ ratios (the machine is shared and noisy).
    FP32 at 1 and 64 tokens (bar: >= 2.5x at both).
 2. smollm2-135m-moe experts (hidden 576 / intermediate 1536) from the FP32 and W8A8 bundles at 1 and 64
    tokens (bar: >= 2x at 64 tokens), the per-call overhead of an ORT session run (an Identity graph on
-   the same input), and whole-bundle prompt and decode tokens/s.
+   the same input), whole-bundle prompt and decode tokens/s, and what spinning ORT thread pools cost a
+   process holding hundreds of sessions.
 3. Bytes: QDQ expert and stage graphs vs their FP32 twins (bar: <= 0.3x), whole bundles, embedding and
    head.
 4. Split time of the 240-expert bundle (bar: < 60 s) and of tiny Mixtrals with 4..64 experts per layer
@@ -217,6 +218,31 @@ def whole_bundle(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int) ->
     return out
 
 
+def spinning_cost(q_bundle: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """Part 2c: decode seconds per token of the W8A8 bundle with ORT's idle thread pools spinning or not."""
+    from moedge.runtime.bundle_runner import BundleRunner
+
+    prompt = np.random.default_rng(3).integers(0, 49152, (1, 16))
+
+    def decode(runner: BundleRunner) -> Callable[[], object]:
+        def run() -> None:
+            logits, past = runner.forward(prompt)
+            for _ in range(8):
+                logits, past = runner.forward(np.array([[int(logits[0, -1].argmax())]]), past=past)
+
+        return run
+
+    runners = {
+        name: BundleRunner(q_bundle, intra_op_threads=threads, spinning=name == "spinning")
+        for name in ("spinning", "not_spinning")
+    }
+    med = _interleaved({k: decode(r) for k, r in runners.items()}, repeats)
+    out = {k: {"prefill16_plus_8_decode_s": v} for k, v in med.items()}
+    out["ratio"] = med["spinning"] / med["not_spinning"]
+    print(f"  spinning pools: {out}", flush=True)
+    return out
+
+
 def sizes(fp_bundle: Path, q_bundle: Path) -> dict[str, Any]:
     """Part 3: bytes as stored (graph + external data)."""
     from moedge.manifest import read_manifest
@@ -245,14 +271,12 @@ def sizes(fp_bundle: Path, q_bundle: Path) -> dict[str, Any]:
 def split_times(fp_export: Path) -> dict[str, Any]:
     """Part 4: the 240-expert split, and tiny Mixtrals with growing expert counts."""
     import onnx_ir as ir
-    from transformers import AutoModelForCausalLM, MixtralConfig
 
     from moedge.export.exporter import export_model
     from moedge.graph_passes.bundle import split_bundle
     from moedge.graph_passes.split_experts import SplitExpertsPass
     from moedge.manifest import GatingRule
-    from moedge.model import LoadedModel
-    from moedge.tokenizer import byte_level_tokenizer
+    from moedge.testbeds import build_tiny
 
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,20 +290,7 @@ def split_times(fp_export: Path) -> dict[str, Any]:
         )
         per_expert = {}
         for experts in (4, 16, 64):
-            config = MixtralConfig(
-                vocab_size=258,
-                hidden_size=64,
-                intermediate_size=96,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                num_local_experts=experts,
-                num_experts_per_tok=2,
-            )
-            model = AutoModelForCausalLM.from_config(config).eval()
-            loaded = LoadedModel(
-                model=model, tokenizer=byte_level_tokenizer(), name=f"mixtral-{experts}", source="bench"
-            )
+            loaded = build_tiny("mixtral", num_experts=experts)
             export_model(loaded, Path(tmp) / f"e{experts}")
             graph = ir.load(Path(tmp) / f"e{experts}" / "model.onnx")
             splitter = SplitExpertsPass(
@@ -312,7 +323,7 @@ def main() -> None:
         "--w8a8-bundle", type=Path, default=WORK / "smollm2-135m-moe-w8a8-smollm2-135m-moe-haq-bundle"
     )
     parser.add_argument("--fp-export", type=Path, default=WORK / "smollm2-135m-moe-fp32-export")
-    parser.add_argument("--parts", default="synthetic,experts,bundle,sizes,split")
+    parser.add_argument("--parts", default="synthetic,experts,bundle,spinning,sizes,split")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     out_file = RESULTS / "bundle_speed.json"
@@ -328,6 +339,8 @@ def main() -> None:
         record["whole_bundle"] = whole_bundle(
             args.fp_bundle, args.w8a8_bundle, args.threads, max(6, args.repeats // 5)
         )
+    if "spinning" in parts:
+        record["spinning"] = spinning_cost(args.w8a8_bundle, args.threads, 3)
     if "sizes" in parts:
         record["sizes"] = sizes(args.fp_bundle, args.w8a8_bundle)
     if "split" in parts:

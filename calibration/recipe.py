@@ -12,8 +12,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from moedge.calibration.calibrator import CalibrationResult
 from moedge.calibration.layers import decoder_layers
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.model import LoadedModel
+from moedge.paths import atomic_folder, check_new_output
 
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.json"
@@ -61,14 +60,6 @@ class Recipe:
         return str(self.meta["config"]["method"])
 
 
-def check_new_output(path: str | os.PathLike[str]) -> Path:
-    """``path`` as a Path, or a clear error when it exists and is not an empty folder."""
-    out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new output path")
-    return out
-
-
 def save_recipe(
     loaded: LoadedModel,
     result: CalibrationResult,
@@ -82,9 +73,7 @@ def save_recipe(
     import moedge
 
     out = check_new_output(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         model = loaded.model
         names = {id(m): n for n, m in model.named_modules()}
@@ -117,12 +106,6 @@ def save_recipe(
         if result.routing is not None:
             (tmp / ROUTING_FILE).write_text(json.dumps(result.routing, indent=1) + "\n")
         (tmp / REPORT_FILE).write_text(report_markdown(result))
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

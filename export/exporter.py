@@ -7,7 +7,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from moedge._errors import MoedgeError
 from moedge.export.configs import ArchitectureConfig, get_config
 from moedge.model import LoadedModel
 from moedge.module_names import CLASS_KEY, MODULE_KEY, experts_per_layer
-from moedge.paths import ensure_writable_dir
+from moedge.paths import atomic_folder, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +184,7 @@ def export_model(
         output_names += kv_names(num_layers, "present")
 
     start = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir, replace=True) as tmp:
         with (
             per_expert_modules(model, arch),
             fake_quant_as_linear(model) as quant,
@@ -253,12 +251,6 @@ def export_model(
         recipe = loaded.provenance.get("recipe")
         if qdq is not None and recipe and (Path(recipe) / "routing.json").is_file():
             shutil.copyfile(Path(recipe) / "routing.json", tmp / "routing.json")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", out_dir, seconds)
     return ExportResult(

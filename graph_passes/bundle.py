@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +27,7 @@ from moedge.manifest import (
     TensorSpec,
     sha256_file,
 )
+from moedge.paths import atomic_folder, check_new_output
 from moedge.runtime.exported import read_export_info
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,7 @@ def split_bundle(
 
     info = read_export_info(export_dir)
     out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new bundle path")
+    check_new_output(out)
     if not info.with_cache:
         raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
     raw = json.loads((info.folder / "config.json").read_text())
@@ -164,9 +163,7 @@ def split_bundle(
         gating=None if gating is None else GatingRule(**gating),
     )
     split = splitter(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         files: list[str] = []
         total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
         bar = tqdm(total=total, desc="writing bundle", unit="graph", disable=not progress)
@@ -235,12 +232,6 @@ def split_bundle(
             extra={"split_from": str(info.folder), "opset": meta.get("opset")},
         )
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info(
         "bundle %s: %d graphs, experts %.1f MiB, in %.1f s",
         out,

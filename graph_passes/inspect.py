@@ -162,13 +162,11 @@ def _census_lines(model_file: Path, *, ort_too: bool, indent: str = "  ") -> lis
 
 
 def _lint_lines(model_file: Path, indent: str) -> list[str]:
-    try:
-        import onnx_ir as ir
+    import onnx_ir as ir
 
-        from moedge.graph_passes.check_tensorrt import check_tensorrt_ready
-    except ImportError:  # pragma: no cover - the lint ships with the package
-        return []
-    findings = check_tensorrt_ready(ir.load(str(model_file)))
+    from moedge.graph_passes.check_tensorrt import check_tensorrt_ready
+
+    findings = check_tensorrt_ready(ir.load(str(model_file)))  # lazily mapped external weights
     errors = [f for f in findings if f.severity == "error"]
     warnings = [f for f in findings if f.severity != "error"]
     lines = [f"{indent}TensorRT lint: {len(errors)} errors, {len(warnings)} warnings"]

@@ -238,6 +238,7 @@ class SplitExpertsPass:
                 {hidden_out: HIDDEN_OUT, **{v: str(v.name) for v in kv}},
                 f"layer {index}",
                 rename={hidden_in: HIDDEN},
+                layer=index,
             )
             return SplitLayer(index=index, stage=stage)
 
@@ -276,7 +277,9 @@ class SplitExpertsPass:
         if shared is not None:
             outputs[shared] = SHARED_OUTPUT
         outputs.update({v: str(v.name) for v in kv})
-        stage = self._extract(model, [hidden_in], outputs, f"layer {index}", rename={hidden_in: HIDDEN})
+        stage = self._extract(
+            model, [hidden_in], outputs, f"layer {index}", rename={hidden_in: HIDDEN}, layer=index
+        )
 
         experts: list[ir.Model] = []
         by_expert: dict[int, set[ir.Node]] = {}
@@ -352,10 +355,16 @@ class SplitExpertsPass:
         what: str,
         *,
         rename: dict[ir.Value, str] | None = None,
+        layer: int | None = None,
     ) -> ir.Model:
+        """``outputs`` (renamed as given) computed from ``inputs`` and the graph inputs they reach.
+
+        ``layer``: a decoder layer's stage, which must not pull in another layer's nodes and reads only
+        its own cache.
+        """
         needed, graph_inputs = _ancestors(outputs, set(inputs))
         stray = sorted({i for n in needed if n.op_type != "Constant" and (i := _layer_index(n)) is not None})
-        if what.startswith("layer ") and stray != [int(what.split()[1])]:
+        if layer is not None and stray != [layer]:
             raise MoedgeError(f"{what}: its graph would pull in nodes of layers {stray}; cannot cut here")
         ordered_inputs = list(inputs) + [
             v for v in model.graph.inputs if v in graph_inputs and v not in inputs
@@ -383,8 +392,8 @@ class SplitExpertsPass:
                 raise MoedgeError(f"{what}: value name {new} already used inside the graph")
             value.name = new
         sub.name = what.replace(" ", "_").replace(".", "_")
-        if what.startswith("layer "):
-            _own_cache_shapes(sub, int(what.split()[1]))
+        if layer is not None:
+            _own_cache_shapes(sub, layer)
         return _model(sub, model)
 
 

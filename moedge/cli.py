@@ -168,8 +168,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from moedge.calibration import CalibrationConfig, calibrate, calibration_windows, save_recipe
-    from moedge.calibration.recipe import check_new_output
     from moedge.loading import load_model
+    from moedge.paths import check_new_output
 
     check_new_output(args.output)  # before a long calibration, not after
     if args.threads:

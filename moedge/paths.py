@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from moedge._errors import MoedgeError
@@ -50,3 +53,33 @@ def ensure_writable_dir(path: Path) -> None:
         raise MoedgeError(
             f"output path {path} is not writable ({exc.strerror or exc}): choose another -o folder"
         ) from None
+
+
+def check_new_output(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path, or a clear error when it exists and is not an empty folder."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MoedgeError(f"{out} exists and is not an empty folder: choose a new output path")
+    return out
+
+
+@contextmanager
+def atomic_folder(out: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; it becomes ``out`` only if the block succeeds.
+
+    An existing empty ``out`` is replaced; a non-empty one only with ``replace``. On failure the
+    temporary folder is removed, so nothing half-written is left.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if replace:
+                shutil.rmtree(out)
+            else:
+                out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -82,12 +82,20 @@ def _tiny_config(kind: str) -> PretrainedConfig:
     raise AssertionError(kind)
 
 
-def build_tiny(kind: str, *, seed: int = 0) -> LoadedModel:
-    """A random-weight tiny model of one architecture, seeded; norms and biases perturbed too."""
+def build_tiny(kind: str, *, seed: int = 0, num_experts: int | None = None) -> LoadedModel:
+    """A random-weight tiny model of one architecture, seeded; norms and biases perturbed too.
+
+    ``num_experts`` overrides the routed experts per layer of an MoE kind (e.g. to time the split).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     config = _tiny_config(kind)
+    if num_experts is not None:
+        key = "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts"
+        if not hasattr(config, key):
+            raise MoedgeError(f"tiny-{kind} has no experts to set")
+        setattr(config, key, num_experts)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)

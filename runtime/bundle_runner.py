@@ -31,10 +31,16 @@ from moedge.manifest import (
     read_manifest,
 )
 from moedge.runtime.gating import route
+from moedge.runtime.ort_session import (
+    KVCache,
+    empty_cache,
+    generate_greedy,
+    load_session,
+    session_options,
+    step_inputs,
+)
 
 log = logging.getLogger(__name__)
-
-KVCache = list[np.ndarray]
 
 
 @dataclass
@@ -57,18 +63,15 @@ class BundleRunner:
         intra_op_threads: int | None = None,
         verify: bool = True,
         optimize: bool = True,
+        spinning: bool = False,
     ) -> None:
         self.folder = Path(bundle)
         self.manifest: Manifest = read_manifest(self.folder, verify=verify)
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = 3
-        # Hundreds of sessions each keep a thread pool; spinning pools steal the cores from the one
-        # session running (measured on smollm2-135m-moe: decode 1.78 s/token spinning, 0.056 s not).
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if intra_op_threads:
-            self.options.intra_op_num_threads = intra_op_threads
-        if not optimize:
-            self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        # Hundreds of sessions each keep a thread pool: spinning pools steal the cores from the one
+        # session running (measured by benchmarks/bundle_speed.py --parts spinning).
+        self.options = session_options(
+            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
+        )
         self.providers = list(providers)
         self._sessions: dict[str, ort.InferenceSession] = {}
         model = self.manifest.model
@@ -81,13 +84,9 @@ class BundleRunner:
         """The ORT session of one bundle graph, created on first use."""
         sess = self._sessions.get(graph.file)
         if sess is None:
-            try:
-                sess = ort.InferenceSession(
-                    str(self.folder / graph.file), sess_options=self.options, providers=self.providers
-                )
-            except Exception as exc:  # ORT raises several unrelated types for a bad file
-                raise MoedgeError(f"ONNX Runtime cannot load {self.folder / graph.file}: {exc}") from None
-            self._sessions[graph.file] = sess
+            sess = self._sessions[graph.file] = load_session(
+                self.folder / graph.file, self.options, self.providers
+            )
         return sess
 
     def _run(self, graph: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -100,8 +99,7 @@ class BundleRunner:
 
     def empty_cache(self, batch: int) -> KVCache:
         """A zero-length cache for ``batch`` sequences."""
-        shape = (batch, self.num_kv_heads, 0, self.head_dim)
-        return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.num_layers)]
+        return empty_cache(batch, self.num_layers, self.num_kv_heads, self.head_dim)
 
     def forward(
         self,
@@ -111,7 +109,6 @@ class BundleRunner:
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
         trace: RoutingTrace | None = None,
-        on_moe: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
@@ -122,18 +119,8 @@ class BundleRunner:
         vocab = int(self.manifest.model.get("vocab_size") or 0)
         if vocab and (input_ids.min() < 0 or input_ids.max() >= vocab):
             raise MoedgeError(f"token id out of range: ids must lie in [0, {vocab})")
-        batch, seq = input_ids.shape
-        past = past if past is not None else self.empty_cache(batch)
-        past_len = past[0].shape[2]
-        if attention_mask is None:
-            attention_mask = np.ones((batch, past_len + seq), dtype=np.int64)
-        if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
-        values: dict[str, np.ndarray] = {
-            "input_ids": input_ids,
-            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
-            "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-        }
+        past = past if past is not None else self.empty_cache(input_ids.shape[0])
+        values = step_inputs(input_ids, past[0].shape[2], attention_mask, position_ids)
         for i in range(self.num_layers):
             values[f"past_key_values.{i}.key"] = past[2 * i]
             values[f"past_key_values.{i}.value"] = past[2 * i + 1]
@@ -151,8 +138,6 @@ class BundleRunner:
                 trace.chosen[layer.index] = chosen
                 trace.weights[layer.index] = weights
                 trace.logits[layer.index] = outs[ROUTER_LOGITS]
-            if on_moe is not None:
-                on_moe(layer.index, chosen, weights)
             routed = np.zeros_like(x)
             for e in np.unique(chosen):
                 token, slot = np.nonzero(chosen == e)
@@ -175,18 +160,10 @@ class BundleRunner:
         on_token: Callable[[int], None] | None = None,
     ) -> list[int]:
         """Greedy continuation of one prompt with the KV cache."""
-        if not prompt_ids:
-            raise MoedgeError("generation needs at least one prompt token")
-        new: list[int] = []
-        past: KVCache | None = None
-        step = np.asarray([list(prompt_ids)], dtype=np.int64)
-        for _ in range(max_new_tokens):
-            logits, past = self.forward(step, past=past)
-            token = int(np.argmax(logits[0, -1]))
-            new.append(token)
-            if on_token is not None:
-                on_token(token)
-            if eos_token_id is not None and token == eos_token_id:
-                break
-            step = np.asarray([[token]], dtype=np.int64)
-        return new
+        return generate_greedy(
+            self.forward,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            on_token=on_token,
+        )

@@ -1,0 +1,99 @@
+"""What every ONNX Runtime runner here shares: session options and loading, step inputs, greedy decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from moedge._errors import MoedgeError
+
+KVCache = list[np.ndarray]
+Forward = Callable[..., tuple[np.ndarray, KVCache]]  # forward(input_ids, past=...) -> (logits, cache)
+
+
+def session_options(
+    *, intra_op_threads: int | None = None, optimize: bool = True, spinning: bool = True, quiet: bool = False
+) -> ort.SessionOptions:
+    """Options for CPU sessions: thread count, graph optimizations, and whether idle pools spin.
+
+    ``optimize=False`` runs the graph op for op (ORT's fusions change float rounding). Turn
+    ``spinning`` off when many sessions share the cores: idle spinning pools steal them from the one
+    session running. ``quiet`` keeps ORT's own warnings out of the log.
+    """
+    options = ort.SessionOptions()
+    if quiet:
+        options.log_severity_level = 3
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def load_session(path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
+    """An ORT session for ``path``, or one clear error when ORT cannot load it."""
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # ORT raises several unrelated types for a bad file
+        raise MoedgeError(f"ONNX Runtime cannot load {path}: {exc}") from None
+
+
+def empty_cache(batch: int, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCache:
+    """A zero-length KV cache for ``batch`` sequences."""
+    shape = (batch, num_kv_heads, 0, head_dim)
+    return [np.zeros(shape, dtype=np.float32) for _ in range(2 * num_layers)]
+
+
+def step_inputs(
+    input_ids: np.ndarray,
+    past_len: int,
+    attention_mask: np.ndarray | None,
+    position_ids: np.ndarray | None,
+) -> dict[str, np.ndarray]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` for one call after ``past_len`` cached tokens."""
+    batch, seq = input_ids.shape
+    if attention_mask is None:
+        attention_mask = np.ones((batch, past_len + seq), dtype=np.int64)
+    if position_ids is None:
+        position_ids = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+    return {
+        "input_ids": input_ids,
+        "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+        "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
+    }
+
+
+def generate_greedy(
+    forward: Forward,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+    cached: bool = True,
+) -> list[int]:
+    """Greedy continuation of one prompt: through the KV cache, or recomputing the whole sequence."""
+    ids = list(prompt_ids)
+    if not ids:
+        raise MoedgeError("generation needs at least one prompt token")
+    new: list[int] = []
+    past: KVCache | None = None
+    step = np.asarray([ids], dtype=np.int64)
+    for _ in range(max_new_tokens):
+        logits, present = forward(step if cached else np.asarray([ids], dtype=np.int64), past=past)
+        token = int(np.argmax(logits[0, -1]))
+        new.append(token)
+        ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if eos_token_id is not None and token == eos_token_id:
+            break
+        if cached:
+            past = present
+            step = np.asarray([[token]], dtype=np.int64)
+    return new
