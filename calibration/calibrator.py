@@ -26,7 +26,7 @@ from moedge._errors import MoedgeError
 from moedge.calibration.layers import LayerSpec, SmoothGroup, decoder_layers, layer_spec
 from moedge.calibration.observers import InputObserver, observe
 from moedge.calibration.quant import FakeQuantLinear, act_scale, gptq, rtn_weight
-from moedge.calibration.routing import RoutingRecorder
+from moedge.runtime.routing import RoutingRecorder
 from moedge.calibration.search import (
     COARSE_CLIPS,
     group_error,
@@ -373,7 +373,7 @@ def _calibrate_layer(
         routing.reset_layer(spec.index)
 
         def on_route(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            routing.record(spec.index, args[1])
+            routing.record(spec.index, args[1].detach().cpu().numpy())
 
         handle = spec.experts_module.register_forward_pre_hook(on_route)
     try:

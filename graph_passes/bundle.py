@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from tqdm import tqdm
@@ -184,7 +185,12 @@ def split_bundle(
                     save(g, f"experts/layer_{layer.index:03d}_expert_{e:03d}.onnx")
                     for e, g in enumerate(layer.experts)
                 ]
-                moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts)
+                router = None
+                if layer.router_weight is not None:
+                    router = f"stages/layer_{layer.index:03d}.router.npy"
+                    np.save(tmp / router, layer.router_weight)
+                    files.append(router)
+                moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts, router=router)
             layers.append(LayerSpec(index=layer.index, stage=stage, moe=moe))
         head = save(split.head, "stages/head.onnx")
         bar.close()
@@ -217,6 +223,7 @@ def split_bundle(
             model_type=raw["model_type"],
             hidden_size=raw.get("hidden_size"),
             vocab_size=raw.get("vocab_size"),
+            max_position_embeddings=raw.get("max_position_embeddings"),
             num_experts=meta.get("num_experts", 0),
             source=meta.get("source"),
         )

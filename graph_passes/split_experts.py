@@ -23,6 +23,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from moedge._errors import MoedgeError
@@ -54,6 +55,7 @@ class SplitLayer:
     stage: ir.Model
     experts: list[ir.Model] = field(default_factory=list)
     gating: GatingRule | None = None
+    router_weight: np.ndarray | None = None  # experts x hidden, for speculative next-layer gating
 
 
 @dataclass
@@ -112,6 +114,41 @@ def _descendants(nodes: set[ir.Node]) -> set[ir.Value]:
         for user, _ in value.uses():
             todo += list(user.outputs)
     return out
+
+
+def _const_array(value: ir.Value | None) -> np.ndarray | None:
+    """A constant input's array (initializer or Constant node), else None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return np.asarray(value.const_value.numpy())
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        tensor = producer.attributes["value"].as_tensor()
+        return np.asarray(tensor.numpy())
+    return None
+
+
+def _router_weight(node: ir.Node) -> np.ndarray | None:
+    """The router's weight as experts x hidden float32, when it is a bias-free constant linear."""
+    if node.op_type == "Gemm":
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            return None
+        weight = _const_array(node.inputs[1])
+        if weight is None or node.attributes.get_int("transA", 0):
+            return None
+        scale = node.attributes.get_float("alpha", 1.0)
+        weight = weight if node.attributes.get_int("transB", 0) else weight.T
+        return np.ascontiguousarray(weight * scale, dtype=np.float32)
+    weight = _const_array(node.inputs[1])
+    if weight is not None:
+        return np.ascontiguousarray(weight.T, dtype=np.float32)
+    producer = node.inputs[1].producer() if node.inputs[1] is not None else None
+    if producer is not None and producer.op_type == "Transpose":
+        weight = _const_array(producer.inputs[0])
+        if weight is not None and weight.ndim == 2:
+            return np.ascontiguousarray(weight, dtype=np.float32)
+    return None
 
 
 def _is_const(value: ir.Value) -> bool:
@@ -312,7 +349,9 @@ class SplitExpertsPass:
             normalize_top_k=self.gating.normalize_top_k,
             shared_expert=shared is not None,
         )
-        return SplitLayer(index=index, stage=stage, experts=experts, gating=gating)
+        return SplitLayer(
+            index=index, stage=stage, experts=experts, gating=gating, router_weight=_router_weight(router[0])
+        )
 
     @staticmethod
     def _shared_output(

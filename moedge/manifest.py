@@ -85,6 +85,7 @@ class MoeSpec:
     num_experts: int
     gating: GatingRule
     experts: list[GraphSpec]
+    router: str | None = None  # .npy of the router weight (experts x hidden), for speculative gating
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def _layer(d: dict[str, Any]) -> LayerSpec:
             num_experts=int(moe["num_experts"]),
             gating=GatingRule(**moe["gating"]),
             experts=[_graph(g) for g in moe["experts"]],
+            router=moe.get("router"),
         ),
     )
 

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from moedge._errors import MoedgeError
 from moedge.manifest import (
     EXPERT_INPUT,
+    EXPERT_OUTPUT,
     HIDDEN,
     HIDDEN_OUT,
     LOGITS,
@@ -50,6 +51,12 @@ class RoutingTrace:
     chosen: dict[int, np.ndarray] = field(default_factory=dict)
     weights: dict[int, np.ndarray] = field(default_factory=dict)
     logits: dict[int, np.ndarray] = field(default_factory=dict)
+    # next MoE layer -> (tokens x candidates): its router applied to this layer's MoE input, best first
+    speculative: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+ExpertRun = Callable[[int, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
+"""(layer, moe_input, chosen, weights, speculative next-layer candidates) -> routed output (tokens x hidden)."""
 
 
 class BundleRunner:
@@ -79,6 +86,50 @@ class BundleRunner:
         self.num_kv_heads = int(model["num_kv_heads"])
         self.head_dim = int(model["head_dim"])
         self.eos_token_id = model.get("eos_token_id")
+        moe = [layer for layer in self.manifest.layers if layer.moe is not None]
+        self.next_moe = {a.index: b.index for a, b in zip(moe, moe[1:], strict=False)}
+        self._routers: dict[int, np.ndarray | None] = {}
+        self.run_experts: ExpertRun = self.reference_experts
+        self.speculative_candidates = 4
+        self.speculation = False  # compute next-layer candidates every step (a prefetching runner)
+
+    def router_weight(self, layer: int) -> np.ndarray | None:
+        """The router weight (experts x hidden) of an MoE layer, when the bundle carries it."""
+        if layer not in self._routers:
+            spec = self.manifest.layers[layer].moe
+            path = self.folder / spec.router if spec is not None and spec.router else None
+            self._routers[layer] = np.load(path) if path is not None else None
+        return self._routers[layer]
+
+    def speculate(self, layer: int, x: np.ndarray) -> np.ndarray | None:
+        """The next MoE layer's likely experts (tokens x candidates, best first) from this layer's MoE input."""
+        nxt = self.next_moe.get(layer)
+        weight = None if nxt is None else self.router_weight(nxt)
+        if weight is None:
+            return None
+        scores = x @ weight.T
+        k = min(self.speculative_candidates, weight.shape[0])
+        return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+
+    def run_expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
+        """One routed expert on the CPU session."""
+        spec = self.manifest.layers[layer].moe
+        assert spec is not None
+        return self._run(spec.experts[expert], {EXPERT_INPUT: np.ascontiguousarray(x)})[EXPERT_OUTPUT]
+
+    def reference_experts(
+        self,
+        layer: int,
+        x: np.ndarray,
+        chosen: np.ndarray,
+        weights: np.ndarray,
+        speculative: np.ndarray | None,
+    ) -> np.ndarray:
+        """Every chosen expert on its routed tokens (CPU), combined in expert order."""
+        outputs = {
+            int(e): self.run_expert(layer, int(e), x[np.nonzero(chosen == e)[0]]) for e in np.unique(chosen)
+        }
+        return combine(x, chosen, weights, outputs)
 
     def session(self, graph: GraphSpec) -> ort.InferenceSession:
         """The ORT session of one bundle graph, created on first use."""
@@ -134,16 +185,14 @@ class BundleRunner:
                 continue
             x = outs[MOE_INPUT]
             chosen, weights = route(outs[ROUTER_LOGITS], layer.moe.gating)
+            speculative = self.speculate(layer.index, x) if self.speculation or trace is not None else None
             if trace is not None:
                 trace.chosen[layer.index] = chosen
                 trace.weights[layer.index] = weights
                 trace.logits[layer.index] = outs[ROUTER_LOGITS]
-            routed = np.zeros_like(x)
-            for e in np.unique(chosen):
-                token, slot = np.nonzero(chosen == e)
-                expert = layer.moe.experts[int(e)]
-                y = self._run(expert, {EXPERT_INPUT: np.ascontiguousarray(x[token])})["y"]
-                routed[token] += y * weights[token, slot, None]
+                if speculative is not None:
+                    trace.speculative[self.next_moe[layer.index]] = speculative
+            routed = self.run_experts(layer.index, x, chosen, weights, speculative)
             if layer.moe.gating.shared_expert:
                 routed = routed + outs[SHARED_OUTPUT]
             residual = outs[RESIDUAL]
@@ -167,3 +216,17 @@ class BundleRunner:
             eos_token_id=eos_token_id,
             on_token=on_token,
         )
+
+
+def combine(
+    x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray]
+) -> np.ndarray:
+    """The routed output: each expert's result times its routing weight, added in expert order.
+
+    The order is fixed so every runner, wherever each expert ran, gives bit-identical sums.
+    """
+    routed = np.zeros_like(x)
+    for e in sorted(outputs):
+        token, slot = np.nonzero(chosen == e)
+        routed[token] += outputs[e] * weights[token, slot, None]
+    return routed
