@@ -26,7 +26,6 @@ from moedge._errors import MoedgeError
 from moedge.calibration.layers import LayerSpec, SmoothGroup, decoder_layers, layer_spec
 from moedge.calibration.observers import InputObserver, observe
 from moedge.calibration.quant import FakeQuantLinear, act_scale, gptq, rtn_weight
-from moedge.runtime.routing import RoutingRecorder
 from moedge.calibration.search import (
     COARSE_CLIPS,
     group_error,
@@ -35,6 +34,7 @@ from moedge.calibration.search import (
     smoothing_scale,
 )
 from moedge.model import LoadedModel
+from moedge.runtime.routing import RoutingRecorder
 
 log = logging.getLogger(__name__)
 

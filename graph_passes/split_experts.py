@@ -135,11 +135,16 @@ def _router_weight(node: ir.Node) -> np.ndarray | None:
         if len(node.inputs) > 2 and node.inputs[2] is not None:
             return None
         weight = _const_array(node.inputs[1])
-        if weight is None or node.attributes.get_int("transA", 0):
+        attrs = {
+            name: node.attributes[name].value
+            for name in ("transA", "transB", "alpha")
+            if name in node.attributes
+        }
+        if weight is None or attrs.get("transA", 0):
             return None
-        scale = node.attributes.get_float("alpha", 1.0)
-        weight = weight if node.attributes.get_int("transB", 0) else weight.T
-        return np.ascontiguousarray(weight * scale, dtype=np.float32)
+        weight = weight if attrs.get("transB", 0) else weight.T
+        weight = weight * float(attrs.get("alpha", 1.0))
+        return np.ascontiguousarray(weight, dtype=np.float32)
     weight = _const_array(node.inputs[1])
     if weight is not None:
         return np.ascontiguousarray(weight.T, dtype=np.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -231,6 +232,167 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _prompts(args: argparse.Namespace) -> list[str | list[int]]:
+    prompts: list[str | list[int]] = list(args.prompt or [])
+    if args.prompt_file is not None:
+        try:
+            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MoedgeError(f"cannot read prompts from {args.prompt_file}: {exc}") from None
+        prompts += [line for line in lines if line.strip()]
+    for spec in args.ids or []:
+        try:
+            prompts.append([int(t) for t in spec.replace(",", " ").split()])
+        except ValueError:
+            raise MoedgeError(f"--ids takes comma-separated integers, got {spec!r}") from None
+    if not prompts:
+        raise MoedgeError("give a prompt: --prompt TEXT, --prompt-file FILE or --ids 1,2,3")
+    return prompts
+
+
+def _default_backend() -> str:
+    import onnxruntime as ort
+
+    return "ort-cuda" if "CUDAExecutionProvider" in ort.get_available_providers() else "ort-cpu"
+
+
+def _format_metrics(m: dict[str, object]) -> list[str]:
+    def num(x: object, fmt: str = ".1f") -> str:
+        return "-" if x is None else format(x, fmt)
+
+    lat = m["token_latency_ms"]
+    assert isinstance(lat, dict)
+    lines = [
+        f"backend {m['backend']}: prompt {m['prompt_tokens']} tokens at {num(m['prompt_tokens_per_s'])} tok/s, "
+        f"decode {m['decode_tokens']} tokens at {num(m['decode_tokens_per_s'])} tok/s",
+        f"per-token latency (wall) ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  std {lat['std']:.2f}",
+    ]
+    gpu = m.get("gpu")
+    if isinstance(gpu, dict):
+        modeled = gpu["modeled_decode_ms"]
+        dev = gpu["device_bytes"]
+        rates = list(gpu["hit_rate_per_layer"].values())
+        lines += [
+            f"expert cache ({gpu['policy']}, budget {gpu['budget_bytes'] / 2**20:.1f} MiB): hit rate {gpu['hit_rate']:.3f} "
+            f"(per layer {min(rates, default=0):.2f}-{max(rates, default=0):.2f}, std {gpu['hit_rate_layer_std']:.3f}), "
+            f"prefetch recall {num(gpu['prefetch_recall'], '.3f')}, moved {gpu['bytes_moved_per_token'] / 2**20:.2f} MiB/token",
+            f"modeled on {gpu['profile']}: decode ms/token p50 {modeled['p50']:.3f}  p90 {modeled['p90']:.3f}  "
+            f"p99 {modeled['p99']:.3f}  std {modeled['std']:.3f}; peak device bytes {dev['total'] / 2**20:.1f} MiB "
+            f"(graphs {dev['graphs'] / 2**20:.1f}, experts {dev['experts_peak'] / 2**20:.1f}, KV {dev['kv_cache'] / 2**20:.1f})",
+        ]
+    if m.get("interrupted"):
+        lines.append("interrupted: metrics cover the tokens generated so far")
+    return lines
+
+
+def _stream_one(callback: Callable[[int, int], None], index: int, _batch_index: int, token: int) -> None:
+    callback(index, token)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Generate from a bundle with the CPU+GPU expert cache; stream tokens, then print the metrics."""
+    from moedge.runtime.generator import Generator
+
+    prompts = _prompts(args)
+    backend = args.backend if args.backend != "auto" else _default_backend()
+    gen = Generator(
+        args.bundle,
+        backend=backend,
+        policy=args.policy,
+        gpu_budget=args.gpu_budget,
+        profile=args.profile,
+        plan=args.plan,
+        routing=args.routing,
+        intra_op_threads=args.threads,
+        cache=not args.no_cache,
+    )
+    shown: dict[int, str] = {}
+    ids: dict[int, list[int]] = {}
+
+    def on_token(index: int, token: int) -> None:
+        if args.no_stream:
+            return
+        ids.setdefault(index, []).append(token)
+        text = gen.decode(ids[index]) if gen.tokenizer is not None else " ".join(map(str, ids[index]))
+        new = text[len(shown.get(index, "")) :]
+        shown[index] = text
+        print(new, end="", flush=True)
+
+    results = []
+    for i, prompt in enumerate(prompts):
+        if not args.no_stream:
+            head = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+            print(("\n" if i else "") + head, end="" if isinstance(prompt, str) else " | ", flush=True)
+        out = gen.generate(
+            [prompt],
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop or (),
+            on_token=functools.partial(_stream_one, on_token, i),
+        )
+        results += out
+        if args.no_stream:
+            print(out[0].text if out[0].text is not None else " ".join(map(str, out[0].token_ids)))
+        if gen.metrics.interrupted:
+            break
+    print()
+    metrics = gen.summary()
+    gen.close()
+    for line in _format_metrics(metrics):
+        print(line)
+    if args.metrics_json is not None:
+        metrics["generations"] = [
+            {"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "text": r.text, "stopped_by": r.stopped_by}
+            for r in results
+        ]
+        Path(args.metrics_json).write_text(json.dumps(metrics, indent=1) + "\n")
+    return 130 if metrics["interrupted"] else EXIT_OK
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Record routing statistics (and optionally a tuned placement plan) from a bundle run over text."""
+    from moedge.runtime.profiling import profile_bundle
+
+    report = profile_bundle(
+        args.bundle,
+        text=args.text,
+        tokens=args.tokens,
+        output=args.output,
+        merge=args.merge,
+        plan=args.plan,
+        gpu_budget=args.gpu_budget,
+        profile=args.profile,
+        trace=args.trace,
+        threads=args.threads,
+    )
+    for line in report:
+        print(line)
+    return EXIT_OK
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    """Build TensorRT engines for every graph of a bundle."""
+    from moedge.runtime.backends.tensorrt import build_bundle_engines
+
+    built = build_bundle_engines(
+        args.bundle, engine_dir=args.engines, max_tokens=args.max_tokens, context=args.context
+    )
+    print(f"{len(built)} engines in {built[0].parent.parent if built else args.engines}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks; ``moedge bench runtime`` compares cache policies on real routing traces."""
+    from moedge.bench import run_runtime_bench
+
+    for line in run_runtime_bench(args):
+        print(line)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render the README's CLI section)."""
     from moedge.loading import SOURCES_HELP
@@ -366,6 +528,99 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ort", action="store_true", help="skip the census after ONNX Runtime's optimizations (faster)"
     )
     insp.set_defaults(func=cmd_inspect)
+
+    run = sub.add_parser(
+        "run",
+        help="generate from a bundle on CPU+GPU with a byte-budgeted expert cache; print tokens and metrics",
+    )
+    run.add_argument("bundle", type=Path, help="a bundle folder (moedge split)")
+    run.add_argument("-p", "--prompt", action="append", help="prompt text (repeat for several prompts)")
+    run.add_argument("--prompt-file", type=Path, help="a text file, one prompt per line")
+    run.add_argument("--ids", action="append", help="a prompt as token ids: 1,2,3 (repeatable)")
+    run.add_argument(
+        "-n", "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)"
+    )
+    run.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "ort-cpu", "simulated", "ort-cuda", "tensorrt"],
+        help="GPU backend: auto (ort-cuda when onnxruntime-gpu sees a GPU, else ort-cpu), or a modeled GPU (simulated)",
+    )
+    run.add_argument(
+        "--policy",
+        default="haq",
+        choices=["haq", "lru", "lfu", "static", "n-cpu-moe", "cpu", "full-gpu"],
+        help="expert cache policy (default haq)",
+    )
+    run.add_argument(
+        "--gpu-budget",
+        default="auto",
+        help="GPU bytes for experts: 1.5GiB, 800MB, 25%% of the expert bytes, or auto (free device memory minus "
+        "stages and KV cache; default)",
+    )
+    run.add_argument(
+        "--profile",
+        default="rtx4090-pcie4",
+        help="hardware profile (jetson-orin-nano-8gb, jetson-agx-orin-64gb, rtx4090-pcie4, or a JSON file): the "
+        "modeled GPU of --backend simulated, and transfer costs for the latency predictor",
+    )
+    run.add_argument("--plan", type=Path, help="placement plan from `moedge profile --plan`")
+    run.add_argument("--routing", type=Path, help="routing statistics (default: the bundle's routing.json)")
+    run.add_argument(
+        "--no-cache", action="store_true", help="every expert on the CPU (the exactness reference)"
+    )
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
+    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    run.add_argument("--seed", type=int, help="sampling seed")
+    run.add_argument("--stop", type=int, action="append", help="stop token id (repeatable; EOS always stops)")
+    run.add_argument(
+        "--no-stream", action="store_true", help="print each result at the end instead of streaming"
+    )
+    run.add_argument("--metrics-json", type=Path, help="write the metrics (and the generations) as JSON")
+    run.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    run.set_defaults(func=cmd_run)
+
+    prof = sub.add_parser(
+        "profile", help="record a bundle's routing statistics over text and plan expert placement"
+    )
+    prof.add_argument("bundle", type=Path, help="a bundle folder")
+    prof.add_argument("--text", default="c4", help="wikitext2, ptb, c4, demo or a text file (default c4)")
+    prof.add_argument("--tokens", type=int, default=4096, help="tokens of the text to run (default 4096)")
+    prof.add_argument("-o", "--output", type=Path, required=True, help="routing.json to write")
+    prof.add_argument(
+        "--merge", type=Path, action="append", help="routing.json of another workload to merge in"
+    )
+    prof.add_argument(
+        "--plan", type=Path, help="also write a haq placement plan tuned for --gpu-budget on --profile"
+    )
+    prof.add_argument("--gpu-budget", default="25%", help="budget of the plan (default 25%% of expert bytes)")
+    prof.add_argument("--profile", default="rtx4090-pcie4", help="hardware profile the plan is tuned for")
+    prof.add_argument("--trace", type=Path, help="also save the per-token routing trace (.npz)")
+    prof.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    _common(prof)
+    prof.set_defaults(func=cmd_profile)
+
+    build = sub.add_parser("build", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
+    build.add_argument("bundle", type=Path, help="a bundle folder")
+    build.add_argument("--engines", type=Path, help="engine folder (default: BUNDLE/engines)")
+    build.add_argument(
+        "--max-tokens", type=int, default=512, help="largest token count per call (default 512)"
+    )
+    build.add_argument("--context", type=int, help="largest KV length (default: the model's context)")
+    build.set_defaults(func=cmd_build)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    rb = bench_sub.add_parser(
+        "runtime",
+        help="cache policies x budgets x hardware profiles on real routing traces, and ORT CPU speed",
+    )
+    from moedge.bench import add_bench_arguments
+
+    add_bench_arguments(rb)
+    _common(rb)
+    rb.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -8,13 +8,13 @@ onnxruntime only (no torch, no transformers).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from moedge._errors import MoedgeError
 from moedge.manifest import (
@@ -31,15 +31,10 @@ from moedge.manifest import (
     Manifest,
     read_manifest,
 )
+from moedge.runtime.backends.base import Backend
+from moedge.runtime.backends.ort_cpu import OrtCpuBackend
 from moedge.runtime.gating import route
-from moedge.runtime.ort_session import (
-    KVCache,
-    empty_cache,
-    generate_greedy,
-    load_session,
-    session_options,
-    step_inputs,
-)
+from moedge.runtime.ort_session import KVCache, empty_cache, generate_greedy, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +55,11 @@ ExpertRun = Callable[[int, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | Non
 
 
 class BundleRunner:
-    """A bundle folder as ORT CPU sessions (experts created on first use) with the model's exact gating."""
+    """A bundle folder as ORT sessions (created on first use) with the model's exact gating.
+
+    Stage graphs run on ``stage_backend`` (default: ORT on the CPU with ``providers``); experts run
+    through ``run_experts``, which a cached runtime replaces (``moedge.runtime.Generator``).
+    """
 
     def __init__(
         self,
@@ -71,26 +70,25 @@ class BundleRunner:
         verify: bool = True,
         optimize: bool = True,
         spinning: bool = False,
+        stage_backend: Backend | None = None,
     ) -> None:
         self.folder = Path(bundle)
         self.manifest: Manifest = read_manifest(self.folder, verify=verify)
-        # Hundreds of sessions each keep a thread pool: spinning pools steal the cores from the one
-        # session running (measured by benchmarks/bundle_speed.py --parts spinning).
-        self.options = session_options(
-            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
+        self.cpu = OrtCpuBackend(
+            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, providers=providers
         )
-        self.providers = list(providers)
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.stage_backend: Backend = stage_backend or self.cpu
         model = self.manifest.model
         self.num_layers = len(self.manifest.layers)
         self.num_kv_heads = int(model["num_kv_heads"])
         self.head_dim = int(model["head_dim"])
         self.eos_token_id = model.get("eos_token_id")
         moe = [layer for layer in self.manifest.layers if layer.moe is not None]
-        self.next_moe = {a.index: b.index for a, b in zip(moe, moe[1:], strict=False)}
+        self.next_moe = {a.index: b.index for a, b in itertools.pairwise(moe)}
         self._routers: dict[int, np.ndarray | None] = {}
         self.run_experts: ExpertRun = self.reference_experts
         self.speculative_candidates = 4
+        self.before_stage: Callable[[int], None] | None = None  # a scheduler's clock
         self.speculation = False  # compute next-layer candidates every step (a prefetching runner)
 
     def router_weight(self, layer: int) -> np.ndarray | None:
@@ -111,11 +109,18 @@ class BundleRunner:
         k = min(self.speculative_candidates, weight.shape[0])
         return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
 
-    def run_expert(self, layer: int, expert: int, x: np.ndarray) -> np.ndarray:
-        """One routed expert on the CPU session."""
+    def expert_graph(self, layer: int, expert: int) -> GraphSpec:
+        """The graph of one routed expert."""
         spec = self.manifest.layers[layer].moe
         assert spec is not None
-        return self._run(spec.experts[expert], {EXPERT_INPUT: np.ascontiguousarray(x)})[EXPERT_OUTPUT]
+        return spec.experts[expert]
+
+    def run_expert(
+        self, layer: int, expert: int, x: np.ndarray, backend: Backend | None = None
+    ) -> np.ndarray:
+        """One routed expert on its tokens, on ``backend`` (default: the CPU)."""
+        runner = (backend or self.cpu).runner(self.folder, self.expert_graph(layer, expert))
+        return runner.infer({EXPERT_INPUT: np.ascontiguousarray(x)})[EXPERT_OUTPUT]
 
     def reference_experts(
         self,
@@ -131,22 +136,12 @@ class BundleRunner:
         }
         return combine(x, chosen, weights, outputs)
 
-    def session(self, graph: GraphSpec) -> ort.InferenceSession:
-        """The ORT session of one bundle graph, created on first use."""
-        sess = self._sessions.get(graph.file)
-        if sess is None:
-            sess = self._sessions[graph.file] = load_session(
-                self.folder / graph.file, self.options, self.providers
-            )
-        return sess
-
     def _run(self, graph: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             feeds = {name: values[name] for name in graph.input_names}
         except KeyError as exc:
             raise MoedgeError(f"{graph.file} needs input {exc}, which no earlier stage provides") from None
-        outs = self.session(graph).run(graph.output_names, feeds)
-        return dict(zip(graph.output_names, outs, strict=True))
+        return self.stage_backend.runner(self.folder, graph).infer(feeds)
 
     def empty_cache(self, batch: int) -> KVCache:
         """A zero-length cache for ``batch`` sequences."""
@@ -178,6 +173,8 @@ class BundleRunner:
         values[HIDDEN] = self._run(self.manifest.embedding, values)[HIDDEN]
         present: KVCache = []
         for layer in self.manifest.layers:
+            if self.before_stage is not None:
+                self.before_stage(layer.index)
             outs = self._run(layer.stage, values)
             present += [outs[f"present.{layer.index}.key"], outs[f"present.{layer.index}.value"]]
             if layer.moe is None:

@@ -102,7 +102,7 @@ def plan_haq(
         raise MoedgeError(f"unknown top-up {topup!r}: use balanced or popular")
     totals = {layer: max(int(stats.counts[layer].sum()), 1) for layer in stats.layers}
     covered = {
-        layer: sum(int(stats.counts[l][e]) for l, e in members if l == layer) for layer in stats.layers
+        layer: sum(int(stats.counts[m][e]) for m, e in members if m == layer) for layer in stats.layers
     }
     recall = {layer: stats.speculative_recall.get(layer, 0.0) for layer in stats.layers}
     if stats.layers:
@@ -130,22 +130,29 @@ def plan_haq(
 
 
 def write_plan(
-    path: str | Path, experts: list[ExpertKey], *, budget: int, policy: str, source: dict[str, Any]
+    path: str | Path,
+    experts: list[ExpertKey],
+    *,
+    budget: int,
+    policy: str,
+    settings: dict[str, Any],
+    source: dict[str, Any],
 ) -> None:
-    """Write a placement plan file."""
+    """Write a placement plan file: the pinned experts and the policy settings they were tuned with."""
     doc = {
         "format": PLAN_FORMAT,
         "version": 1,
         "policy": policy,
         "budget_bytes": int(budget),
+        "settings": settings,
         "experts": [list(k) for k in experts],
         "source": source,
     }
     Path(path).write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def read_plan(path: str | Path) -> list[ExpertKey]:
-    """The experts a plan file pins, with one clear error for a file that is not a plan."""
+def read_plan_file(path: str | Path) -> tuple[list[ExpertKey], dict[str, Any]]:
+    """The experts a plan file pins and its policy settings; one clear error for a file that is not a plan."""
     file = Path(path)
     try:
         doc = json.loads(file.read_text())
@@ -153,4 +160,8 @@ def read_plan(path: str | Path) -> list[ExpertKey]:
         raise MoedgeError(f"cannot read placement plan {file}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise MoedgeError(f"{file} is not a moedge placement plan: write one with `moedge profile --plan`")
-    return [(int(a), int(b)) for a, b in doc["experts"]]
+    try:
+        experts = [(int(a), int(b)) for a, b in doc["experts"]]
+    except (KeyError, TypeError, ValueError):
+        raise MoedgeError(f"{file}: the plan's experts must be [layer, expert] pairs") from None
+    return experts, dict(doc.get("settings", {}))

@@ -169,7 +169,8 @@ class RoutingStats:
             paths=paths.most_common(),
             distinct_paths=max(self.distinct_paths, other.distinct_paths, len(paths)),
             speculative_recall={
-                k: (v * self.tokens + other.speculative_recall[k] * other.tokens) / max(self.tokens + other.tokens, 1)
+                k: (v * self.tokens + other.speculative_recall[k] * other.tokens)
+                / max(self.tokens + other.tokens, 1)
                 for k, v in self.speculative_recall.items()
                 if k in other.speculative_recall
             },

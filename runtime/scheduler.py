@@ -12,6 +12,7 @@ layer's MoE input), which land while this layer computes. Every time here is mod
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from moedge.runtime.cache import ExpertCache, ExpertKey, check_budget
 from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity
 from moedge.runtime.profiles import HardwareProfile
 from moedge.runtime.routing import RoutingStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -333,6 +336,11 @@ class ExpertScheduler:
                     f"the placement plan needs {total:,} bytes, more than the budget of {budget:,}"
                 )
             return list(plan)
+        if stats is None and policy.placement == "haq":
+            log.warning(
+                "no routing statistics: haq runs without a pinned placement (run `moedge profile BUNDLE`)"
+            )
+            return []
         if stats is None:
             raise MoedgeError(
                 f"policy {policy.name!r} places experts from routing statistics: the bundle has no routing.json; "
@@ -342,7 +350,12 @@ class ExpertScheduler:
             return plan_popularity(stats, sizes, static_budget)
         share = policy.prefetch_share if policy.prefetch else 0.0
         return plan_haq(
-            stats, sizes, static_budget, path_fraction=policy.path_fraction, prefetch_share=share, topup=policy.topup
+            stats,
+            sizes,
+            static_budget,
+            path_fraction=policy.path_fraction,
+            prefetch_share=share,
+            topup=policy.topup,
         )
 
     # --- one forward step -------------------------------------------------------------------------
@@ -442,7 +455,12 @@ class ExpertScheduler:
         return where
 
     def _prefetch(
-        self, layer: int, speculative_next: Sequence[int], now: float, protect: set[ExpertKey], layer_end: float
+        self,
+        layer: int,
+        speculative_next: Sequence[int],
+        now: float,
+        protect: set[ExpertKey],
+        layer_end: float,
     ) -> None:
         """Copy the next layer's likely experts now, when they land in time to beat running them on the CPU."""
         pos = self.costs.moe_layers.index(layer)

@@ -36,7 +36,10 @@ class DecodeTrace:
     def save(self, path: str | Path) -> None:
         """Write the trace as ``.npz``."""
         np.savez_compressed(
-            path, layers=np.asarray(self.layers), chosen=self.chosen, speculative=self.speculative,
+            path,
+            layers=np.asarray(self.layers),
+            chosen=self.chosen,
+            speculative=self.speculative,
             num_experts=np.asarray(self.num_experts),
         )
 
@@ -45,7 +48,9 @@ class DecodeTrace:
         """Read a trace written by :meth:`save`."""
         with np.load(path) as z:
             return cls(
-                layers=[int(x) for x in z["layers"]], chosen=z["chosen"], speculative=z["speculative"],
+                layers=[int(x) for x in z["layers"]],
+                chosen=z["chosen"],
+                speculative=z["speculative"],
                 num_experts=int(z["num_experts"]),
             )
 
@@ -68,7 +73,10 @@ class DecodeTrace:
 
 
 def record_trace(
-    runner: BundleRunner, token_ids: Sequence[int], *, window: int = 512,
+    runner: BundleRunner,
+    token_ids: Sequence[int],
+    *,
+    window: int = 512,
     progress: Callable[[int, int], None] | None = None,
 ) -> DecodeTrace:
     """Run ``token_ids`` through the bundle in ``window``-token passes and record the routing of each token."""
@@ -94,7 +102,9 @@ def record_trace(
         if progress is not None:
             progress(n + 1, len(starts))
     num_experts = runner.manifest.layers[moe[0]].moe.num_experts  # type: ignore[union-attr]
-    return DecodeTrace(layers=moe, chosen=np.concatenate(chosen), speculative=np.concatenate(spec), num_experts=num_experts)
+    return DecodeTrace(
+        layers=moe, chosen=np.concatenate(chosen), speculative=np.concatenate(spec), num_experts=num_experts
+    )
 
 
 def replay(
@@ -129,7 +139,7 @@ def replay(
     return out
 
 
-HAQ_GRID = {
+HAQ_GRID: dict[str, tuple[float, ...]] = {
     "static_fraction": (1.0, 0.7, 0.5),
     "prefetch": (0, 1, 2),
     "prefetch_share": (0.25, 0.5, 1.0),
@@ -144,6 +154,7 @@ def tune_haq(
     profile: HardwareProfile,
     *,
     base: Policy,
+    stats: RoutingStats | None = None,
     tokens: int = 512,
     tie: float = 0.01,
 ) -> tuple[Policy, dict[str, Any]]:
@@ -153,14 +164,23 @@ def tune_haq(
     text and evaluate on another: the statistics come from the same trace.
     """
     short = DecodeTrace(trace.layers, trace.chosen[:tokens], trace.speculative[:tokens], trace.num_experts)
-    stats = trace.stats()
+    stats = stats if stats is not None else trace.stats()
     results: list[tuple[float, float, Policy, dict[str, Any]]] = []
-    grid = itertools.product(*HAQ_GRID.values())
+    grid = itertools.product(
+        HAQ_GRID["static_fraction"],
+        HAQ_GRID["prefetch"],
+        HAQ_GRID["prefetch_share"],
+        HAQ_GRID["path_fraction"],
+    )
     for fraction, prefetch, share, paths in grid:
         if not prefetch and share != HAQ_GRID["prefetch_share"][0]:
             continue  # the share only matters with prefetch
         policy = replace(
-            base, static_fraction=fraction, prefetch=prefetch, prefetch_share=share, path_fraction=paths
+            base,
+            static_fraction=float(fraction),
+            prefetch=int(prefetch),
+            prefetch_share=float(share),
+            path_fraction=float(paths),
         )
         summary = replay(short, costs, policy, budget, profile, stats=stats)
         results.append((summary["modeled_decode_ms"]["mean"], summary["hit_rate_layer_std"], policy, summary))

@@ -1,0 +1,413 @@
+"""``moedge bench runtime``: the runtime protocol of BENCHMARKS.md.
+
+Part 1 (modeled): real routing traces of an MoE bundle (statistics from one text, evaluation on
+another) replayed through every cache policy at each budget on each hardware profile; ``haq`` is
+tuned on the statistics text only. Writes ``runtime_policies.json`` and ``runtime_policies.png``.
+Part 2 (measured, ``--speed``): ORT CPU wall clock of bundles (W8A8 against FP32, a dense W8A8
+bundle) against PyTorch eager FP32 and llama.cpp, prompt and decode separately, interleaved repeats,
+medians. Writes ``runtime_speed.json``. Timing never gates a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moedge._errors import MoedgeError
+
+log = logging.getLogger(__name__)
+
+POLICY_ORDER = ("cpu", "lru", "lfu", "static", "n-cpu-moe", "haq")
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``moedge bench runtime``."""
+    p.add_argument("--bundle", type=Path, required=True, help="the W8A8 MoE bundle (smollm2-135m-moe)")
+    p.add_argument(
+        "-o", "--out", type=Path, default=Path("benchmarks/results/runtime"), help="results folder"
+    )
+    p.add_argument("--stats-text", default="c4", help="text the statistics and the haq tuning come from")
+    p.add_argument("--eval-text", default="wikitext2", help="text the policies are evaluated on")
+    p.add_argument("--stats-tokens", type=int, default=4096)
+    p.add_argument("--eval-tokens", type=int, default=2048)
+    p.add_argument("--budgets", default="0.1,0.25,0.4,0.6", help="expert-byte fractions")
+    p.add_argument(
+        "--memory-budgets",
+        default="0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6",
+        help="fractions swept for the smallest budget within 1.25x of all-on-GPU",
+    )
+    p.add_argument(
+        "--profiles", default="all", help="comma-separated hardware profiles (default: every built-in)"
+    )
+    p.add_argument(
+        "--tune-tokens", type=int, default=512, help="statistics-text tokens the haq tuner replays"
+    )
+    p.add_argument("--context", type=int, default=512, help="KV length when decode starts (the prompt)")
+    p.add_argument("--speed", action="store_true", help="also measure ORT CPU wall clock (part 2)")
+    p.add_argument("--fp32-bundle", type=Path, help="FP32 twin of --bundle (speed)")
+    p.add_argument("--dense-bundle", type=Path, help="dense W8A8 bundle (speed; smollm2-135m)")
+    p.add_argument("--torch-model", help="PyTorch eager FP32 baseline model (speed), e.g. smollm2-135m-moe")
+    p.add_argument(
+        "--gguf", type=Path, help="llama.cpp Q8_0 GGUF of the dense model (speed; llama-cpp-python)"
+    )
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MoedgeError(f"budgets must be comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise MoedgeError(f"budgets must lie in (0, 1], got {text!r}")
+    return values
+
+
+def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> Any:
+    from moedge.manifest import MANIFEST_FILE
+    from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.profiling import text_token_ids
+    from moedge.runtime.simulate import DecodeTrace, record_trace
+
+    key = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes() + f"{text}:{tokens}".encode()).hexdigest()[:16]
+    path = cache / f"trace-{text}-{tokens}-{key}.npz"
+    if path.is_file():
+        return DecodeTrace.load(path)
+    runner = BundleRunner(bundle, intra_op_threads=threads)
+    start = time.perf_counter()
+    trace = record_trace(runner, text_token_ids(bundle, text, tokens))
+    log.info("traced %d tokens of %s in %.1f s", tokens, text, time.perf_counter() - start)
+    cache.mkdir(parents=True, exist_ok=True)
+    trace.save(path)
+    return trace
+
+
+def policy_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 1: every policy x budget x profile on the evaluation trace (modeled)."""
+    from moedge.manifest import read_manifest
+    from moedge.runtime.profiles import BUILTIN, load_profile
+    from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
+    from moedge.runtime.simulate import replay, tune_haq
+
+    manifest = read_manifest(args.bundle, verify=True)
+    if not any(layer.moe for layer in manifest.layers):
+        raise MoedgeError(f"{args.bundle} has no MoE layers: the policy bench needs an MoE bundle")
+    costs = ModelCosts.from_manifest(manifest)
+    names = list(BUILTIN) if args.profiles == "all" else [p.strip() for p in args.profiles.split(",")]
+    profiles = [load_profile(n) for n in names]
+    cache = args.out / "traces"
+    stats_trace = _trace(args.bundle, args.stats_text, args.stats_tokens, cache, args.threads)
+    eval_trace = _trace(args.bundle, args.eval_text, args.eval_tokens, cache, args.threads)
+    stats = stats_trace.stats()
+    total = costs.expert_bytes()
+    cells: list[dict[str, Any]] = []
+    reference: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    for hw in profiles:
+        full = replay(eval_trace, costs, POLICIES["full-gpu"], total, hw, stats=stats, context=args.context)
+        reference[hw.name] = full
+        for fraction in _fractions(args.budgets):
+            budget = parse_budget(fraction, costs)
+            tuned, _ = tune_haq(stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens)
+            for name in POLICY_ORDER:
+                policy = tuned if name == "haq" else POLICIES[name]
+                start = time.perf_counter()
+                summary = replay(eval_trace, costs, policy, budget, hw, stats=stats, context=args.context)
+                summary.update(budget_fraction=fraction, seconds=time.perf_counter() - start)
+                if name == "haq":
+                    summary["settings"] = {
+                        k: getattr(tuned, k)
+                        for k in ("static_fraction", "prefetch", "prefetch_share", "path_fraction", "topup")
+                    }
+                cells.append(summary)
+            log.info("%s budget %.0f%% done", hw.name, fraction * 100)
+        memory[hw.name] = _memory_sweep(args, costs, hw, stats_trace, eval_trace, stats, full)
+    doc = {
+        "bundle": str(args.bundle),
+        "precision": manifest.precision,
+        "expert_bytes": total,
+        "stats_text": args.stats_text,
+        "stats_tokens": args.stats_tokens,
+        "eval_text": args.eval_text,
+        "eval_tokens": args.eval_tokens,
+        "context": args.context,
+        "speculative_recall": {
+            "top2_candidates": eval_trace.prefetch_recall(2),
+            "top4_candidates": eval_trace.prefetch_recall(4),
+        },
+        "modeled": True,
+        "profiles": {hw.name: hw.to_dict() for hw in profiles},
+        "full_gpu": reference,
+        "cells": cells,
+        "memory": memory,
+    }
+    doc["checks"] = _checks(doc)
+    return doc
+
+
+def _memory_sweep(
+    args: argparse.Namespace,
+    costs: Any,
+    hw: Any,
+    stats_trace: Any,
+    eval_trace: Any,
+    stats: Any,
+    full: dict[str, Any],
+) -> dict[str, Any]:
+    from moedge.runtime.scheduler import POLICIES, parse_budget
+    from moedge.runtime.simulate import replay, tune_haq
+
+    target = 1.25 * full["modeled_decode_ms"]["mean"]
+    context = args.context + eval_trace.chosen.shape[0]
+    fp16 = costs.fp16_footprint(context)
+    rows = []
+    for fraction in _fractions(args.memory_budgets):
+        budget = parse_budget(fraction, costs)
+        tuned, _ = tune_haq(stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens)
+        s = replay(eval_trace, costs, tuned, budget, hw, stats=stats, context=args.context)
+        dev = s["device_bytes"]
+        rows.append(
+            {
+                "budget_fraction": fraction,
+                "modeled_decode_ms": s["modeled_decode_ms"]["mean"],
+                "ratio_to_full_gpu": s["modeled_decode_ms"]["mean"] / full["modeled_decode_ms"]["mean"],
+                "device_bytes": dev["total"],
+                "fraction_of_fp16_footprint": dev["total"] / fp16,
+            }
+        )
+    within = [r for r in rows if r["modeled_decode_ms"] <= target]
+    return {
+        "fp16_all_on_gpu_bytes": fp16,
+        "full_gpu_w8a8_bytes": full["device_bytes"]["total"],
+        "sweep": rows,
+        "smallest_within_1.25x": within[0] if within else None,
+    }
+
+
+def _checks(doc: dict[str, Any]) -> dict[str, Any]:
+    """The acceptance comparisons, computed from the table (never asserted on timing)."""
+    out: dict[str, Any] = {"haq_fastest": [], "spread_vs_lru": []}
+    by: dict[tuple[str, float], dict[str, dict[str, Any]]] = {}
+    for c in doc["cells"]:
+        by.setdefault((c["profile"], c["budget_fraction"]), {})[c["policy"]] = c
+    for (profile, fraction), row in sorted(by.items()):
+        haq = row["haq"]["modeled_decode_ms"]["mean"]
+        best_other = min(v["modeled_decode_ms"]["mean"] for k, v in row.items() if k != "haq")
+        out["haq_fastest"].append(
+            {
+                "profile": profile,
+                "budget": fraction,
+                "haq_ms": haq,
+                "best_other_ms": best_other,
+                "ok": haq <= best_other * 1.02,
+            }
+        )
+        out["spread_vs_lru"].append(
+            {
+                "profile": profile,
+                "budget": fraction,
+                "haq_std": row["haq"]["hit_rate_layer_std"],
+                "lru_std": row["lru"]["hit_rate_layer_std"],
+                "lru_hit_rate": row["lru"]["hit_rate"],
+                "ok": row["haq"]["hit_rate_layer_std"] <= row["lru"]["hit_rate_layer_std"],
+            }
+        )
+    rtx = by.get(("rtx4090-pcie4", 0.25))
+    if rtx:
+        out["rtx4090_25pct"] = {
+            "haq_hit_rate": rtx["haq"]["hit_rate"],
+            "lru_hit_rate": rtx["lru"]["hit_rate"],
+        }
+    return out
+
+
+def plot_policies(doc: dict[str, Any], path: Path) -> None:
+    """Hit rate and modeled decode latency against budget, per policy and profile."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = list(doc["profiles"])
+    fig, axes = plt.subplots(2, len(profiles), figsize=(5 * len(profiles), 8), squeeze=False)
+    for j, profile in enumerate(profiles):
+        for name in POLICY_ORDER:
+            rows = sorted(
+                (c for c in doc["cells"] if c["profile"] == profile and c["policy"] == name),
+                key=lambda c: c["budget_fraction"],
+            )
+            x = [100 * c["budget_fraction"] for c in rows]
+            axes[0][j].plot(x, [c["modeled_decode_ms"]["mean"] for c in rows], marker="o", label=name)
+            axes[1][j].plot(x, [c["hit_rate"] for c in rows], marker="o", label=name)
+        axes[0][j].axhline(
+            doc["full_gpu"][profile]["modeled_decode_ms"]["mean"], color="k", ls="--", label="full GPU"
+        )
+        axes[0][j].set_title(f"{profile} (modeled)")
+        axes[0][j].set_ylabel("decode ms/token (modeled)")
+        axes[1][j].set_ylabel("GPU hit rate")
+        for ax in (axes[0][j], axes[1][j]):
+            ax.set_xlabel("expert budget, % of expert bytes")
+            ax.grid(alpha=0.3)
+        axes[0][j].legend(fontsize=7)
+    fig.suptitle(f"{Path(doc['bundle']).name}: stats {doc['stats_text']}, eval {doc['eval_text']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _time_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> Any:
+    from moedge.runtime.bundle_runner import BundleRunner
+
+    runner = BundleRunner(bundle, intra_op_threads=threads)
+    runner.forward(np.asarray([prompt[:8]], dtype=np.int64))  # create sessions before timing
+
+    def once() -> tuple[float, float]:
+        start = time.perf_counter()
+        logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
+        prompt_s = time.perf_counter() - start
+        token = int(np.argmax(logits[0, -1]))
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
+            token = int(np.argmax(logits[0, -1]))
+        return prompt_s, time.perf_counter() - start
+
+    return once
+
+
+def _time_torch(model_name: str, prompt: list[int], new_tokens: int, threads: int) -> Any:
+    import torch
+
+    from moedge.loading import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name).model
+
+    def once() -> tuple[float, float]:
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = model(torch.tensor([prompt]), use_cache=True)
+            prompt_s = time.perf_counter() - start
+            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            return prompt_s, time.perf_counter() - start
+
+    return once
+
+
+def _time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> Any:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise MoedgeError("--gguf needs llama-cpp-python (see BENCHMARKS.md for the build flags)") from None
+    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, verbose=False)
+
+    def once() -> tuple[float, float]:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prompt_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([token])
+        return prompt_s, time.perf_counter() - start
+
+    return once
+
+
+def speed_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Part 2: ORT CPU wall clock, interleaved repeats, medians (measured, this machine)."""
+    from moedge.runtime.profiling import text_token_ids
+
+    prompt = text_token_ids(args.bundle, args.eval_text, args.prompt_tokens)
+    variants: dict[str, Any] = {
+        "w8a8 bundle": _time_bundle(args.bundle, prompt, args.new_tokens, args.threads)
+    }
+    if args.fp32_bundle:
+        variants["fp32 bundle"] = _time_bundle(args.fp32_bundle, prompt, args.new_tokens, args.threads)
+    if args.dense_bundle:
+        variants["dense w8a8 bundle"] = _time_bundle(args.dense_bundle, prompt, args.new_tokens, args.threads)
+    if args.torch_model:
+        variants["pytorch eager fp32"] = _time_torch(args.torch_model, prompt, args.new_tokens, args.threads)
+    if args.gguf:
+        variants["llama.cpp"] = _time_llama_cpp(args.gguf, prompt, args.new_tokens, args.threads)
+    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, once in variants.items():
+            runs[name].append(once())
+    rows = {}
+    for name, values in runs.items():
+        prompt_s = statistics.median(v[0] for v in values)
+        decode_s = statistics.median(v[1] for v in values)
+        rows[name] = {
+            "prompt_tokens_per_s": len(prompt) / prompt_s,
+            "decode_tokens_per_s": args.new_tokens / decode_s,
+            "runs": values,
+        }
+    return {
+        "measured": True,
+        "threads": args.threads,
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "variants": rows,
+    }
+
+
+def run_runtime_bench(args: argparse.Namespace) -> list[str]:
+    """Run the bench, write its files, return a printable summary."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = policy_table(args)
+    (args.out / "runtime_policies.json").write_text(json.dumps(doc, indent=1) + "\n")
+    try:
+        plot_policies(doc, args.out / "runtime_policies.png")
+    except ImportError:
+        log.warning("matplotlib is missing: no plot (pip install 'moedge[plot]')")
+    lines = [f"modeled policy table -> {args.out / 'runtime_policies.json'}"]
+    for profile in doc["profiles"]:
+        full = doc["full_gpu"][profile]["modeled_decode_ms"]["mean"]
+        lines.append(f"{profile} (modeled; full GPU {full:.3f} ms/token)")
+        for fraction in sorted({c["budget_fraction"] for c in doc["cells"]}):
+            row = {
+                c["policy"]: c
+                for c in doc["cells"]
+                if c["profile"] == profile and c["budget_fraction"] == fraction
+            }
+            cells = "  ".join(
+                f"{n} {row[n]['modeled_decode_ms']['mean']:.3f}/{row[n]['hit_rate']:.2f}/{row[n]['hit_rate_layer_std']:.3f}"
+                for n in POLICY_ORDER
+            )
+            lines.append(f"  {fraction:>4.0%}: {cells}   (ms/token, hit rate, per-layer std)")
+        best = doc["memory"][profile]["smallest_within_1.25x"]
+        if best:
+            lines.append(
+                f"  smallest budget within 1.25x of full GPU: {best['budget_fraction']:.0%} -> "
+                f"{best['device_bytes'] / 2**20:.0f} MiB = {best['fraction_of_fp16_footprint']:.3f} of the FP16 footprint"
+            )
+    if args.speed:
+        speed = speed_table(args)
+        (args.out / "runtime_speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+        lines.append(
+            f"ORT CPU wall clock ({args.threads} threads, {speed['prompt_tokens']}-token prompt, "
+            f"{speed['new_tokens']} new tokens, median of {args.repeats}) -> {args.out / 'runtime_speed.json'}"
+        )
+        for name, row in speed["variants"].items():
+            lines.append(
+                f"  {name}: prompt {row['prompt_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s"
+            )
+    return lines

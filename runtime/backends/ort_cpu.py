@@ -1,0 +1,70 @@
+"""ONNX Runtime on the CPU: one InferenceSession per graph, created on activation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from moedge.manifest import GraphSpec
+from moedge.runtime.backends.base import Backend, Runner
+from moedge.runtime.ort_session import load_session, session_options
+
+
+class OrtRunner(Runner):
+    """A graph as an ORT session with the backend's options and providers."""
+
+    def __init__(
+        self, path: Path, graph: GraphSpec, options: ort.SessionOptions, providers: Sequence[str]
+    ) -> None:
+        super().__init__(path, graph)
+        self.options = options
+        self.providers = list(providers)
+        self.session: ort.InferenceSession | None = None
+
+    def activate(self) -> None:
+        """Create the session (reads the weights)."""
+        if self.session is None:
+            self.session = load_session(self.path, self.options, self.providers)
+        self.active = True
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on host arrays."""
+        if self.session is None:
+            self.activate()
+        assert self.session is not None
+        names = self.graph.output_names
+        return dict(zip(names, self.session.run(names, feeds), strict=True))
+
+    def release(self) -> None:
+        """Drop the session."""
+        self.session = None
+        self.active = False
+
+
+class OrtCpuBackend(Backend):
+    """Graphs on the CPU through ONNX Runtime."""
+
+    name = "ort-cpu"
+    device = "cpu"
+
+    def __init__(
+        self,
+        *,
+        intra_op_threads: int | None = None,
+        optimize: bool = True,
+        spinning: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        super().__init__()
+        # Hundreds of sessions each keep a thread pool: spinning pools steal the cores from the one
+        # session running (measured by benchmarks/bundle_speed.py --parts spinning).
+        self.options = session_options(
+            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
+        )
+        self.providers = list(providers)
+
+    def _make_runner(self, folder: Path, graph: GraphSpec) -> Runner:
+        return OrtRunner(folder / graph.file, graph, self.options, self.providers)

@@ -1,0 +1,154 @@
+"""TensorRT: one engine per bundle graph (built by ``moedge build``), run through polygraphy's TrtRunner.
+
+Engines are strongly typed explicit-INT8 builds of the bundle's QDQ graphs with one optimization
+profile over token counts (``moedge.runtime.tensorrt_build``); a timing cache on disk makes rebuilds
+on the same device fast. ``tensorrt`` and ``polygraphy`` are imported only when the backend starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moedge._errors import MoedgeError
+from moedge.manifest import GraphSpec, Manifest, read_manifest
+from moedge.runtime.backends.base import Backend, Runner, cuda_free_memory
+from moedge.runtime.tensorrt_build import ShapeRange, build_engine
+
+log = logging.getLogger(__name__)
+
+ENGINE_DIR = "engines"
+
+
+def engine_path(engine_dir: Path, graph: GraphSpec) -> Path:
+    """Where the engine of one bundle graph lives."""
+    return engine_dir / Path(graph.file).with_suffix(".engine")
+
+
+def _require_tensorrt() -> Any:
+    try:
+        import tensorrt as trt
+        from polygraphy.backend.trt import TrtRunner  # noqa: F401
+    except ImportError as exc:
+        raise MoedgeError(
+            f"the tensorrt backend needs TensorRT and polygraphy ({exc.name} is missing): "
+            "pip install 'moedge[trt]' (on Jetson, JetPack's python3-libnvinfer and pip install polygraphy)"
+        ) from None
+    if not hasattr(trt, "Builder"):  # only the type stubs are installed
+        raise MoedgeError("the tensorrt backend needs TensorRT: only its type stubs are installed")
+    return trt
+
+
+class TensorRtRunner(Runner):
+    """A deserialized engine and its execution context, created on activation."""
+
+    def __init__(self, folder: Path, graph: GraphSpec, engine_dir: Path) -> None:
+        super().__init__(engine_path(engine_dir, graph), graph)
+        self._runner: Any = None
+
+    def activate(self) -> None:
+        """Deserialize the engine onto the device."""
+        if self._runner is None:
+            if not self.path.is_file():
+                raise MoedgeError(
+                    f"no TensorRT engine for {self.graph.file} at {self.path}: run `moedge build BUNDLE`"
+                )
+            from polygraphy.backend.common import BytesFromPath
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+            self._runner = TrtRunner(EngineFromBytes(BytesFromPath(str(self.path))))
+            self._runner.activate()
+        self.active = True
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the engine on host arrays."""
+        if self._runner is None:
+            self.activate()
+        outs = self._runner.infer(feed_dict=feeds, copy_outputs_to_host=True)
+        return {name: np.asarray(outs[name]) for name in self.graph.output_names}
+
+    def release(self) -> None:
+        """Destroy the context and engine."""
+        if self._runner is not None:
+            self._runner.deactivate()
+            self._runner = None
+        self.active = False
+
+
+class TensorRtBackend(Backend):
+    """Graphs as TensorRT engines on the GPU."""
+
+    name = "tensorrt"
+    device = "gpu"
+
+    def __init__(self, *, engine_dir: str | Path | None = None, **_: object) -> None:
+        super().__init__()
+        _require_tensorrt()
+        self.engine_dir = None if engine_dir is None else Path(engine_dir)
+
+    def _make_runner(self, folder: Path, graph: GraphSpec) -> Runner:
+        return TensorRtRunner(folder, graph, self.engine_dir or folder / ENGINE_DIR)
+
+    def free_memory(self) -> int | None:
+        """Free device memory from the CUDA runtime."""
+        return cuda_free_memory()
+
+
+def shape_ranges(graph: GraphSpec, *, max_tokens: int, context: int) -> dict[str, ShapeRange]:
+    """(min, opt, max) shapes for a graph's dynamic inputs: one sequence, decode-optimal, up to ``max_tokens``."""
+    ranges = {
+        "batch": (1, 1, 1),
+        "sequence": (1, 1, max_tokens),
+        "past_sequence": (0, context // 2, context),
+        "total_sequence": (1, context // 2, context),
+    }
+    out: dict[str, ShapeRange] = {}
+    for spec in graph.inputs:
+        if all(isinstance(d, int) for d in spec.shape):
+            continue
+        low, opt, high = [], [], []
+        for d in spec.shape:
+            lo, op, hi = (d, d, d) if isinstance(d, int) else ranges.get(str(d), (1, 1, max_tokens))
+            low.append(lo)
+            opt.append(op)
+            high.append(hi)
+        out[spec.name] = (tuple(low), tuple(opt), tuple(high))
+    return out
+
+
+def build_bundle_engines(
+    bundle: str | Path,
+    *,
+    engine_dir: str | Path | None = None,
+    max_tokens: int = 512,
+    context: int | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Build (or reuse) an engine for every graph of a bundle; returns the engine files."""
+    from tqdm import tqdm
+
+    _require_tensorrt()
+    folder = Path(bundle)
+    manifest: Manifest = read_manifest(folder, verify=True)
+    context = context or int(manifest.model.get("max_position_embeddings") or 2048)
+    out_dir = Path(engine_dir) if engine_dir is not None else folder / ENGINE_DIR
+    cache = out_dir / "timing.cache"
+    built: list[Path] = []
+    start = time.perf_counter()
+    for graph in tqdm(manifest.graphs(), desc="building engines", unit="engine", disable=not progress):
+        target = engine_path(out_dir, graph)
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            build_engine(
+                folder / graph.file,
+                target,
+                profiles=shape_ranges(graph, max_tokens=max_tokens, context=context),
+                timing_cache=cache,
+            )
+        built.append(target)
+    log.info("%d engines in %s (%.1f s)", len(built), out_dir, time.perf_counter() - start)
+    return built

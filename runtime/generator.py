@@ -1,0 +1,398 @@
+"""Generation on a CPU+GPU pair with a byte-budgeted GPU expert cache: the deployment API.
+
+``Generator`` loads a bundle, places stage graphs on the GPU backend and experts where the policy
+and the latency predictor say (``moedge.runtime.scheduler``), and generates with a KV cache: greedy
+or sampled (seeded), streaming tokens, stop tokens, several prompts. Per layer, GPU hits and CPU
+misses run in parallel threads (ONNX Runtime releases the GIL) and are combined in expert order, so
+the output does not depend on where an expert ran. With the ``simulated`` backend everything executes
+on the CPU and the GPU side is modeled on a hardware profile; modeled figures are labelled so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moedge._errors import MoedgeError
+from moedge.runtime.backends.base import Backend, make_backend
+from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
+from moedge.runtime.bundle_runner import BundleRunner, combine
+from moedge.runtime.cache import ExpertKey
+from moedge.runtime.placement import read_plan_file
+from moedge.runtime.profiles import HardwareProfile, load_profile
+from moedge.runtime.routing import RoutingStats, read_routing
+from moedge.runtime.scheduler import (
+    ExpertScheduler,
+    LatencyPredictor,
+    ModelCosts,
+    fit_cpu_timings,
+    get_policy,
+    parse_budget,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """One prompt's result."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str | None = None
+    stopped_by: str = "length"  # length | stop | eos | context | interrupt
+
+
+@dataclass
+class RunMetrics:
+    """What a run measured (wall clock) and modeled (the GPU side, on a profile)."""
+
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    token_latencies: list[float] = field(default_factory=list)
+    computed: list[dict[ExpertKey, int]] = field(default_factory=list)  # per step: expert -> tokens run
+    interrupted: bool = False
+
+    def summary(self, scheduler: ExpertScheduler | None, backend: Backend) -> dict[str, Any]:
+        """Everything ``moedge run`` prints and ``--metrics-json`` writes."""
+        lat = np.asarray(self.token_latencies or [0.0]) * 1e3
+        out: dict[str, Any] = {
+            "backend": backend.name,
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_per_s": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else None,
+            "decode_tokens": self.decode_tokens,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_seconds if self.decode_seconds else None,
+            "token_latency_ms": {
+                "p50": float(np.percentile(lat, 50)),
+                "p90": float(np.percentile(lat, 90)),
+                "p99": float(np.percentile(lat, 99)),
+                "std": float(lat.std()),
+            },
+            "interrupted": self.interrupted,
+        }
+        if scheduler is not None:
+            model = scheduler.summary()
+            model["device_bytes"] = scheduler.device_bytes(self.prompt_tokens + self.decode_tokens)
+            out["gpu"] = model
+        if isinstance(backend, SimulatedGpuBackend):
+            out["simulated_device_peak_bytes"] = backend.peak
+        return out
+
+
+def _sample(
+    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float
+) -> int:
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    if top_k > 0:
+        kth = np.partition(x, -top_k)[-top_k]
+        x = np.where(x < kth, -np.inf, x)
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = np.cumsum(probs[order]) - probs[order] < top_p
+        mask = np.zeros_like(probs, dtype=bool)
+        mask[order[keep]] = True
+        probs = np.where(mask, probs, 0.0)
+        probs /= probs.sum()
+    return int(rng.choice(len(probs), p=probs))
+
+
+class Generator:
+    """A bundle ready to generate, with its backends, expert cache and metrics."""
+
+    def __init__(
+        self,
+        bundle: str | Path,
+        *,
+        backend: str = "simulated",
+        policy: str = "haq",
+        gpu_budget: str | int | float | None = "25%",
+        profile: str | HardwareProfile = "rtx4090-pcie4",
+        plan: str | Path | None = None,
+        routing: str | Path | None = None,
+        intra_op_threads: int | None = None,
+        verify: bool = True,
+        cache: bool = True,
+        parallel: bool = True,
+    ) -> None:
+        self.runner = BundleRunner(bundle, intra_op_threads=intra_op_threads, verify=verify)
+        self.manifest = self.runner.manifest
+        self.folder = self.runner.folder
+        self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+        self.costs = ModelCosts.from_manifest(self.manifest)
+        self.parallel = parallel
+        self.tokenizer = self._tokenizer()
+        self.context = int(self.manifest.model.get("max_position_embeddings") or 0)
+        self.metrics = RunMetrics()
+        if backend == "ort-cpu" or not cache or not self.costs.moe_layers:
+            self.gpu: Backend = self.runner.cpu
+            self.scheduler: ExpertScheduler | None = None
+            self.backend_name = "ort-cpu" if backend == "ort-cpu" or not cache else backend
+            if backend != "ort-cpu" and cache:
+                self.gpu = self._make_gpu(backend, intra_op_threads)
+                self.runner.stage_backend = self.gpu
+                self._activate_base()
+            return
+        self.gpu = self._make_gpu(backend, intra_op_threads)
+        self.backend_name = backend
+        self.runner.stage_backend = self.gpu
+        self._activate_base()
+        stats = self._routing(routing)
+        pinned: list[ExpertKey] | None = None
+        chosen = get_policy(policy)
+        if plan is not None:
+            pinned, settings = read_plan_file(plan)
+            chosen = replace(chosen, **{k: v for k, v in settings.items() if hasattr(chosen, k)})
+        free = self.gpu.free_memory()
+        budget = parse_budget(gpu_budget, self.costs, free_device_bytes=free, context=self.context)
+        predictor = LatencyPredictor(self.profile, int8=self.costs.int8, cpu_fit=self._cpu_fit())
+        self.scheduler = ExpertScheduler(
+            self.costs,
+            chosen,
+            budget,
+            self.profile,
+            stats=stats,
+            plan=pinned,
+            predictor=predictor,
+            on_admit=lambda key: self._gpu_runner(key).activate(),
+            on_evict=lambda key: self._gpu_runner(key).release(),
+        )
+        self.runner.run_experts = self._run_experts
+        self.runner.before_stage = self.scheduler.run_stage
+        self.runner.speculation = chosen.prefetch > 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedge-gpu") if parallel else None
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def _make_gpu(self, backend: str, threads: int | None) -> Backend:
+        if backend == "simulated":
+            return SimulatedGpuBackend(profile=self.profile, cpu=self.runner.cpu)
+        if backend == "tensorrt":
+            return make_backend("tensorrt")
+        if backend == "ort-cuda":
+            return make_backend("ort-cuda", intra_op_threads=threads)
+        raise MoedgeError(f"unknown backend {backend!r}: use ort-cpu, simulated, ort-cuda or tensorrt")
+
+    def _activate_base(self) -> None:
+        for graph in [
+            self.manifest.embedding,
+            *[layer.stage for layer in self.manifest.layers],
+            self.manifest.head,
+        ]:
+            self.gpu.runner(self.folder, graph).activate()
+
+    def _tokenizer(self) -> Any:
+        name = self.manifest.tokenizer
+        if not name or not (self.folder / name).is_file():
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(self.folder / name))
+
+    def _routing(self, routing: str | Path | None) -> RoutingStats | None:
+        if routing is not None:
+            return read_routing(routing)
+        if self.manifest.routing and (self.folder / self.manifest.routing).is_file():
+            return read_routing(self.folder / self.manifest.routing)
+        return None
+
+    def _cpu_fit(self) -> tuple[float, float] | None:
+        """CPU expert timings measured at start-up, when a real GPU runs (a modeled one uses its profile)."""
+        if self.gpu.modeled or not self.costs.moe_layers:
+            return None
+        layer = self.costs.moe_layers[0]
+        hidden = int(self.manifest.model.get("hidden_size") or 0)
+        timings = []
+        for tokens in (1, 16):
+            x = np.zeros((tokens, hidden), dtype=np.float32)
+            self.runner.run_expert(layer, 0, x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(5):
+                self.runner.run_expert(layer, 0, x)
+            timings.append((tokens, (time.perf_counter() - start) / 5))
+        return fit_cpu_timings(timings)
+
+    def _gpu_runner(self, key: ExpertKey) -> Any:
+        return self.gpu.runner(self.folder, self.runner.expert_graph(*key))
+
+    # --- one MoE layer -----------------------------------------------------------------------------
+    def _run_experts(
+        self,
+        layer: int,
+        x: np.ndarray,
+        chosen: np.ndarray,
+        weights: np.ndarray,
+        speculative: np.ndarray | None,
+    ) -> np.ndarray:
+        assert self.scheduler is not None
+        experts, counts = np.unique(chosen, return_counts=True)
+        routed = {int(e): int(n) for e, n in zip(experts, counts, strict=True)}
+        nxt = None
+        if speculative is not None:
+            votes = np.bincount(speculative[:, : max(self.scheduler.policy.prefetch, 1)].ravel(), minlength=1)
+            nxt = [int(e) for e in np.argsort(-votes, kind="stable") if votes[e] > 0]
+        where = self.scheduler.dispatch(layer, routed, nxt)
+        step = self.metrics.computed[-1]
+        tokens = {e: x[np.nonzero(chosen == e)[0]] for e in routed}
+
+        def run(es: list[int], backend: Backend | None) -> dict[int, np.ndarray]:
+            out = {}
+            for e in es:
+                out[e] = self.runner.run_expert(layer, e, tokens[e], backend)
+                step[(layer, e)] = step.get((layer, e), 0) + len(tokens[e])
+            return out
+
+        on_gpu = [e for e in routed if where[e] == "gpu"]
+        on_cpu = [e for e in routed if where[e] == "cpu"]
+        if self._pool is not None and on_gpu and on_cpu:
+            future = self._pool.submit(run, on_gpu, self.gpu)
+            outputs = run(on_cpu, None)
+            outputs.update(future.result())
+        else:
+            outputs = run(on_gpu, self.gpu)
+            outputs.update(run(on_cpu, None))
+        return combine(x, chosen, weights, outputs)
+
+    # --- generation --------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (text through the bundle's tokenizer, or ids as given)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MoedgeError(f"{self.folder} carries no tokenizer.json: pass token ids instead of text")
+            ids = list(self.tokenizer.encode(prompt).ids)
+            bos = self.manifest.model.get("bos_token_id")
+            if (
+                bos is not None
+                and (not ids or ids[0] != bos)
+                and self.manifest.model.get("architecture") == "llama"
+            ):
+                ids = [int(bos), *ids]
+            return ids
+        return [int(t) for t in prompt]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (empty without a tokenizer)."""
+        return "" if self.tokenizer is None else str(self.tokenizer.decode(list(ids)))
+
+    def _forward(self, ids: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
+        tokens = int(ids.shape[1])
+        context = 0 if past is None else int(past[0].shape[2])
+        self.metrics.computed.append({})
+        if self.scheduler is not None:
+            self.scheduler.begin_step(tokens, context)
+        logits, present = self.runner.forward(ids, past=past)
+        if self.scheduler is not None:
+            self.scheduler.end_step()
+        return logits, present
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[int] = (),
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[Generation]:
+        """Continue each prompt (text or ids); ``on_token(prompt_index, token_id)`` streams tokens.
+
+        Greedy when ``temperature`` is 0; otherwise sampled with ``top_k``/``top_p`` from ``seed``.
+        Generation stops at ``max_new_tokens``, the model's end-of-sequence token, a ``stop`` token, or
+        the context length. Ctrl-C ends it cleanly: the results so far come back with
+        ``stopped_by="interrupt"`` and the metrics say ``interrupted``.
+        """
+        batch = (
+            [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
+        )
+        rng = np.random.default_rng(seed)
+        stops = set(int(s) for s in stop)
+        eos = self.manifest.model.get("eos_token_id")
+        results: list[Generation] = []
+        for index, prompt in enumerate(batch):  # type: ignore[arg-type]
+            ids = self.encode(prompt)  # type: ignore[arg-type]
+            if not ids:
+                raise MoedgeError("a prompt must have at least one token")
+            if self.context and len(ids) >= self.context:
+                raise MoedgeError(
+                    f"prompt {index} has {len(ids)} tokens; the model's context is {self.context}: shorten it"
+                )
+            gen = Generation(prompt_ids=ids, token_ids=[])
+            results.append(gen)
+            try:
+                self._generate_one(
+                    gen, index, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
+                )
+            except KeyboardInterrupt:
+                gen.stopped_by = "interrupt"
+                self.metrics.interrupted = True
+                break
+            finally:
+                gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
+        return results
+
+    def _generate_one(
+        self,
+        gen: Generation,
+        index: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        rng: np.random.Generator,
+        stops: set[int],
+        eos: int | None,
+        on_token: Callable[[int, int], None] | None,
+    ) -> None:
+        past = None
+        step = np.asarray([gen.prompt_ids], dtype=np.int64)
+        for i in range(max_new_tokens):
+            if self.context and len(gen.prompt_ids) + i >= self.context:
+                gen.stopped_by = "context"
+                return
+            start = time.perf_counter()
+            logits, past = self._forward(step, past)
+            token = _sample(logits[0, -1], rng, temperature, top_k, top_p)
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                self.metrics.prompt_tokens += step.shape[1]
+                self.metrics.prompt_seconds += elapsed
+            else:
+                self.metrics.decode_tokens += 1
+                self.metrics.decode_seconds += elapsed
+                self.metrics.token_latencies.append(elapsed)
+            gen.token_ids.append(token)
+            if on_token is not None:
+                on_token(index, token)
+            if eos is not None and token == eos:
+                gen.stopped_by = "eos"
+                return
+            if token in stops:
+                gen.stopped_by = "stop"
+                return
+            step = np.asarray([[token]], dtype=np.int64)
+
+    def summary(self) -> dict[str, Any]:
+        """The run's metrics (see :class:`RunMetrics`)."""
+        out = self.metrics.summary(self.scheduler, self.gpu)
+        out["backend"] = self.backend_name
+        out["profile"] = self.profile.name if self.scheduler is not None else None
+        return out
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown()  # type: ignore[union-attr]
