@@ -3,11 +3,14 @@
 from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 from moedge.runtime.exported import ExportInfo, is_exported_folder, read_export_info
 from moedge.runtime.gating import route
+from moedge.runtime.generator import Generation, Generator
 from moedge.runtime.ort_causal_lm import OrtCausalLM
 
 __all__ = [
     "BundleRunner",
     "ExportInfo",
+    "Generation",
+    "Generator",
     "OrtCausalLM",
     "RoutingTrace",
     "is_exported_folder",

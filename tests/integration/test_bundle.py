@@ -46,20 +46,6 @@ def _prompt_and_decode(runner, ids: np.ndarray, steps: int = 8) -> tuple[list[np
     return out, tokens
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_exports):
-    done: dict[str, object] = {}
-
-    def get(kind: str):
-        if kind not in done:
-            out = tmp_path_factory.mktemp("bundle") / kind
-            split_bundle(tiny_exports(kind), out, progress=False)
-            done[kind] = out
-        return done[kind]
-
-    return get
-
-
 @pytest.mark.parametrize("kind", PARITY_KINDS)
 def test_fp32_bundle_matches_monolithic_and_pytorch(kind, bundles, tiny_exports, tiny_models):
     ids = np.random.default_rng(3).integers(0, 256, (1, 11))

@@ -1,0 +1,222 @@
+"""The expert cache, placements, budgets, profiles and the scheduler on random traces (no graphs run)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moedge._errors import MoedgeError
+from moedge.runtime.cache import ExpertCache
+from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity, read_plan_file, write_plan
+from moedge.runtime.profiles import BUILTIN, load_profile
+from moedge.runtime.routing import RoutingRecorder, RoutingStats
+from moedge.runtime.scheduler import POLICIES, ExpertScheduler, GraphCost, ModelCosts, parse_budget
+from moedge.runtime.simulate import DecodeTrace, replay
+
+LAYERS, EXPERTS, TOP_K = 4, 8, 2
+
+
+def _costs(sizes: dict[tuple[int, int], int] | None = None) -> ModelCosts:
+    experts = {
+        (li, e): GraphCost(1000 + 10 * e, 1000 + 10 * e) for li in range(LAYERS) for e in range(EXPERTS)
+    }
+    if sizes:
+        experts = {k: GraphCost(v, v) for k, v in sizes.items()}
+    return ModelCosts(
+        moe_layers=list(range(LAYERS)),
+        num_experts=EXPERTS,
+        top_k=TOP_K,
+        experts=experts,
+        stages={li: GraphCost(500, 500) for li in range(LAYERS)},
+        head=GraphCost(2000, 2000),
+        embedding=GraphCost(2000, 2000),
+        kv_bytes_per_token=64,
+        int8=True,
+        num_params=50_000,
+    )
+
+
+def _trace(rng: np.random.Generator, tokens: int, skew: float = 1.0) -> DecodeTrace:
+    p = rng.dirichlet(np.full(EXPERTS, skew), size=LAYERS)
+    chosen = np.stack(
+        [
+            np.stack([rng.choice(EXPERTS, TOP_K, replace=False, p=p[li]) for li in range(LAYERS)])
+            for _ in range(tokens)
+        ]
+    )
+    spec = np.stack([np.stack([rng.permutation(EXPERTS)[:4] for _ in range(LAYERS)]) for _ in range(tokens)])
+    spec[:, 0] = -1
+    return DecodeTrace(list(range(LAYERS)), chosen.astype(np.int16), spec.astype(np.int16), EXPERTS)
+
+
+def test_cache_evicts_lru_and_never_pinned():
+    sizes = {(0, e): 10 for e in range(4)}
+    cache = ExpertCache(30, sizes, pinned=[(0, 0)], eviction="lru")
+    assert cache.admit((0, 1), 0.0, now=0.0, protect=set())
+    assert cache.admit((0, 2), 0.0, now=0.0, protect=set())
+    cache.touch((0, 1))
+    assert cache.admit((0, 3), 0.0, now=0.0, protect=set())  # evicts (0, 2), the least recent unpinned
+    assert set(cache.ready) == {(0, 0), (0, 1), (0, 3)} and cache.used == 30
+    with pytest.raises(MoedgeError, match="pinned"):
+        cache.evict((0, 0))
+
+
+def test_cache_counts_transfers_in_flight_against_the_budget():
+    sizes = {(0, e): 10 for e in range(3)}
+    cache = ExpertCache(20, sizes, eviction="lru")
+    assert cache.admit((0, 0), 5.0, now=0.0, protect=set())
+    assert cache.admit((0, 1), 5.0, now=0.0, protect=set())
+    # both in flight until t=5: nothing may be evicted for a third, and the budget is full
+    assert not cache.admit((0, 2), 6.0, now=1.0, protect=set())
+    assert cache.admit((0, 2), 9.0, now=5.0, protect={(0, 1)})
+    assert (0, 0) not in cache and cache.used == 20
+
+
+def test_lfu_evicts_the_least_used():
+    sizes = {(0, e): 10 for e in range(3)}
+    cache = ExpertCache(20, sizes, eviction="lfu")
+    for key, uses in (((0, 0), 3), ((0, 1), 1)):
+        cache.admit(key, 0.0, now=0.0, protect=set())
+        for _ in range(uses):
+            cache.touch(key)
+    cache.admit((0, 2), 0.0, now=0.0, protect=set())
+    assert set(cache.ready) == {(0, 0), (0, 2)}
+
+
+def test_budget_smaller_than_an_expert_is_one_clear_error():
+    with pytest.raises(MoedgeError, match=r"smaller than the largest expert \(1,070 bytes\).*at least 1,070"):
+        ExpertScheduler(_costs(), POLICIES["lru"], 999, BUILTIN["rtx4090-pcie4"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("25%", 0.25), (0.5, 0.5), ("1KiB", 1024), ("2000", 2000), ("1.5kb", 1500)],
+)
+def test_parse_budget(spec, expected):
+    costs = _costs()
+    total = costs.expert_bytes()
+    want = int(expected * total) if isinstance(expected, float) else expected
+    assert parse_budget(spec, costs) == want
+
+
+def test_parse_budget_rejects_nonsense():
+    with pytest.raises(MoedgeError, match="cannot read GPU budget"):
+        parse_budget("lots", _costs())
+    with pytest.raises(MoedgeError, match="auto needs a device"):
+        parse_budget("auto", _costs())
+
+
+def test_routing_stats_round_trip_and_merge():
+    rec = RoutingRecorder(EXPERTS, TOP_K)
+    rng = np.random.default_rng(0)
+    for layer in range(LAYERS):
+        rec.record(layer, rng.integers(0, EXPERTS, size=(50, TOP_K)))
+    doc = rec.to_dict()
+    stats = RoutingStats.from_dict(json.loads(json.dumps(doc)))
+    assert stats.tokens == 50 and sum(stats.counts[0]) == 100
+    merged = stats.merge(stats)
+    assert merged.tokens == 100 and (merged.counts[2] == 2 * stats.counts[2]).all()
+    assert sum(n for _, n in merged.paths) == 100
+    newer = dict(doc, format_version=99)
+    with pytest.raises(MoedgeError, match="newer"):
+        RoutingStats.from_dict(newer)
+
+
+def test_placements_fit_and_cover():
+    rng = np.random.default_rng(1)
+    stats = _trace(rng, 300, skew=0.3).stats()
+    sizes = {k: c.bytes for k, c in _costs().experts.items()}
+    budget = sum(sizes.values()) // 4
+    for plan in (plan_popularity(stats, sizes, budget), plan_haq(stats, sizes, budget, prefetch_share=0.5)):
+        assert sum(sizes[k] for k in plan) <= budget and len(set(plan)) == len(plan)
+    haq = plan_haq(stats, sizes, budget, path_fraction=0.0)
+    per_layer = [sum(1 for li, _ in haq if li == layer) for layer in range(LAYERS)]
+    assert max(per_layer) - min(per_layer) <= 2  # the top-up keeps layers even
+    last = plan_last_layers(range(LAYERS), EXPERTS, sizes, budget * 2)
+    assert {li for li, _ in last} == {LAYERS - 1, LAYERS - 2} or {li for li, _ in last} == {LAYERS - 1}
+
+
+def test_plan_file_round_trip_and_bad_file(tmp_path):
+    path = tmp_path / "plan.json"
+    write_plan(path, [(0, 1), (2, 3)], budget=10, policy="haq", settings={"prefetch": 1}, source={})
+    assert read_plan_file(path) == ([(0, 1), (2, 3)], {"prefetch": 1})
+    (tmp_path / "bad.json").write_text('{"format": "other"}')
+    with pytest.raises(MoedgeError, match="not a moedge placement plan"):
+        read_plan_file(tmp_path / "bad.json")
+
+
+def test_profiles_have_sources_and_bad_profile_is_clear(tmp_path):
+    for profile in BUILTIN.values():
+        assert profile.sources, profile.name
+        assert profile.transfer_time(1e6) > 0 and profile.cpu_time(1e6, 1e6, 1) > profile.gpu_time(
+            1e6, 1e6, 1
+        )
+    with pytest.raises(MoedgeError, match="unknown hardware profile"):
+        load_profile("a-toaster")
+    (tmp_path / "p.json").write_text(json.dumps({"unified_memory": False, "bogus": 1}))
+    with pytest.raises(MoedgeError, match="hardware profile"):
+        load_profile(tmp_path / "p.json")
+
+
+class _Checked(ExpertScheduler):
+    """Asserts the invariants after every decision."""
+
+    def dispatch(self, layer, experts, speculative_next=None):
+        where = super().dispatch(layer, experts, speculative_next)
+        assert set(where) == set(experts), "every routed expert is computed exactly once"
+        assert all(where[e] in ("gpu", "cpu") for e in where)
+        assert self.cache.used <= self.budget or self.policy.name == "full-gpu"
+        assert self.cache.used == sum(self.cache.sizes[k] for k in self.cache.ready)
+        return where
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    fraction=st.floats(0.05, 1.0),
+    policy=st.sampled_from(sorted(POLICIES)),
+    profile=st.sampled_from(sorted(BUILTIN)),
+    prompt=st.integers(1, 5),
+)
+def test_scheduler_invariants_on_random_traces(seed, fraction, policy, profile, prompt):
+    rng = np.random.default_rng(seed)
+    costs = _costs()
+    trace = _trace(rng, 40, skew=float(rng.uniform(0.1, 2.0)))
+    budget = max(int(fraction * costs.expert_bytes()), 1070)
+    sched = _Checked(costs, POLICIES[policy], budget, BUILTIN[profile], stats=trace.stats())
+    for t in range(trace.chosen.shape[0]):
+        tokens = prompt if t == 0 else 1
+        sched.begin_step(tokens, t)
+        for layer in range(LAYERS):
+            sched.run_stage(layer)
+            experts = {int(e): tokens for e in trace.chosen[t, layer]}
+            nxt = [int(e) for e in trace.speculative[t, layer + 1]] if layer + 1 < LAYERS else None
+            sched.dispatch(layer, experts, nxt)
+        assert sched.end_step() > 0
+    assert sched.cache.peak <= max(budget, costs.expert_bytes() if policy == "full-gpu" else 0)
+    summary = sched.summary()
+    assert 0.0 <= summary["hit_rate"] <= 1.0
+    if policy == "full-gpu":
+        assert summary["hit_rate"] == 1.0
+    if policy == "cpu":
+        assert summary["hit_rate"] == 0.0 and summary["bytes_moved_per_token"] == 0
+
+
+def test_replay_orders_policies_sensibly():
+    """On a skewed trace and a discrete GPU, a resident cache beats all-CPU and full GPU beats both."""
+    rng = np.random.default_rng(3)
+    costs = _costs({(li, e): 2_600_000 for li in range(LAYERS) for e in range(EXPERTS)})  # smollm2-moe's size
+    trace = _trace(rng, 200, skew=0.2)
+    stats = trace.stats()
+    budget = costs.expert_bytes() // 2
+    ms = {
+        name: replay(trace, costs, POLICIES[name], budget, BUILTIN["rtx4090-pcie4"], stats=stats)[
+            "modeled_decode_ms"
+        ]["mean"]
+        for name in ("cpu", "static", "full-gpu")
+    }
+    assert ms["full-gpu"] < ms["static"] < ms["cpu"]
