@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,10 @@ class Generator:
             return
         self.gpu = self._make_gpu(backend, intra_op_threads)
         self.backend_name = backend
+        self._loading: dict[ExpertKey, Future[None]] = {}
+        self._loader = (
+            None if self.gpu.modeled else ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedge-copy")
+        )
         self.runner.stage_backend = self.gpu
         self._activate_base()
         stats = self._routing(routing)
@@ -167,8 +171,8 @@ class Generator:
             stats=stats,
             plan=pinned,
             predictor=predictor,
-            on_admit=lambda key: self._gpu_runner(key).activate(),
-            on_evict=lambda key: self._gpu_runner(key).release(),
+            on_admit=self._admit,
+            on_evict=self._evict,
         )
         self.runner.run_experts = self._run_experts
         self.runner.before_stage = self.scheduler.run_stage
@@ -227,6 +231,21 @@ class Generator:
     def _gpu_runner(self, key: ExpertKey) -> Any:
         return self.gpu.runner(self.folder, self.runner.expert_graph(*key))
 
+    def _admit(self, key: ExpertKey) -> None:
+        """Make an expert resident: at once on a modeled GPU, in the background on a real one (a copy that
+        overlaps compute; the expert's first GPU run waits for it)."""
+        runner = self._gpu_runner(key)
+        if self.gpu.modeled or self._loader is None:
+            runner.activate()
+        else:
+            self._loading[key] = self._loader.submit(runner.activate)
+
+    def _evict(self, key: ExpertKey) -> None:
+        pending = self._loading.pop(key, None)
+        if pending is not None:
+            pending.result()
+        self._gpu_runner(key).release()
+
     # --- one MoE layer -----------------------------------------------------------------------------
     def _run_experts(
         self,
@@ -251,6 +270,9 @@ class Generator:
         def run(es: list[int], backend: Backend | None) -> dict[int, np.ndarray]:
             out = {}
             for e in es:
+                pending = self._loading.pop((layer, e), None) if backend is not None else None
+                if pending is not None:
+                    pending.result()  # its copy (a prefetch or this miss's transfer) must have landed
                 out[e] = self.runner.run_expert(layer, e, tokens[e], backend)
                 step[(layer, e)] = step.get((layer, e), 0) + len(tokens[e])
             return out
@@ -396,6 +418,7 @@ class Generator:
         return out
 
     def close(self) -> None:
-        """Stop the worker thread."""
-        if getattr(self, "_pool", None) is not None:
-            self._pool.shutdown()  # type: ignore[union-attr]
+        """Stop the worker threads."""
+        for pool in (getattr(self, "_pool", None), getattr(self, "_loader", None)):
+            if pool is not None:
+                pool.shutdown()

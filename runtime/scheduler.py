@@ -171,7 +171,11 @@ def parse_budget(
     free_device_bytes: int | None = None,
     context: int = 0,
 ) -> int:
-    """Bytes for ``--gpu-budget``: ``1.5GiB``/``800MB``/bytes, ``25%`` or ``0.25`` of expert bytes, or ``auto``."""
+    """Bytes for ``--gpu-budget``: ``1.5GiB``/``800MB``/bytes, ``25%`` or ``0.25`` of expert bytes, or ``auto``.
+
+    ``auto`` is 90% of the device's free memory (measured after the stage graphs are loaded) less a
+    ``context``-token KV cache, capped at every expert's bytes.
+    """
     total = costs.expert_bytes()
     if spec is None:
         return total
@@ -183,7 +187,8 @@ def parse_budget(
         if text == "auto":
             if free_device_bytes is None:
                 raise MoedgeError("--gpu-budget auto needs a device that reports free memory (a GPU backend)")
-            room = free_device_bytes - costs.resident_base_bytes() - costs.kv_bytes_per_token * context
+            # measured with the stage graphs already resident: leave the KV cache and a 10% margin
+            room = free_device_bytes - costs.kv_bytes_per_token * context
             return max(0, min(total, int(room * 0.9)))
         if text.endswith("%"):
             return int(float(text[:-1]) / 100 * total)
