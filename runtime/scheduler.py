@@ -136,16 +136,19 @@ class ModelCosts:
         model = manifest.model
         kv = 2 * len(manifest.layers) * int(model["num_kv_heads"]) * int(model["head_dim"]) * 2
         stages = {layer.index: cost(layer.stage.bytes) for layer in manifest.layers}
+        # the embedding and lm_head stay FP32 in every bundle (a tied head stores nothing of its own)
+        embedding = GraphCost(bytes=manifest.embedding.bytes, params=manifest.embedding.bytes // 4)
+        head = GraphCost(bytes=manifest.head.bytes, params=manifest.head.bytes // 4)
         total = sum(c.params for c in experts.values()) + sum(c.params for c in stages.values())
-        total += cost(manifest.embedding.bytes).params + cost(manifest.head.bytes).params
+        total += embedding.params + head.params
         return cls(
             moe_layers=[layer.index for layer in moe],
             num_experts=moe[0].moe.num_experts if moe and moe[0].moe else 0,
             top_k=moe[0].moe.gating.top_k if moe and moe[0].moe else 0,
             experts=experts,
             stages=stages,
-            head=cost(manifest.head.bytes),
-            embedding=cost(manifest.embedding.bytes),
+            head=head,
+            embedding=embedding,
             kv_bytes_per_token=kv,
             int8=int8,
             num_params=total,
