@@ -165,7 +165,7 @@ def export_model(
     import torch
     import transformers
 
-    from moedge.export.patchers import fake_quant_as_linear, per_expert_modules
+    from moedge.export.patchers import fake_quant_as_linear, grouped_attention, per_expert_modules
     from moedge.export.wrapper import CausalLMExport, kv_names
     from moedge.graph_passes.insert_qdq import InsertQDQPass
     from moedge.graph_passes.pipeline import run_passes
@@ -188,6 +188,7 @@ def export_model(
         with (
             per_expert_modules(model, arch),
             fake_quant_as_linear(model) as quant,
+            grouped_attention(model),
             _quiet_exporter(),
             torch.no_grad(),
             warnings.catch_warnings(),

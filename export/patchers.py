@@ -126,3 +126,74 @@ def fake_quant_as_linear(model: nn.Module) -> Iterator[dict[str, Any]]:
     finally:
         for parent, leaf, module in reversed(swapped):
             setattr(parent, leaf, module)
+
+
+GROUPED_ATTENTION = "moedge_grouped"
+
+
+def grouped_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention with grouped query heads folded into the sequence axis instead of repeating K and V.
+
+    ``query`` is (batch, heads, seq, dim); ``key``/``value`` are (batch, kv_heads, total, dim). Each
+    group of ``heads / kv_heads`` query heads shares one KV head (transformers' ``repeat_kv`` order), so
+    the query becomes (batch, kv_heads, group * seq, dim) and multiplies the cache directly: the exported
+    graph copies no expanded KV cache per step (the Expand/Transpose of heads x total x dim that
+    dominated a decode step) and stays in ops TensorRT and every ORT provider run.
+    """
+    b, h, s, d = query.shape
+    kv, t = key.shape[1], key.shape[2]
+    g = h // kv
+    scale = scaling if scaling is not None else d**-0.5
+    scores = torch.matmul(query.reshape(b, kv, g * s, d), key.transpose(-1, -2)) * scale
+    scores = scores.view(b, kv, g, s, t)
+    if attention_mask is None:  # causal over the cache: query i sits at position t - s + i
+        rows = torch.arange(s, device=query.device)[:, None] + (t - s)
+        attention_mask = (torch.arange(t, device=query.device)[None, :] <= rows)[None, None]
+    mask = attention_mask[:, :, :, :t]
+    mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(b, kv, g, s, t)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs.view(b, kv, g * s, t), value).view(b, h, s, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def grouped_attention(model: nn.Module) -> Iterator[nn.Module]:
+    """Trace every attention layer through :func:`grouped_attention_forward` (restored on exit).
+
+    Models whose attention needs more than a mask (sliding windows, soft-capping) keep their own.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    config = model.config
+    sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    layer_types = getattr(config, "layer_types", None) or []
+    if sliding or "sliding_attention" in layer_types or getattr(config, "attn_logit_softcapping", None):
+        yield model
+        return
+    AttentionInterface.register(GROUPED_ATTENTION, grouped_attention_forward)
+    AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
+    previous = config._attn_implementation
+    configs = [m.config for m in model.modules() if hasattr(m, "config") and m.config is not config]
+    try:
+        config._attn_implementation = GROUPED_ATTENTION
+        for sub in configs:
+            sub._attn_implementation = GROUPED_ATTENTION
+        yield model
+    finally:
+        config._attn_implementation = previous
+        for sub in configs:
+            sub._attn_implementation = previous

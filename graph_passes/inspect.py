@@ -113,7 +113,9 @@ def qdq_coverage(model: Any) -> dict[str, int]:
         source = producers.get(node.input[1])
         if source is not None and source.op_type == "DequantizeLinear":
             quantized += 1
-        elif node.input[1] in inits or (source is not None and source.op_type == "Transpose"):
+        elif node.input[1] in inits or (
+            source is not None and source.op_type == "Transpose" and source.input[0] in inits
+        ):  # a weight, possibly transposed; attention's K^T is an activation
             float_weighted += 1
     return {
         "quantized_matmuls": quantized,

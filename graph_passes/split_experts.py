@@ -156,6 +156,43 @@ def _router_weight(node: ir.Node) -> np.ndarray | None:
     return None
 
 
+_SHAPE_OPS = frozenset(
+    {
+        "Constant",
+        "Shape",
+        "Size",
+        "Gather",
+        "Squeeze",
+        "Unsqueeze",
+        "Concat",
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+        "Cast",
+        "CastLike",
+        "Reshape",
+        "Slice",
+        "Identity",
+    }
+)
+
+
+def _is_shape_math(node: ir.Node) -> bool:
+    """A constant, or integer shape arithmetic (torch.export shares one symbolic size across layers).
+
+    Such a node may be tagged with another layer's module and still be copied into a stage: its inputs
+    are graph inputs, constants or other shape math, and whatever it reads of a layer's tensors is
+    caught by that tensor's own producer.
+    """
+    if node.op_type == "Constant":
+        return True
+    return node.op_type in _SHAPE_OPS and all(
+        v.dtype in (ir.DataType.INT64, ir.DataType.INT32) and (v.shape is None or len(v.shape) <= 1)
+        for v in node.outputs
+    )
+
+
 def _is_const(value: ir.Value) -> bool:
     producer = value.producer()
     return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
@@ -407,7 +444,7 @@ class SplitExpertsPass:
         its own cache.
         """
         needed, graph_inputs = _ancestors(outputs, set(inputs))
-        stray = sorted({i for n in needed if n.op_type != "Constant" and (i := _layer_index(n)) is not None})
+        stray = sorted({i for n in needed if not _is_shape_math(n) and (i := _layer_index(n)) is not None})
         if layer is not None and stray != [layer]:
             raise MoedgeError(f"{what}: its graph would pull in nodes of layers {stray}; cannot cut here")
         ordered_inputs = list(inputs) + [
