@@ -178,7 +178,7 @@ def grouped_attention(model: nn.Module) -> Iterator[nn.Module]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    config = model.config
+    config: Any = model.config
     sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     layer_types = getattr(config, "layer_types", None) or []
     if sliding or "sliding_attention" in layer_types or getattr(config, "attn_logit_softcapping", None):
@@ -187,7 +187,7 @@ def grouped_attention(model: nn.Module) -> Iterator[nn.Module]:
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention_forward)
     AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
     previous = config._attn_implementation
-    configs = [m.config for m in model.modules() if hasattr(m, "config") and m.config is not config]
+    configs: list[Any] = [m.config for m in model.modules() if hasattr(m, "config") and m.config is not config]
     try:
         config._attn_implementation = GROUPED_ATTENTION
         for sub in configs:

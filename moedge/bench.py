@@ -3,7 +3,7 @@
 Part 1 (modeled): real routing traces of an MoE bundle (statistics from one text, evaluation on
 another) replayed through every cache policy at each budget on each hardware profile; ``haq`` is
 tuned on the statistics text only. Writes ``runtime_policies.json`` and ``runtime_policies.png``.
-Part 2 (measured, ``--speed``): ORT CPU wall clock of bundles (W8A8 against FP32, a dense W8A8
+Part 2 (measured, ``--parts speed``): ORT CPU wall clock of bundles (W8A8 against FP32, a dense W8A8
 bundle) against PyTorch eager FP32 and llama.cpp, prompt and decode separately, interleaved repeats,
 medians. Writes ``runtime_speed.json``. Timing never gates a test.
 """
@@ -51,7 +51,11 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--tune-tokens", type=int, default=512, help="statistics-text tokens the haq tuner replays"
     )
     p.add_argument("--context", type=int, default=512, help="KV length when decode starts (the prompt)")
-    p.add_argument("--speed", action="store_true", help="also measure ORT CPU wall clock (part 2)")
+    p.add_argument(
+        "--parts",
+        default="policies",
+        help="comma-separated: policies (modeled table), speed (ORT CPU wall clock)",
+    )
     p.add_argument("--fp32-bundle", type=Path, help="FP32 twin of --bundle (speed)")
     p.add_argument("--dense-bundle", type=Path, help="dense W8A8 bundle (speed; smollm2-135m)")
     p.add_argument("--torch-model", help="PyTorch eager FP32 baseline model (speed), e.g. smollm2-135m-moe")
@@ -371,7 +375,19 @@ def speed_table(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_runtime_bench(args: argparse.Namespace) -> list[str]:
     """Run the bench, write its files, return a printable summary."""
+    parts = {p.strip() for p in args.parts.split(",")}
+    if not parts or parts - {"policies", "speed"}:
+        raise MoedgeError(f"--parts takes policies and/or speed, got {args.parts!r}")
     args.out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    if "policies" in parts:
+        lines += _policies_part(args)
+    if "speed" in parts:
+        lines += _speed_part(args)
+    return lines
+
+
+def _policies_part(args: argparse.Namespace) -> list[str]:
     doc = policy_table(args)
     (args.out / "runtime_policies.json").write_text(json.dumps(doc, indent=1) + "\n")
     try:
@@ -399,15 +415,18 @@ def run_runtime_bench(args: argparse.Namespace) -> list[str]:
                 f"  smallest budget within 1.25x of full GPU: {best['budget_fraction']:.0%} -> "
                 f"{best['device_bytes'] / 2**20:.0f} MiB = {best['fraction_of_fp16_footprint']:.3f} of the FP16 footprint"
             )
-    if args.speed:
-        speed = speed_table(args)
-        (args.out / "runtime_speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    return lines
+
+
+def _speed_part(args: argparse.Namespace) -> list[str]:
+    speed = speed_table(args)
+    (args.out / "runtime_speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    lines = [
+        f"ORT CPU wall clock ({args.threads} threads, {speed['prompt_tokens']}-token prompt, "
+        f"{speed['new_tokens']} new tokens, median of {args.repeats}) -> {args.out / 'runtime_speed.json'}"
+    ]
+    for name, row in speed["variants"].items():
         lines.append(
-            f"ORT CPU wall clock ({args.threads} threads, {speed['prompt_tokens']}-token prompt, "
-            f"{speed['new_tokens']} new tokens, median of {args.repeats}) -> {args.out / 'runtime_speed.json'}"
+            f"  {name}: prompt {row['prompt_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s"
         )
-        for name, row in speed["variants"].items():
-            lines.append(
-                f"  {name}: prompt {row['prompt_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s"
-            )
     return lines
