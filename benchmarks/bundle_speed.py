@@ -233,7 +233,7 @@ def spinning_cost(q_bundle: Path, threads: int, repeats: int) -> dict[str, Any]:
         return run
 
     runners = {
-        name: BundleRunner(q_bundle, intra_op_threads=threads, spinning=name == "spinning")
+        name: BundleRunner(q_bundle, intra_op_threads=threads, spinning=name == "spinning", shared_pool=False)
         for name in ("spinning", "not_spinning")
     }
     med = _interleaved({k: decode(r) for k, r in runners.items()}, repeats)

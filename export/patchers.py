@@ -187,7 +187,9 @@ def grouped_attention(model: nn.Module) -> Iterator[nn.Module]:
     AttentionInterface.register(GROUPED_ATTENTION, grouped_attention_forward)
     AttentionMaskInterface.register(GROUPED_ATTENTION, sdpa_mask)
     previous = config._attn_implementation
-    configs: list[Any] = [m.config for m in model.modules() if hasattr(m, "config") and m.config is not config]
+    configs: list[Any] = [
+        m.config for m in model.modules() if hasattr(m, "config") and m.config is not config
+    ]
     try:
         config._attn_implementation = GROUPED_ATTENTION
         for sub in configs:

@@ -318,7 +318,15 @@ def _time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int
         from llama_cpp import Llama
     except ImportError:
         raise MoedgeError("--gguf needs llama-cpp-python (see BENCHMARKS.md for the build flags)") from None
-    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, verbose=False)
+    n_ctx = len(prompt) + new_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
     def once() -> tuple[float, float]:
         llm.reset()

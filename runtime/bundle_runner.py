@@ -70,12 +70,17 @@ class BundleRunner:
         verify: bool = True,
         optimize: bool = True,
         spinning: bool = False,
+        shared_pool: bool = True,
         stage_backend: Backend | None = None,
     ) -> None:
         self.folder = Path(bundle)
         self.manifest: Manifest = read_manifest(self.folder, verify=verify)
         self.cpu = OrtCpuBackend(
-            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, providers=providers
+            intra_op_threads=intra_op_threads,
+            optimize=optimize,
+            spinning=spinning,
+            providers=providers,
+            shared_pool=shared_pool,
         )
         self.stage_backend: Backend = stage_backend or self.cpu
         model = self.manifest.model

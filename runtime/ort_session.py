@@ -35,6 +35,26 @@ def session_options(
     return options
 
 
+_SHARED_POOL: list[bool] = []  # set once per process
+
+
+def shared_thread_pool(threads: int | None) -> bool:
+    """Create ONNX Runtime's process-wide intra-op thread pool (once); True when sessions can share it.
+
+    A bundle has hundreds of sessions: one pool shared by all of them can spin between ops (the fast
+    path for a decode step's many small ops) without idle pools stealing the cores, which per-session
+    pools do (measured by ``benchmarks/bundle_speed.py --parts spinning``). The first caller in a
+    process sizes the pool (``threads``; None: ORT's default, the physical cores).
+    """
+    if not _SHARED_POOL:
+        try:
+            ort.set_global_thread_pool_sizes(int(threads or 0), 1)
+            _SHARED_POOL.append(True)
+        except Exception as exc:  # ORT raises its own Fail type
+            _SHARED_POOL.append("already been created" in str(exc))
+    return _SHARED_POOL[0]
+
+
 def load_session(path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
     """An ORT session for ``path``, or one clear error when ORT cannot load it."""
     try:

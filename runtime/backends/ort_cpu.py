@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 from moedge.manifest import GraphSpec
 from moedge.runtime.backends.base import Backend, Runner
-from moedge.runtime.ort_session import load_session, session_options
+from moedge.runtime.ort_session import load_session, session_options, shared_thread_pool
 
 
 class OrtRunner(Runner):
@@ -45,7 +45,11 @@ class OrtRunner(Runner):
 
 
 class OrtCpuBackend(Backend):
-    """Graphs on the CPU through ONNX Runtime."""
+    """Graphs on the CPU through ONNX Runtime, all sessions sharing one process-wide thread pool.
+
+    ``shared_pool=False`` gives each session its own pool of ``intra_op_threads`` (not spinning
+    unless ``spinning``), as a monolithic model would have.
+    """
 
     name = "ort-cpu"
     device = "cpu"
@@ -57,13 +61,19 @@ class OrtCpuBackend(Backend):
         optimize: bool = True,
         spinning: bool = False,
         providers: Sequence[str] = ("CPUExecutionProvider",),
+        shared_pool: bool = True,
     ) -> None:
         super().__init__()
-        # Hundreds of sessions each keep a thread pool: spinning pools steal the cores from the one
-        # session running (measured by benchmarks/bundle_speed.py --parts spinning).
-        self.options = session_options(
-            intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
-        )
+        self.shared_pool = shared_pool and shared_thread_pool(intra_op_threads)
+        if self.shared_pool:  # one process-wide pool: spinning is safe and fast
+            self.options = session_options(optimize=optimize, quiet=True)
+            self.options.use_per_session_threads = False
+        else:
+            # Per-session pools: hundreds of them must not spin, or idle pools steal the cores from the
+            # one session running (measured by benchmarks/bundle_speed.py --parts spinning).
+            self.options = session_options(
+                intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
+            )
         self.providers = list(providers)
 
     def _make_runner(self, folder: Path, graph: GraphSpec) -> Runner:
