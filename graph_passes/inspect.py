@@ -131,6 +131,8 @@ def ort_census(model_file: Path) -> dict[str, int]:
     import onnx
     import onnxruntime as ort
 
+    from moedge.runtime.ort_session import load_session
+
     with tempfile.TemporaryDirectory(prefix="moedge-inspect-") as tmp:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -138,7 +140,7 @@ def ort_census(model_file: Path) -> dict[str, int]:
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
         )
-        ort.InferenceSession(str(model_file), sess_options=options, providers=["CPUExecutionProvider"])
+        load_session(Path(model_file), options, ["CPUExecutionProvider"])
         optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
     return dict(collections.Counter(n.op_type for n in optimized.graph.node))
 

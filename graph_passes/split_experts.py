@@ -116,6 +116,40 @@ def _descendants(nodes: set[ir.Node]) -> set[ir.Value]:
     return out
 
 
+def _consumed(nodes: Iterable[ir.Node]) -> set[ir.Value]:
+    """Every value ``nodes`` read."""
+    return {v for n in nodes for v in n.inputs if v is not None}
+
+
+def _shared_values(by_layer: dict[int, list[ir.Node]], hidden: ir.Value) -> list[ir.Value]:
+    """Model-level tensors the decoder layers read (attention mask, rotary tables): computed once.
+
+    A value qualifies when a non-trivial node outside every layer makes it from graph inputs only
+    (never from a layer's output), so the embedding stage can compute it and hand it to every stage.
+    """
+    found: list[ir.Value] = []
+    seen: set[ir.Value] = set()
+    for index in sorted(by_layer):
+        for value in _consumed(by_layer[index]):
+            producer = value.producer()
+            if value in seen or value is hidden or producer is None or value.is_initializer():
+                continue
+            seen.add(value)
+            if (
+                _layer_index(producer) is not None
+                or _is_shape_math(producer)
+                or producer.op_type == "Identity"
+            ):
+                continue  # a layer's own value, shape arithmetic, or an alias (of a cache input)
+            needed, _ = _ancestors([value], set())
+            if any(_layer_index(n) is not None and not _is_shape_math(n) for n in needed):
+                continue
+            if any(n.outputs and hidden in n.outputs for n in needed):
+                continue  # derived from the hidden state: stays in the stage
+            found.append(value)
+    return sorted(found, key=lambda v: v.name or "")
+
+
 def _const_array(value: ir.Value | None) -> np.ndarray | None:
     """A constant input's array (initializer or Constant node), else None."""
     if value is None:
@@ -234,6 +268,7 @@ class SplitExpertsPass:
     ) -> None:
         self.experts_path = experts_path
         self.router_path = router_path
+        self._shared: dict[ir.Value, str] = {}
         self.gating = gating
         self._order_of: tuple[ir.Model | None, dict[ir.Node, int]] = (None, {})
 
@@ -258,11 +293,15 @@ class SplitExpertsPass:
         first_input = self._layer_input(by_layer[0], f"{prefix}.0")
         logits = next((v for v in graph.outputs if v.name == LOGITS), graph.outputs[0])
 
-        embedding = self._extract(model, [], {first_input: HIDDEN}, "embedding")
+        shared = _shared_values(by_layer, first_input)
+        names = {v: f"shared.{v.name}" for v in shared}
+        embedding = self._extract(model, [], {first_input: HIDDEN, **names}, "embedding")
         layers: list[SplitLayer] = []
         for i in range(num_layers):
             hidden_in = first_input if i == 0 else outputs_of[i - 1]
+            self._shared = {v: names[v] for v in shared if v in _consumed(by_layer[i])}
             layers.append(self._split_layer(model, i, f"{prefix}.{i}", by_layer[i], hidden_in, outputs_of[i]))
+        self._shared = {}
         head = self._extract(
             model, [outputs_of[-1]], {logits: LOGITS}, "head", rename={outputs_of[-1]: HIDDEN}
         )
@@ -441,8 +480,12 @@ class SplitExpertsPass:
         """``outputs`` (renamed as given) computed from ``inputs`` and the graph inputs they reach.
 
         ``layer``: a decoder layer's stage, which must not pull in another layer's nodes and reads only
-        its own cache.
+        its own cache; it takes the shared model-level tensors it uses (the attention mask, rotary
+        tables) as inputs from the embedding stage instead of recomputing them.
         """
+        if layer is not None and self._shared:
+            inputs = list(inputs) + list(self._shared)
+            rename = {**(rename or {}), **self._shared}
         needed, graph_inputs = _ancestors(outputs, set(inputs))
         stray = sorted({i for n in needed if not _is_shape_math(n) and (i := _layer_index(n)) is not None})
         if layer is not None and stray != [layer]:

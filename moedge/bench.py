@@ -273,7 +273,7 @@ def plot_policies(doc: dict[str, Any], path: Path) -> None:
 def _time_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> Any:
     from moedge.runtime.bundle_runner import BundleRunner
 
-    runner = BundleRunner(bundle, intra_op_threads=threads)
+    runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
     runner.forward(np.asarray([prompt[:8]], dtype=np.int64))  # create sessions before timing
 
     def once() -> tuple[float, float]:

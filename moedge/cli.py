@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         routing=args.routing,
         intra_op_threads=args.threads,
         cache=not args.no_cache,
+        shared_pool=True,  # this process runs only the bundle's sessions
     )
     shown: dict[int, str] = {}
     ids: dict[int, list[int]] = {}

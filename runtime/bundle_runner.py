@@ -70,7 +70,7 @@ class BundleRunner:
         verify: bool = True,
         optimize: bool = True,
         spinning: bool = False,
-        shared_pool: bool = True,
+        shared_pool: bool = False,
         stage_backend: Backend | None = None,
     ) -> None:
         self.folder = Path(bundle)
@@ -175,7 +175,7 @@ class BundleRunner:
         for i in range(self.num_layers):
             values[f"past_key_values.{i}.key"] = past[2 * i]
             values[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        values[HIDDEN] = self._run(self.manifest.embedding, values)[HIDDEN]
+        values.update(self._run(self.manifest.embedding, values))  # the hidden state and shared tensors
         present: KVCache = []
         for layer in self.manifest.layers:
             if self.before_stage is not None:

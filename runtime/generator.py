@@ -127,8 +127,11 @@ class Generator:
         verify: bool = True,
         cache: bool = True,
         parallel: bool = True,
+        shared_pool: bool = False,
     ) -> None:
-        self.runner = BundleRunner(bundle, intra_op_threads=intra_op_threads, verify=verify)
+        self.runner = BundleRunner(
+            bundle, intra_op_threads=intra_op_threads, verify=verify, shared_pool=shared_pool
+        )
         self.manifest = self.runner.manifest
         self.folder = self.runner.folder
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)

@@ -57,6 +57,8 @@ def shared_thread_pool(threads: int | None) -> bool:
 
 def load_session(path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
     """An ORT session for ``path``, or one clear error when ORT cannot load it."""
+    if _SHARED_POOL and _SHARED_POOL[0]:
+        options.use_per_session_threads = False  # ORT refuses per-session pools once the global one exists
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises several unrelated types for a bad file

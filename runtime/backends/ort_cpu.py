@@ -45,10 +45,11 @@ class OrtRunner(Runner):
 
 
 class OrtCpuBackend(Backend):
-    """Graphs on the CPU through ONNX Runtime, all sessions sharing one process-wide thread pool.
+    """Graphs on the CPU through ONNX Runtime.
 
-    ``shared_pool=False`` gives each session its own pool of ``intra_op_threads`` (not spinning
-    unless ``spinning``), as a monolithic model would have.
+    Each session has its own pool of ``intra_op_threads``, not spinning unless ``spinning``; with
+    ``shared_pool`` all sessions share one process-wide pool that may spin (faster decode: see
+    ``shared_thread_pool``, which says what that costs the rest of the process).
     """
 
     name = "ort-cpu"
@@ -61,7 +62,7 @@ class OrtCpuBackend(Backend):
         optimize: bool = True,
         spinning: bool = False,
         providers: Sequence[str] = ("CPUExecutionProvider",),
-        shared_pool: bool = True,
+        shared_pool: bool = False,
     ) -> None:
         super().__init__()
         self.shared_pool = shared_pool and shared_thread_pool(intra_op_threads)
