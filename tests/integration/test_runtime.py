@@ -200,10 +200,15 @@ def test_cli_ctrl_c_prints_the_metrics_so_far(bundles, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that started the tests in the background ignores SIGINT, and children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    time.sleep(6)
+    assert proc.stdout is not None
+    first = proc.stdout.read(5)  # the first prompt's echo: the runtime is up and generating
+    time.sleep(2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    out = first + out
     assert proc.returncode == 130, err
     assert "interrupted: metrics cover the tokens generated so far" in out and "decode" in out
 
