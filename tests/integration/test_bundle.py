@@ -114,6 +114,22 @@ def test_dense_bundle_has_one_stage_per_layer_and_no_experts(bundles):
     assert manifest.layers[0].stage.output_names[0] == "hidden_states_out"
 
 
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_stages_read_shared_tensors_from_the_embedding_stage(bundles, kind):
+    """The attention mask and rotary tables are computed once, not in every stage."""
+    manifest = read_manifest(bundles(kind))
+    shared = {name for name in manifest.embedding.output_names if name.startswith("shared.")}
+    assert shared, "the embedding stage should hand the layers their shared tensors"
+    for layer in manifest.layers:
+        wanted = {n for n in layer.stage.input_names if n.startswith("shared.")}
+        assert wanted and wanted <= shared
+        ops = {
+            n.op_type
+            for n in onnx.load(str(bundles(kind) / layer.stage.file), load_external_data=False).graph.node
+        }
+        assert not {"Cos", "Sin", "Range"} & ops  # rotary tables and mask positions come in ready
+
+
 @pytest.fixture(scope="module")
 def qdq_mixtral(tmp_path_factory):
     """tiny-mixtral calibrated with rtn, its fake-quant model, QDQ export and bundle."""
