@@ -123,11 +123,16 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
         reference[hw.name] = full
         for fraction in _fractions(args.budgets):
             budget = parse_budget(fraction, costs)
-            tuned, _ = tune_haq(stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens)
+            tuned, tuning = tune_haq(
+                stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens
+            )
             for name in POLICY_ORDER:
                 policy = tuned if name == "haq" else POLICIES[name]
+                plan = tuning["plan"] if name == "haq" else None
                 start = time.perf_counter()
-                summary = replay(eval_trace, costs, policy, budget, hw, stats=stats, context=args.context)
+                summary = replay(
+                    eval_trace, costs, policy, budget, hw, stats=stats, context=args.context, plan=plan
+                )
                 summary.update(budget_fraction=fraction, seconds=time.perf_counter() - start)
                 if name == "haq":
                     summary["settings"] = {
@@ -178,8 +183,12 @@ def _memory_sweep(
     rows = []
     for fraction in _fractions(args.memory_budgets):
         budget = parse_budget(fraction, costs)
-        tuned, _ = tune_haq(stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens)
-        s = replay(eval_trace, costs, tuned, budget, hw, stats=stats, context=args.context)
+        tuned, tuning = tune_haq(
+            stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens
+        )
+        s = replay(
+            eval_trace, costs, tuned, budget, hw, stats=stats, context=args.context, plan=tuning["plan"]
+        )
         dev = s["device_bytes"]
         rows.append(
             {

@@ -13,7 +13,7 @@ from moedge.runtime.bundle_runner import BundleRunner
 from moedge.runtime.placement import write_plan
 from moedge.runtime.profiles import load_profile
 from moedge.runtime.routing import read_routing
-from moedge.runtime.scheduler import POLICIES, ExpertScheduler, ModelCosts, parse_budget
+from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
 from moedge.runtime.simulate import DecodeTrace, record_trace, tune_haq
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def profile_bundle(
         budget = parse_budget(gpu_budget, costs)
         hw = load_profile(profile)
         policy, summary = tune_haq(recorded, costs, budget, hw, base=POLICIES["haq"], stats=stats)
-        pinned = sorted(ExpertScheduler(costs, policy, budget, hw, stats=stats).cache.pinned)
+        pinned = [(int(a), int(b)) for a, b in summary["plan"]]
         settings = {
             "static_fraction": policy.static_fraction,
             "prefetch": policy.prefetch,
