@@ -220,3 +220,19 @@ def test_replay_orders_policies_sensibly():
         for name in ("cpu", "static", "full-gpu")
     }
     assert ms["full-gpu"] < ms["static"] < ms["cpu"]
+
+
+def test_tuned_haq_plan_fits_and_balancing_never_widens_the_spread():
+    from moedge.runtime.simulate import balance_plan, tune_haq
+
+    rng = np.random.default_rng(5)
+    costs = _costs({(li, e): 2_600_000 for li in range(LAYERS) for e in range(EXPERTS)})
+    trace = _trace(rng, 120, skew=0.3)
+    budget = costs.expert_bytes() // 4
+    hw = BUILTIN["jetson-agx-orin-64gb"]
+    policy, summary = tune_haq(trace, costs, budget, hw, base=POLICIES["haq"], tokens=120)
+    assert sum(costs.experts[tuple(k)].bytes for k in summary["plan"]) <= budget
+    start = replay(trace, costs, policy, budget, hw, stats=trace.stats())
+    balanced = balance_plan(trace, costs, policy, budget, hw, stats=trace.stats(), start=start)
+    assert balanced["hit_rate_layer_std"] <= start["hit_rate_layer_std"]
+    assert balanced["modeled_decode_ms"]["mean"] <= start["modeled_decode_ms"]["mean"] * 1.005 + 1e-12
