@@ -25,7 +25,7 @@ from moedge._errors import MoedgeError
 
 log = logging.getLogger(__name__)
 
-POLICY_ORDER = ("cpu", "lru", "lfu", "static", "n-cpu-moe", "haq")
+POLICY_ORDER = ("cpu", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "haq")
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:

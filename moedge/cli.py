@@ -550,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--policy",
         default="haq",
-        choices=["haq", "lru", "lfu", "static", "n-cpu-moe", "cpu", "full-gpu"],
+        choices=["haq", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "cpu", "full-gpu"],
         help="expert cache policy (default haq)",
     )
     run.add_argument(

@@ -45,6 +45,7 @@ class Policy:
     prefetch_share: float = 0.5  # share of a layer's routed experts prefetch is expected to bring in time
     topup: str = "balanced"  # haq's second stage: balanced across layers, or popular
     path_fraction: float = 0.5  # share of the pinned budget haq's first stage gives whole-depth paths
+    prefetch_from: str = "gate"  # gate: speculative next-layer router; transitions: routing.json's counts
 
 
 POLICIES: dict[str, Policy] = {
@@ -79,6 +80,21 @@ POLICIES: dict[str, Policy] = {
             miss="predict",
             prefetch=2,
             static_fraction=0.75,
+        ),
+        Policy(
+            "fate",
+            "on-demand LRU plus prefetch of the next layer's experts from its router on this layer's input (Fate)",
+            eviction="lru",
+            miss="transfer",
+            prefetch=2,
+        ),
+        Policy(
+            "moe-infinity",
+            "LFU cache plus prefetch from recorded activation paths (layer-to-layer transitions; MoE-Infinity)",
+            eviction="lfu",
+            miss="transfer",
+            prefetch=2,
+            prefetch_from="transitions",
         ),
         Policy(
             "full-gpu", "every expert resident (the memory upper bound; ignores the budget)", placement="all"
@@ -292,6 +308,7 @@ class ExpertScheduler:
         self.costs = costs
         self.policy = policy
         self.profile = profile
+        self.routing = stats
         self.predictor = predictor or LatencyPredictor(profile, int8=costs.int8)
         sizes = {k: c.bytes for k, c in costs.experts.items()}
         if policy.placement == "all":
@@ -457,10 +474,23 @@ class ExpertScheduler:
         if self.profile.unified_memory and self.profile.shared_memory_bandwidth:
             moved = cpu_bytes + sum(b for _, _, b in gpu_jobs)
             end = max(end, now + moved / self.profile.shared_memory_bandwidth)
+        if policy.prefetch and policy.prefetch_from == "transitions":
+            speculative_next = self._from_transitions(layer, experts)
         if policy.prefetch and speculative_next is not None:
             self._prefetch(layer, speculative_next, now, protect, end)
         self.clock = end
         return where
+
+    def _from_transitions(self, layer: int, experts: dict[int, int]) -> list[int] | None:
+        """The next layer's experts most often chosen after this layer's choices (routing statistics)."""
+        pos = self.costs.moe_layers.index(layer)
+        if self.routing is None or pos + 1 >= len(self.costs.moe_layers):
+            return None
+        matrix = self.routing.transitions.get((layer, self.costs.moe_layers[pos + 1]))
+        if matrix is None:
+            return None
+        scores = matrix[sorted(experts)].sum(axis=0)
+        return [int(e) for e in np.argsort(-scores, kind="stable")]
 
     def _prefetch(
         self,

@@ -43,7 +43,9 @@ def _reference(bundle):
     return [runner.generate(p, max_new_tokens=8) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("policy", ["haq", "lru", "lfu", "static", "n-cpu-moe", "cpu", "full-gpu"])
+@pytest.mark.parametrize(
+    "policy", ["haq", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "cpu", "full-gpu"]
+)
 @pytest.mark.parametrize("budget", ["13%", "30%", "60%"])
 def test_greedy_is_identical_for_every_policy_and_budget(profiled, policy, budget):
     bundle, routing, _ = profiled
