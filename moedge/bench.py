@@ -299,6 +299,49 @@ def _time_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int)
     return once
 
 
+def decode_breakdown(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
+    """Where a decode step of a bundle goes: ms per token in embedding, layer stages, experts, head, and
+    the rest (numpy gating and combine, Python), after ``prompt``."""
+    from moedge.runtime.bundle_runner import BundleRunner
+
+    runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
+    logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
+    spent: dict[str, float] = {"embedding": 0.0, "stages": 0.0, "experts": 0.0, "head": 0.0}
+    run_graph = runner._run
+
+    def timed(graph: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        out = run_graph(graph, values)
+        kind = (
+            "embedding"
+            if graph is runner.manifest.embedding
+            else "head"
+            if graph is runner.manifest.head
+            else "stages"
+        )
+        spent[kind] += time.perf_counter() - start
+        return out
+
+    def timed_expert(layer: int, expert: int, x: np.ndarray, backend: Any = None) -> np.ndarray:
+        start = time.perf_counter()
+        out = BundleRunner.run_expert(runner, layer, expert, x, backend)
+        spent["experts"] += time.perf_counter() - start
+        return out
+
+    runner._run = timed  # type: ignore[method-assign]
+    runner.run_expert = timed_expert  # type: ignore[method-assign]
+    token = int(np.argmax(logits[0, -1]))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
+        token = int(np.argmax(logits[0, -1]))
+    total = time.perf_counter() - start
+    out = {k: v / new_tokens * 1e3 for k, v in spent.items()}
+    out["other"] = total / new_tokens * 1e3 - sum(out.values())
+    out["total"] = total / new_tokens * 1e3
+    return out
+
+
 def _time_torch(model_name: str, prompt: list[int], new_tokens: int, threads: int) -> Any:
     import torch
 
@@ -380,8 +423,14 @@ def speed_table(args: argparse.Namespace) -> dict[str, Any]:
             "decode_tokens_per_s": args.new_tokens / decode_s,
             "runs": values,
         }
+    breakdown = {"w8a8 bundle": decode_breakdown(args.bundle, prompt, args.new_tokens, args.threads)}
+    if args.dense_bundle:
+        breakdown["dense w8a8 bundle"] = decode_breakdown(
+            args.dense_bundle, prompt, args.new_tokens, args.threads
+        )
     return {
         "measured": True,
+        "decode_ms_per_token_by_graph": breakdown,
         "threads": args.threads,
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
@@ -446,4 +495,6 @@ def _speed_part(args: argparse.Namespace) -> list[str]:
         lines.append(
             f"  {name}: prompt {row['prompt_tokens_per_s']:.1f} tok/s, decode {row['decode_tokens_per_s']:.1f} tok/s"
         )
+    for name, parts in speed["decode_ms_per_token_by_graph"].items():
+        lines.append(f"  {name} decode ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     return lines
