@@ -110,7 +110,9 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     costs = ModelCosts.from_manifest(manifest)
     names = list(BUILTIN) if args.profiles == "all" else [p.strip() for p in args.profiles.split(",")]
     profiles = [load_profile(n) for n in names]
-    cache = args.out / "traces"
+    from moedge.paths import cache_dir
+
+    cache = cache_dir() / "bench" / "runtime" / "traces"  # derived data: regenerated, never committed
     stats_trace = _trace(args.bundle, args.stats_text, args.stats_tokens, cache, args.threads)
     eval_trace = _trace(args.bundle, args.eval_text, args.eval_tokens, cache, args.threads)
     stats = stats_trace.stats()

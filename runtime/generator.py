@@ -184,13 +184,9 @@ class Generator:
 
     # --- set-up ------------------------------------------------------------------------------------
     def _make_gpu(self, backend: str, threads: int | None) -> Backend:
-        if backend == "simulated":
+        if backend == "simulated":  # shares the CPU sessions: it executes on the CPU
             return SimulatedGpuBackend(profile=self.profile, cpu=self.runner.cpu)
-        if backend == "tensorrt":
-            return make_backend("tensorrt")
-        if backend == "ort-cuda":
-            return make_backend("ort-cuda", intra_op_threads=threads)
-        raise MoedgeError(f"unknown backend {backend!r}: use ort-cpu, simulated, ort-cuda or tensorrt")
+        return make_backend(backend, intra_op_threads=threads)
 
     def _activate_base(self) -> None:
         for graph in [

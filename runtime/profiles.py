@@ -43,7 +43,6 @@ class HardwareProfile:
     resident_setup_bandwidth: float | None = None  # unified-memory devices
     resident_setup_fixed: float = 0.0
     shared_memory_bandwidth: float | None = None  # unified: what CPU and GPU share
-    measured: bool = False  # figures measured on the device rather than taken from datasheets
     sources: list[dict[str, str]] = field(default_factory=list)
 
     def gpu_time(self, weight_bytes: float, params: float, tokens: int, *, int8: bool = True) -> float:

@@ -283,7 +283,6 @@ class SchedulerStats:
     transfers: int = 0
     bytes_moved: int = 0
     prefetch_issued: int = 0
-    prefetch_used: int = 0
     prefetch_recall_num: int = 0
     prefetch_recall_den: int = 0
     steps: list[StepRecord] = field(default_factory=list)

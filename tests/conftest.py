@@ -72,3 +72,24 @@ def bundles(tmp_path_factory, tiny_exports):
         return done[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def python_without():
+    """Run Python code in a fresh process where the named top-level packages cannot be imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(body: str, blocked: tuple[str, ...] = ("torch", "transformers", "onnx", "onnx_ir")):
+        script = (
+            "import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {blocked!r}:\n"
+            "            raise ImportError('blocked: ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n" + textwrap.dedent(body)
+        )
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    return run

@@ -62,10 +62,6 @@ class Backend(ABC):
         """Free device memory in bytes, where the device reports it."""
         return None
 
-    def resident_bytes(self) -> int:
-        """Bytes of the graphs currently active."""
-        return sum(r.nbytes for r in self._runners.values() if r.active)
-
 
 def cuda_free_memory() -> int | None:
     """Free CUDA device memory through the CUDA runtime library, without torch; None when there is none."""

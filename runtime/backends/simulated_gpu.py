@@ -53,11 +53,10 @@ class SimulatedGpuBackend(Backend):
         *,
         profile: str | HardwareProfile = "rtx4090-pcie4",
         cpu: OrtCpuBackend | None = None,
-        intra_op_threads: int | None = None,
     ) -> None:
         super().__init__()
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-        self.cpu = cpu or OrtCpuBackend(intra_op_threads=intra_op_threads)
+        self.cpu = cpu or OrtCpuBackend()
         self.used = 0
         self.peak = 0
 
