@@ -8,7 +8,9 @@ Two rows, each on the first 64 windows (seqlen 512) of WikiText-2 raw test:
 
 It also counts router decisions that differ between the bundle and PyTorch, and how close the PyTorch
 router was to a tie there (the gap between the k-th and (k+1)-th softmax score): float rounding can only
-flip near-ties. Exports and bundles are cached under ~/.cache/moedge/bench/. Writes
+flip near-ties. `--exact-int-reference` makes the fake-quant reference compute every quantized matmul
+as ORT's fused MatMulIntegerToFloat does (exact integer sums, then float(acc) * (input scale * weight
+scale) + bias), which removes the accumulation-order difference from the comparison. Exports and bundles are cached under ~/.cache/moedge/bench/. Writes
 benchmarks/results/bundle_parity_<model>.json.
 
     MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/bundle_parity.py --model smollm2-135m-moe \
@@ -47,6 +49,19 @@ def _router_choices(model: Any) -> tuple[dict[int, np.ndarray], list[Any]]:
 
         handles.append(gate.register_forward_hook(hook))
     return seen, handles
+
+
+def _exact_int_forward(self: Any, x: Any) -> Any:
+    """FakeQuantLinear's product as ORT's MatMulIntegerToFloat computes it: exact int sums, one scale."""
+    import torch
+
+    from moedge.calibration.quant import QMAX_ACT, QMIN_ACT
+
+    scale = torch.tensor(self.input_scale, dtype=torch.float32)
+    codes = torch.clamp(torch.round(x / scale), QMIN_ACT, QMAX_ACT)
+    acc = torch.nn.functional.linear(codes.double(), self.qweight.double())  # exact below 2**53
+    out = acc.float() * (scale * self.weight_scale)
+    return out if self.bias is None else out + self.bias
 
 
 def _compare(
@@ -164,8 +179,18 @@ def main() -> None:
         action="store_true",
         help="run the bundle op for op (ORT graph optimizations off); rows are saved as <row>-unoptimized",
     )
+    parser.add_argument(
+        "--exact-int-reference",
+        action="store_true",
+        help="the w8a8 reference sums quantized matmuls exactly in integers, as ORT's fused kernel does; "
+        "rows are saved as <row>-exactint",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.exact_int_reference:
+        from moedge.calibration.quant import FakeQuantLinear
+
+        FakeQuantLinear.forward = _exact_int_forward  # type: ignore[method-assign]
     work = cache_dir() / "bench" / "bundle_parity"
     out_file = RESULTS / f"bundle_parity_{args.model}.json"
     record: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
@@ -185,8 +210,10 @@ def main() -> None:
         times = _ensure_bundle(
             loaded, work / f"{args.model}-{suffix}-export", work / f"{args.model}-{suffix}-bundle"
         )
-        name = (f"{label}-unoptimized" if args.no_optimize else label) + (
-            "" if args.windows == 64 else f"-{args.windows}w"
+        name = (
+            (f"{label}-unoptimized" if args.no_optimize else label)
+            + ("-exactint" if args.exact_int_reference and label == "w8a8" else "")
+            + ("" if args.windows == 64 else f"-{args.windows}w")
         )
         bundle = work / f"{args.model}-{suffix}-bundle"
         row = _compare(name, loaded.model, bundle, win, args.threads, optimize=not args.no_optimize)
