@@ -23,7 +23,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moedge._errors import MoedgeError
-from moedge.calibration.layers import LayerSpec, SmoothGroup, decoder_layers, layer_spec
+from moedge.calibration.layers import (
+    HeadBlock,
+    LayerSpec,
+    SmoothGroup,
+    decoder_layers,
+    head_modules,
+    head_spec,
+    layer_spec,
+    untie_head,
+)
 from moedge.calibration.observers import InputObserver, observe
 from moedge.calibration.quant import FakeQuantLinear, act_scale, gptq, rtn_weight
 from moedge.calibration.search import (
@@ -72,6 +81,7 @@ class CalibrationConfig:
     keep_fp: tuple[str, ...] = ()
     auto_keep_fp: float = 0.0  # fraction of linear parameters the automatic mixed-precision mode may keep
     probe_sequences: int = 8  # calibration sequences the automatic mode measures loss sensitivity on
+    quantize_head: bool = False  # the LM head too (final norm smoothed into it), as llama.cpp's Q8_0 does
     seed: int = 0
     batch_size: int = 8
 
@@ -229,8 +239,8 @@ def calibrate(
 ) -> CalibrationResult:
     """Calibrate ``loaded.model`` in place into its W8A8 fake-quant form and report every decision.
 
-    ``samples`` are token-id sequences (e.g. 128 windows of 512 tokens). lm_head and routers stay in
-    full precision. The model's fused experts are split per expert for good. ``retain_fp`` keeps the
+    ``samples`` are token-id sequences (e.g. 128 windows of 512 tokens). Routers stay in full
+    precision, and so does lm_head unless ``config.quantize_head`` (then a tied head gets its own copy). The model's fused experts are split per expert for good. ``retain_fp`` keeps the
     smoothed FP weights so ``keep_most_sensitive`` can run later (the automatic mode does it here).
     """
     from moedge.export.configs import get_config
@@ -276,6 +286,8 @@ def calibrate(
         excluded = ["lm_head"]
         smoothing: dict[str, float | None] = {}
         fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] = {}
+        if cfg.quantize_head:
+            head_modules(model)  # fail before the long layer loop, not after it
         for index in tqdm(
             range(len(layers)), desc=f"calibrate [{cfg.method}]", unit="layer", disable=not progress
         ):
@@ -302,6 +314,17 @@ def calibrate(
                         f"non-finite activations after quantized layer {index}: calibration stopped"
                     )
                 cache[i] = (out, kwargs)
+        if cfg.quantize_head:
+            excluded.remove("lm_head")
+            _calibrate_head(
+                model,
+                cache,
+                cfg,
+                alpha_fixed,
+                reports,
+                smoothing,
+                fp_weights if (retain_fp or cfg.auto_keep_fp > 0) else None,
+            )
         cache.clear()
 
     kept = [n for n, r in reports.items() if not r.quantized]
@@ -351,6 +374,28 @@ def _keep_pattern(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def _calibrate_head(
+    model: nn.Module,
+    cache: list[tuple[torch.Tensor, dict[str, Any]]],
+    cfg: CalibrationConfig,
+    alpha_fixed: float | None,
+    reports: dict[str, LinearReport],
+    smoothing: dict[str, float | None],
+    fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] | None,
+) -> None:
+    """Smooth the final norm into the LM head and quantize the head, like any decoder-layer linear."""
+    untie_head(model)
+    _, norm = head_modules(model)
+    block = HeadBlock(norm, model.lm_head)  # type: ignore[arg-type]
+    _calibrate_layer(
+        block, head_spec(block), cache, cfg, alpha_fixed, None, "", reports, smoothing, fp_weights
+    )
+    model.lm_head = block.lm_head
+    if fp_weights is not None and "lm_head" in fp_weights:
+        _, leaf, w, b = fp_weights["lm_head"]
+        fp_weights["lm_head"] = (model, leaf, w, b)
+
+
 def _calibrate_layer(
     layer: nn.Module,
     spec: LayerSpec,
@@ -364,7 +409,11 @@ def _calibrate_layer(
     fp_weights: dict[str, tuple[nn.Module, str, torch.Tensor, torch.Tensor | None]] | None,
 ) -> None:
     """Observe, smooth, quantize one layer in place."""
-    keep = {n for n in spec.linears if _keep_pattern(f"{name_prefix}.{n}", cfg.keep_fp)}
+
+    def qualified(name: str) -> str:
+        return f"{name_prefix}.{name}" if name_prefix else name
+
+    keep = {n for n in spec.linears if _keep_pattern(qualified(n), cfg.keep_fp)}
     hessian_keys = (
         {spec.input_key[n] for n in spec.linears if n not in keep} if cfg.hessian_weights else set()
     )
@@ -394,7 +443,7 @@ def _calibrate_layer(
     cols: dict[str, torch.Tensor] = {}  # input key -> column scale its consumers' inputs were divided by
     group_of: dict[str, tuple[str | None, float | None]] = {}
     for group in spec.groups:
-        gname = f"{name_prefix}.{group.name}"
+        gname = qualified(group.name)
         consumers = [n for n in group.consumers if n not in keep]
         stat = obs[group.stat_key]
         alpha: float | None = None
@@ -413,7 +462,7 @@ def _calibrate_layer(
 
     # 2. Weights and activation ranges, linear by linear.
     for name, lin in spec.linears.items():
-        full = f"{name_prefix}.{name}"
+        full = qualified(name)
         key = spec.input_key[name]
         o = obs[key]
         col = cols.get(key)

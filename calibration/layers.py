@@ -82,6 +82,58 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise MoedgeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+class HeadBlock(nn.Module):
+    """The final norm and the LM head as one calibration unit (the norm is its smoothing producer)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor, **_: Any) -> torch.Tensor:
+        """Logits of the last decoder layer's output."""
+        return self.lm_head(self.norm(hidden))  # type: ignore[no-any-return]
+
+
+def head_modules(model: nn.Module) -> tuple[str, nn.Module]:
+    """The final norm's module name and module (the producer of the LM head's input)."""
+    inner: Any = getattr(model, "model", None)
+    for name in ("norm", "decoder.final_layer_norm"):
+        try:
+            norm = inner.get_submodule(name) if inner is not None else None
+        except AttributeError:
+            continue
+        if norm is not None and getattr(model, "lm_head", None) is not None:
+            return f"model.{name}", norm
+    raise MoedgeError(
+        f"cannot find the final norm and lm_head of {type(model).__name__}: quantizing the head is not supported"
+    )
+
+
+def untie_head(model: nn.Module) -> None:
+    """Give the LM head its own weight when it shares the embedding's (quantizing it must not touch the table)."""
+    head: Any = getattr(model, "lm_head", None)
+    emb: Any = model.get_input_embeddings()  # type: ignore[operator]
+    if head is not None and isinstance(head, nn.Linear) and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone())
+    cfg: Any = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.tie_word_embeddings = False
+
+
+def head_spec(block: HeadBlock) -> LayerSpec:
+    """The head as a one-linear layer: the final norm smooths into the LM head's columns."""
+    linears: dict[str, nn.Linear] = {"lm_head": block.lm_head}  # type: ignore[dict-item]
+    return LayerSpec(
+        index=-1,
+        linears=linears,
+        input_key={"lm_head": "head_in"},
+        observed={"head_in": block.lm_head},
+        groups=[SmoothGroup("head_in", "norm", block.norm, ["lm_head"], "head_in")],
+        routers=[],
+    )
+
+
 def _gqa_expand(num_heads: int, num_kv: int, head_dim: int) -> torch.Tensor | None:
     if num_heads == num_kv:
         return None

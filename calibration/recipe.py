@@ -21,7 +21,7 @@ from torch import nn
 
 from moedge._errors import MoedgeError
 from moedge.calibration.calibrator import CalibrationResult
-from moedge.calibration.layers import decoder_layers
+from moedge.calibration.layers import decoder_layers, head_modules, untie_head
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.model import LoadedModel
 from moedge.paths import atomic_folder, check_new_output
@@ -31,6 +31,18 @@ RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "weights.safetensors"
 ROUTING_FILE = "routing.json"
 REPORT_FILE = "report.md"
+
+
+def _recipe_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(module name, module) of everything a recipe stores: each decoder layer, the final norm, lm_head."""
+    names = {id(m): n for n, m in model.named_modules()}
+    units = [(names[id(layer)], layer) for layer in decoder_layers(model)]
+    try:
+        norm_name, norm = head_modules(model)
+    except MoedgeError:
+        return units
+    head: Any = model.lm_head
+    return [*units, (norm_name, norm), ("lm_head", head)]
 
 
 def model_fingerprint(model: nn.Module) -> dict[str, Any]:
@@ -76,10 +88,10 @@ def save_recipe(
     with atomic_folder(out) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         model = loaded.model
-        names = {id(m): n for n, m in model.named_modules()}
-        for layer in decoder_layers(model):
-            prefix = names[id(layer)]
-            for rel, module in layer.named_modules():
+        for prefix, unit in _recipe_units(model):
+            if prefix == "lm_head" and not isinstance(unit, FakeQuantLinear):
+                continue  # an FP head is the model's own weight (often the embedding's): not stored
+            for rel, module in unit.named_modules():
                 full = f"{prefix}.{rel}" if rel else prefix
                 if isinstance(module, FakeQuantLinear):
                     tensors[f"{full}.qweight"] = module.qweight.contiguous().clone()
@@ -194,11 +206,11 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
     tensors = load_file(str(rec.path / WEIGHTS_FILE))
     used: set[str] = set()
     scales = {n: r["input_scale"] for n, r in rec.meta["linears"].items() if r["quantized"]}
-    names = {id(m): n for n, m in model.named_modules()}
+    if "lm_head.qweight" in tensors:
+        untie_head(model)
     with torch.no_grad():
-        for layer in decoder_layers(model):
-            prefix = names[id(layer)]
-            for rel, module in list(layer.named_modules()):
+        for prefix, unit in _recipe_units(model):
+            for rel, module in list(unit.named_modules()):
                 full = f"{prefix}.{rel}" if rel else prefix
                 if f"{full}.qweight" in tensors:
                     if full not in scales:
@@ -209,7 +221,10 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                     fq = FakeQuantLinear(
                         tensors[f"{full}.qweight"], tensors[f"{full}.weight_scale"], bias, scales[full]
                     )
-                    layer.set_submodule(rel, fq)
+                    if rel:
+                        unit.set_submodule(rel, fq)
+                    else:  # the LM head is a unit of its own
+                        model.set_submodule(prefix, fq)
                     used.update({f"{full}.qweight", f"{full}.weight_scale", f"{full}.bias"})
                     continue
                 for pname, p in module.named_parameters(recurse=False):

@@ -308,14 +308,20 @@ class Generator:
         """Text of token ids (empty without a tokenizer)."""
         return "" if self.tokenizer is None else str(self.tokenizer.decode(list(ids)))
 
-    def _forward(self, ids: np.ndarray, past: Any) -> tuple[np.ndarray, Any]:
-        tokens = int(ids.shape[1])
+    def _forward(
+        self,
+        ids: np.ndarray,
+        past: Any,
+        mask: np.ndarray | None = None,
+        positions: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, Any]:
+        tokens = int(ids.size)
         context = 0 if past is None else int(past[0].shape[2])
         self.metrics.computed.append({})
         self.metrics.routed.append({})
         if self.scheduler is not None:
-            self.scheduler.begin_step(tokens, context)
-        logits, present = self.runner.forward(ids, past=past)
+            self.scheduler.begin_step(tokens, context, rows=int(ids.shape[0]))
+        logits, present = self.runner.forward(ids, past=past, attention_mask=mask, position_ids=positions)
         if self.scheduler is not None:
             self.scheduler.end_step()
         return logits, present
@@ -331,22 +337,25 @@ class Generator:
         seed: int | None = None,
         stop: Sequence[int] = (),
         on_token: Callable[[int, int], None] | None = None,
+        batch: bool = True,
     ) -> list[Generation]:
         """Continue each prompt (text or ids); ``on_token(prompt_index, token_id)`` streams tokens.
 
-        Greedy when ``temperature`` is 0; otherwise sampled with ``top_k``/``top_p`` from ``seed``.
-        Generation stops at ``max_new_tokens``, the model's end-of-sequence token, a ``stop`` token, or
-        the context length. Ctrl-C ends it cleanly: the results so far come back with
+        Several prompts run as one batch (left-padded, one forward pass per step for all of them; a
+        prompt that stops leaves the batch) unless ``batch`` is False, which runs them one after
+        another. Greedy when ``temperature`` is 0; otherwise sampled with ``top_k``/``top_p`` from
+        ``seed``. Generation stops at ``max_new_tokens``, the model's end-of-sequence token, a ``stop``
+        token, or the context length. Ctrl-C ends it cleanly: the results so far come back with
         ``stopped_by="interrupt"`` and the metrics say ``interrupted``.
         """
-        batch = (
+        prompt_list = (
             [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         )
         rng = np.random.default_rng(seed)
         stops = set(int(s) for s in stop)
         eos = self.manifest.model.get("eos_token_id")
         results: list[Generation] = []
-        for index, prompt in enumerate(batch):  # type: ignore[arg-type]
+        for index, prompt in enumerate(prompt_list):  # type: ignore[arg-type]
             ids = self.encode(prompt)  # type: ignore[arg-type]
             if not ids:
                 raise MoedgeError("a prompt must have at least one token")
@@ -354,8 +363,24 @@ class Generator:
                 raise MoedgeError(
                     f"prompt {index} has {len(ids)} tokens; the model's context is {self.context}: shorten it"
                 )
-            gen = Generation(prompt_ids=ids, token_ids=[])
-            results.append(gen)
+            results.append(Generation(prompt_ids=ids, token_ids=[]))
+        if not results:
+            return []
+        if batch and len(results) > 1:
+            try:
+                self._generate_batch(
+                    results, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
+                )
+            except KeyboardInterrupt:
+                for gen in results:
+                    if gen.stopped_by == "length" and len(gen.token_ids) < max_new_tokens:
+                        gen.stopped_by = "interrupt"
+                self.metrics.interrupted = True
+            finally:
+                for gen in results:
+                    gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
+            return results
+        for index, gen in enumerate(results):
             try:
                 self._generate_one(
                     gen, index, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
@@ -366,7 +391,66 @@ class Generator:
                 break
             finally:
                 gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
-        return results
+        return results[: index + 1]
+
+    def _generate_batch(
+        self,
+        gens: list[Generation],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        rng: np.random.Generator,
+        stops: set[int],
+        eos: int | None,
+        on_token: Callable[[int, int], None] | None,
+    ) -> None:
+        """Every prompt in one batch: left padding, an attention mask, per-row positions."""
+        width = max(len(g.prompt_ids) for g in gens)
+        step = np.zeros((len(gens), width), dtype=np.int64)
+        mask = np.zeros((len(gens), width), dtype=np.int64)
+        for row, g in enumerate(gens):
+            step[row, width - len(g.prompt_ids) :] = g.prompt_ids
+            mask[row, width - len(g.prompt_ids) :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        active = list(range(len(gens)))  # rows still generating, in batch order
+        past: Any = None
+        for i in range(max_new_tokens):
+            start = time.perf_counter()
+            logits, past = self._forward(step, past, mask, positions)
+            tokens = [_sample(logits[r, -1], rng, temperature, top_k, top_p) for r in range(len(active))]
+            elapsed = time.perf_counter() - start
+            if i == 0:
+                self.metrics.prompt_tokens += int(mask.sum())
+                self.metrics.prompt_seconds += elapsed
+            else:
+                self.metrics.decode_tokens += len(active)
+                self.metrics.decode_seconds += elapsed
+                self.metrics.token_latencies.append(elapsed)
+            keep: list[int] = []
+            for r, (index, token) in enumerate(zip(active, tokens, strict=True)):
+                gen = gens[index]
+                gen.token_ids.append(token)
+                if on_token is not None:
+                    on_token(index, token)
+                if eos is not None and token == eos:
+                    gen.stopped_by = "eos"
+                elif token in stops:
+                    gen.stopped_by = "stop"
+                elif self.context and len(gen.prompt_ids) + i + 1 >= self.context:
+                    gen.stopped_by = "context"
+                else:
+                    keep.append(r)
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished rows leave the batch and its cache
+                past = [kv[keep] for kv in past]
+                mask, positions = mask[keep], positions[keep]
+                active = [active[r] for r in keep]
+                tokens = [tokens[r] for r in keep]
+            step = np.asarray(tokens, dtype=np.int64)[:, None]
+            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
 
     def _generate_one(
         self,

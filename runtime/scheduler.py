@@ -383,10 +383,13 @@ class ExpertScheduler:
         )
 
     # --- one forward step -------------------------------------------------------------------------
-    def begin_step(self, tokens: int, context: int) -> None:
-        """Start a forward step over ``tokens`` new tokens with ``context`` tokens already cached."""
-        self._step = StepRecord(tokens=tokens, decode=tokens == 1, modeled_seconds=self.clock)
-        self._context = context
+    def begin_step(self, tokens: int, context: int, *, rows: int = 1) -> None:
+        """Start a forward step over ``tokens`` new tokens (all ``rows`` of a batch) after ``context`` cached ones.
+
+        A step is a decode step when each row adds one token.
+        """
+        self._step = StepRecord(tokens=tokens, decode=tokens == rows, modeled_seconds=self.clock)
+        self._context = context * rows
         self.clock += self.profile.gpu_call_overhead  # embedding gather
 
     def run_stage(self, layer: int) -> None:

@@ -72,3 +72,45 @@ def test_upcycled_noise_makes_experts_differ_and_router_follows_kmeans(tiny_mode
         dense, UpcycleConfig(sigma=0.05, num_experts=4, top_k=2, build_windows=4, window_len=64)
     )
     assert torch.equal(again.model.model.layers[0].mlp.gate.weight, router), "the build must be deterministic"
+
+
+def test_stories260k_with_an_int8_head_keeps_its_embedding_and_runs_the_head_in_int8(data_dir, tmp_path):
+    """quantize_head on a tied head: the embedding table stays FP, the bundle's head stage runs int8."""
+    from moedge.calibration import (
+        CalibrationConfig,
+        apply_recipe,
+        calibrate,
+        calibration_windows,
+        save_recipe,
+    )
+    from moedge.export.exporter import export_model
+    from moedge.graph_passes.bundle import split_bundle
+    from moedge.graph_passes.inspect import INT8_KERNELS, ort_census
+    from moedge.manifest import read_manifest
+    from moedge.runtime.bundle_runner import BundleRunner
+
+    path = data_dir / "stories260K" / "stories260K.bin"
+    loaded = load_model(path)
+    model = loaded.model
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied, as released
+    table = model.get_input_embeddings().weight.detach().clone()
+    samples = list(calibration_windows(loaded, dataset="demo", count=8, seqlen=64, seed=0))
+    result = calibrate(loaded, samples, CalibrationConfig(method="haq", quantize_head=True), progress=False)
+    assert result.linears["lm_head"].quantized and "lm_head" not in result.excluded
+    assert torch.equal(model.get_input_embeddings().weight, table)  # smoothing never touched the table
+    save_recipe(loaded, result, tmp_path / "recipe")
+    fake = apply_recipe(load_model(path), tmp_path / "recipe")
+    ids = np.asarray([[fake.bos_token_id, *fake.encode("Once upon a time")]])
+    with torch.no_grad():
+        want = fake.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    got_recipe = loaded.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.detach().numpy()
+    np.testing.assert_array_equal(got_recipe, want)  # the recipe reproduces the calibrated model
+    export_model(fake, tmp_path / "export")
+    split_bundle(tmp_path / "export", tmp_path / "bundle", progress=False)
+    manifest = read_manifest(tmp_path / "bundle")
+    census = ort_census(tmp_path / "bundle" / manifest.head.file)
+    assert sum(n for op, n in census.items() if op in INT8_KERNELS) == 1
+    assert not {"MatMul", "Gemm", "FusedMatMul"} & set(census)
+    got = BundleRunner(tmp_path / "bundle").forward(ids)[0]
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
+    assert np.abs(got - want).max() < 0.5

@@ -130,7 +130,8 @@ def test_bad_input_is_one_clear_error(profiled, tmp_path):
     assert main(["run", str(newer), "--ids", "1,2"]) == 1
 
 
-def test_interrupt_returns_what_was_generated(profiled):
+@pytest.mark.parametrize("batch", [False, True])
+def test_interrupt_returns_what_was_generated(profiled, batch):
     bundle, routing, _ = profiled
     gen = Generator(bundle, backend="simulated", policy="lru", gpu_budget="30%", routing=routing)
 
@@ -138,9 +139,30 @@ def test_interrupt_returns_what_was_generated(profiled):
         if len(gen.metrics.token_latencies) >= 2:
             raise KeyboardInterrupt
 
-    out = gen.generate(PROMPTS, max_new_tokens=20, on_token=stop_after_three)
-    assert len(out) == 1 and out[0].stopped_by == "interrupt" and len(out[0].token_ids) == 3
+    out = gen.generate(PROMPTS, max_new_tokens=20, on_token=stop_after_three, batch=batch)
+    assert out[0].stopped_by == "interrupt" and len(out[0].token_ids) == 3
+    if batch:  # the second row had not received its third token when Ctrl-C came
+        assert len(out) == 2 and out[1].stopped_by == "interrupt" and len(out[1].token_ids) == 2
+    else:  # prompts run one after another: the second never started
+        assert len(out) == 1
     assert gen.summary()["interrupted"] is True
+
+
+def test_a_batch_drops_finished_rows_and_matches_one_by_one(profiled):
+    bundle, routing, _ = profiled
+    prompts = [*PROMPTS, [9, 8, 7], list(range(20, 41))]
+    ref = BundleRunner(bundle)
+    want = [ref.generate(p, max_new_tokens=12) for p in prompts]
+    stop = want[2][3]  # the third prompt stops early; the others go on without it
+    gen = Generator(bundle, backend="simulated", policy="haq", gpu_budget="30%", routing=routing)
+    out = gen.generate(prompts, max_new_tokens=12, stop=[stop])
+    for got, full in zip(out, want, strict=True):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert got.token_ids == full[:cut]
+        assert got.stopped_by == ("stop" if stop in full else "length")
+    assert gen.metrics.routed == gen.metrics.computed
+    assert gen.metrics.prompt_tokens == sum(len(p) for p in prompts)
+    assert gen.metrics.decode_tokens == sum(len(g.token_ids) for g in out) - len(prompts)
 
 
 def test_cli_run_prints_tokens_and_metrics(profiled, tmp_path):
