@@ -321,6 +321,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(new, end="", flush=True)
 
     results = []
+    if args.batch and len(prompts) > 1:  # one batch: the completions print when it ends
+        results = gen.generate(
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop or (),
+        )
+        for prompt, r in zip(prompts, results, strict=False):
+            head = prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) + " |"
+            print(head + (r.text if r.text is not None else " " + " ".join(map(str, r.token_ids))))
+        prompts = []
     for i, prompt in enumerate(prompts):
         if not args.no_stream:
             head = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
@@ -545,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-p", "--prompt", action="append", help="prompt text (repeat for several prompts)")
     run.add_argument("--prompt-file", type=Path, help="a text file, one prompt per line")
     run.add_argument("--ids", action="append", help="a prompt as token ids: 1,2,3 (repeatable)")
+    run.add_argument(
+        "--batch",
+        action="store_true",
+        help="run all prompts as one batch (one forward pass per step; completions print at the end)",
+    )
     run.add_argument(
         "-n", "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)"
     )

@@ -196,6 +196,17 @@ def test_cli_run_prints_tokens_and_metrics(profiled, tmp_path):
     doc = json.loads(metrics.read_text())
     assert len(doc["generations"]) == 2 and all(len(g["token_ids"]) == 6 for g in doc["generations"])
     assert {"p50", "p90", "p99", "std"} <= set(doc["token_latency_ms"])
+    # --batch: both prompts in one forward pass per step, the same greedy tokens
+    batched = tmp_path / "b.json"
+    args[args.index(str(metrics))] = str(batched)
+    result = subprocess.run(
+        [sys.executable, "-m", "moedge", *args, "--batch"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hello" in result.stdout and "1 2 3 |" in result.stdout
+    again = json.loads(batched.read_text())
+    assert [g["token_ids"] for g in again["generations"]] == [g["token_ids"] for g in doc["generations"]]
+    assert again["decode_tokens"] == 10
 
 
 def test_cli_ctrl_c_prints_the_metrics_so_far(bundles, tmp_path):
