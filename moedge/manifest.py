@@ -66,9 +66,10 @@ class GraphSpec:
 class GatingRule:
     """How an MoE layer turns router logits into expert choices and weights, exactly as the model does.
 
-    ``scoring`` is applied to the logits in float32 over all experts, then the ``top_k`` largest scores
-    are taken (ties to the lower expert index); with ``normalize_top_k`` the chosen scores are divided by
-    their sum. The layer output is ``residual + reshape(sum over chosen experts of weight * expert(x)
+    ``scoring`` is applied to the float32 logits over all experts in float64 (exp, a sum in expert
+    order, a division), then the ``top_k`` largest scores are taken (ties to the lower expert index);
+    with ``normalize_top_k`` the chosen scores are divided by their sum (in float64); the weights are
+    rounded to float32 once, at the end. The layer output is ``residual + reshape(sum over chosen experts of weight * expert(x)
     [+ shared_output])``, experts accumulated in ascending index order.
     """
 

@@ -11,12 +11,14 @@ from moedge.manifest import GatingRule
 def route(logits: np.ndarray, rule: GatingRule) -> tuple[np.ndarray, np.ndarray]:
     """Chosen experts (tokens x top_k, int64, best first) and their weights (float32) for ``logits``.
 
-    Scores are a float32 softmax over all experts; ties go to the lower expert index; with
-    ``normalize_top_k`` the chosen scores are divided by their sum (``GatingRule``).
+    Scores are a softmax over all experts computed in float64 and weights rounded to float32 once at
+    the end, so a runner in another language (the C++ ``moedge_rt``) reproduces them bit for bit
+    whatever its ``exp``; ties go to the lower expert index; with ``normalize_top_k`` the chosen scores
+    are divided by their sum (``GatingRule``).
     """
     if rule.scoring != "softmax":
         raise MoedgeError(f"gating scoring {rule.scoring!r} is not supported by this runtime")
-    x = np.asarray(logits, dtype=np.float32)
+    x = np.asarray(logits, dtype=np.float32).astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     probs = np.exp(x)
     probs /= probs.sum(axis=-1, keepdims=True)
