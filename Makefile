@@ -7,7 +7,7 @@ PKGS := moedge calibration export graph_passes runtime
 SHARED_DATA := $(abspath $(CURDIR)/../shared/data)
 export MOEDGE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: env demo test lint typecheck pytest clean
+.PHONY: env demo test lint typecheck cpp pytest clean
 
 env: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: env
 	$(BIN)/moedge demo
 
-test: env lint typecheck pytest
+test: env lint typecheck cpp pytest
 
 lint: env
 	$(BIN)/ruff check .
@@ -43,6 +43,16 @@ typecheck: env
 	sed -i -E 's/([(,] *)in: /\1in_: /g; s/channel_axis: int\)/channel_axis: int = ...)/' \
 		build/typecheck/stubs/tensorrt_bindings/tensorrt.pyi
 	cd build/typecheck && MYPYPATH=stubs $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml -p moedge
+
+# The C++ runtime (cpp/): Debian packages for the toolchain and nlohmann/json, an ONNX Runtime SDK from
+# npm + PyPI (sha256-pinned, cached in ~/.cache/moedge/ort-sdk), a release build and an ASan build.
+cpp:
+	cpp/scripts/install_deps.sh
+	sdk=$$(cpp/scripts/fetch_ort_sdk.sh) && \
+	cmake -S cpp -B build/cpp -DONNXRUNTIME_ROOT=$$sdk -DCMAKE_BUILD_TYPE=Release >/dev/null && \
+	cmake -S cpp -B build/cpp-asan -DONNXRUNTIME_ROOT=$$sdk -DCMAKE_BUILD_TYPE=Debug -DMOEDGE_ASAN=ON >/dev/null
+	cmake --build build/cpp -j2
+	cmake --build build/cpp-asan -j2
 
 pytest: env
 	$(BIN)/pytest -q

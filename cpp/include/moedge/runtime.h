@@ -1,0 +1,184 @@
+// moedge_rt: run a moedge bundle (manifest.json, stage graphs, one graph per expert) from C++ through
+// the ONNX Runtime C++ API. Routing and gating follow the manifest's rule exactly as the Python runtime
+// (moedge.runtime) does, so both give the same tokens; experts can be cached on an accelerator under a
+// byte budget (LRU, or pinned by a plan file from `moedge profile --plan`).
+//
+// ONNX Runtime is loaded at run time (ORT_API_MANUAL_INIT + dlopen): call load_onnxruntime() before
+// anything else. Any libonnxruntime >= 1.29 works, including a Jetson's own.
+#pragma once
+
+#include <cstdint>
+#include <list>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace moedge {
+
+// Every failure the library reports: one message saying what is wrong and what to do.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+constexpr int kSchemaVersion = 1;  // the newest bundle schema this library reads
+
+struct TensorSpec {
+  std::string name;
+  std::string dtype;
+};
+
+struct GraphSpec {
+  std::string file;
+  std::vector<TensorSpec> inputs;
+  std::vector<TensorSpec> outputs;
+  int64_t bytes = 0;
+};
+
+// How an MoE layer turns router logits into expert choices and weights (moedge.manifest.GatingRule).
+struct GatingRule {
+  std::string scoring;  // "softmax"
+  int top_k = 0;
+  bool normalize_top_k = false;
+  bool shared_expert = false;
+};
+
+struct MoeSpec {
+  int num_experts = 0;
+  GatingRule gating;
+  std::vector<GraphSpec> experts;
+};
+
+struct LayerSpec {
+  int index = 0;
+  GraphSpec stage;
+  std::optional<MoeSpec> moe;
+};
+
+struct FileEntry {
+  std::string sha256;
+  int64_t bytes = 0;
+};
+
+struct Manifest {
+  int schema_version = 0;
+  std::string precision;
+  std::string name;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int64_t vocab_size = 0;
+  int64_t context = 0;  // max_position_embeddings when the bundle records it, else 0 (unknown)
+  std::optional<int64_t> eos_token_id;
+  GraphSpec embedding;
+  std::vector<LayerSpec> layers;
+  GraphSpec head;
+  std::map<std::string, FileEntry> files;
+
+  int64_t expert_bytes() const;  // bytes of every routed expert, as stored
+};
+
+// Parse <bundle>/manifest.json; with verify, check each listed file's size and sha256.
+Manifest read_manifest(const std::string& bundle_dir, bool verify = true);
+
+// Hex sha256 of a file.
+std::string sha256_file(const std::string& path);
+
+// The experts a plan file (`moedge profile --plan`) pins, as (layer, expert).
+std::vector<std::pair<int, int>> read_plan(const std::string& path);
+
+// Load libonnxruntime from `library_path` and bind the C++ API to it (once per process).
+void load_onnxruntime(const std::string& library_path);
+// Where to find libonnxruntime: $MOEDGE_ORT_LIB, else the SDK the build was configured with, else the
+// loader's search path (libonnxruntime.so.1).
+std::string default_onnxruntime_path();
+// "1.32.0": the loaded library's version.
+std::string onnxruntime_version();
+
+// Expert residency on the accelerator under a byte budget: pinned experts stay, the rest LRU.
+class ExpertCache {
+ public:
+  using Key = std::pair<int, int>;  // (layer, expert)
+  ExpertCache(int64_t budget_bytes, bool admit_on_miss);
+  // Pin `key` (a plan entry); throws when the pinned set outgrows the budget.
+  void pin(const Key& key, int64_t bytes);
+  // True (and marks it most recent) when `key` is resident.
+  bool lookup(const Key& key);
+  // Make `key` resident after a miss when the policy admits; returns the experts evicted for it.
+  std::vector<Key> admit(const Key& key, int64_t bytes);
+  bool resident(const Key& key) const { return bytes_.count(key) > 0; }
+  int64_t budget() const { return budget_; }
+  int64_t used() const { return used_; }
+  int64_t peak() const { return peak_; }
+
+ private:
+  int64_t budget_;
+  bool admit_on_miss_;
+  int64_t used_ = 0;
+  int64_t peak_ = 0;
+  std::set<Key> pinned_;
+  std::list<Key> lru_;  // front: least recent
+  std::map<Key, std::list<Key>::iterator> where_;
+  std::map<Key, int64_t> bytes_;
+};
+
+struct RunnerOptions {
+  int intra_op_threads = 0;      // 0: ONNX Runtime's default
+  bool shared_thread_pool = false;  // one process-wide pool for every session (many small graphs)
+  std::string provider = "cpu";  // cpu | cuda | tensorrt: where stages and resident experts run
+  // Experts kept on the provider: -1 keeps every expert there (no cache); otherwise a byte budget and
+  // misses run on the CPU. "lru" admits missed experts (evicting least recent), "static" only pins.
+  int64_t expert_budget = -1;
+  std::string policy = "lru";
+  std::vector<std::pair<int, int>> plan;  // pinned experts (layer, expert)
+  bool verify = true;                     // check every file's sha256 before loading
+};
+
+struct RunStats {
+  int64_t expert_runs = 0;  // expert calls, all steps
+  int64_t hits = 0;         // of them, on a resident expert
+  int64_t cpu_runs = 0;     // misses computed on the CPU
+  int64_t evictions = 0;
+  int64_t peak_expert_bytes = 0;
+  int64_t prompt_tokens = 0;  // generate(): tokens of the prompt steps and their wall time
+  double prompt_seconds = 0.0;
+  int64_t decode_tokens = 0;  // generate(): one-token steps and their wall time
+  double decode_seconds = 0.0;
+};
+
+class Runner {
+ public:
+  explicit Runner(const std::string& bundle_dir, RunnerOptions options = {});
+  ~Runner();
+  Runner(const Runner&) = delete;
+  Runner& operator=(const Runner&) = delete;
+
+  const Manifest& manifest() const;
+  // Feed `ids` after what is cached (one sequence); returns the logits of the last position.
+  std::vector<float> step(const std::vector<int64_t>& ids);
+  // Forget the KV cache (a new sequence).
+  void reset();
+  // Tokens cached so far.
+  int64_t cached_tokens() const;
+  // Greedy continuation of `prompt` (starts a new sequence); stops at max_new_tokens, the model's end
+  // of sequence, or the context. `first_logits` receives the prompt's last-position logits.
+  std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int max_new_tokens,
+                                std::vector<float>* first_logits = nullptr);
+  const RunStats& stats() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Chosen experts (tokens x top_k, best first, ties to the lower index) and float32 weights of router
+// logits (tokens x experts), by the manifest's gating rule: softmax in float64, weights rounded once.
+void route(const float* logits, int64_t tokens, int num_experts, const GatingRule& rule,
+           std::vector<int64_t>* chosen, std::vector<float>* weights);
+
+}  // namespace moedge

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what building cpp/ needs from Debian/Ubuntu packages, when missing: a C++17 compiler, CMake,
+# nlohmann/json (nlohmann-json3-dev) and OpenSSL's libcrypto headers (libssl-dev).
+set -euo pipefail
+missing=()
+command -v g++ >/dev/null || missing+=(g++)
+command -v cmake >/dev/null || missing+=(cmake)
+dpkg -s nlohmann-json3-dev >/dev/null 2>&1 || missing+=(nlohmann-json3-dev)
+dpkg -s libssl-dev >/dev/null 2>&1 || missing+=(libssl-dev)
+[ ${#missing[@]} -eq 0 ] && exit 0
+echo "[install_deps] installing ${missing[*]}" >&2
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "[install_deps] need root (or sudo) to apt-get install ${missing[*]}" >&2; exit 1; }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 || {
+  $sudo apt-get update -qq >/dev/null
+  $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}

@@ -1,0 +1,425 @@
+// Runner: a bundle's stage and expert graphs in ONNX Runtime sessions, the manifest's gating rule, a KV
+// cache, and an expert cache on the provider under a byte budget. Mirrors moedge.runtime.BundleRunner:
+// same step inputs, same routing, experts combined in ascending index order, so both give the same bits.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <numeric>
+
+#include "moedge/runtime.h"
+#include "onnxruntime_cxx_api.h"
+
+namespace moedge {
+
+// ---------------------------------------------------------------- gating
+
+void route(const float* logits, int64_t tokens, int num_experts, const GatingRule& rule, std::vector<int64_t>* chosen,
+           std::vector<float>* weights) {
+  if (rule.scoring != "softmax") throw Error("gating scoring '" + rule.scoring + "' is not supported by moedge_rt");
+  const int k = rule.top_k;
+  if (k < 1 || k > num_experts) throw Error("gating top_k " + std::to_string(k) + " is outside [1, experts]");
+  chosen->assign(static_cast<size_t>(tokens * k), 0);
+  weights->assign(static_cast<size_t>(tokens * k), 0.0f);
+  std::vector<double> probs(static_cast<size_t>(num_experts));
+  std::vector<int> order(static_cast<size_t>(num_experts));
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* row = logits + t * num_experts;
+    double top = static_cast<double>(row[0]);
+    for (int e = 1; e < num_experts; ++e) top = std::max(top, static_cast<double>(row[e]));
+    double sum = 0.0;
+    for (int e = 0; e < num_experts; ++e) sum += probs[e] = std::exp(static_cast<double>(row[e]) - top);
+    for (int e = 0; e < num_experts; ++e) probs[e] /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return probs[a] > probs[b]; });
+    double chosen_sum = 0.0;
+    for (int s = 0; s < k; ++s) chosen_sum += probs[order[s]];
+    for (int s = 0; s < k; ++s) {
+      const double w = rule.normalize_top_k ? probs[order[s]] / chosen_sum : probs[order[s]];
+      (*chosen)[t * k + s] = order[s];
+      (*weights)[t * k + s] = static_cast<float>(w);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- expert cache
+
+ExpertCache::ExpertCache(int64_t budget_bytes, bool admit_on_miss) : budget_(budget_bytes), admit_on_miss_(admit_on_miss) {}
+
+void ExpertCache::pin(const Key& key, int64_t bytes) {
+  if (resident(key)) return;
+  if (used_ + bytes > budget_)
+    throw Error("the placement plan needs more than the expert budget of " + std::to_string(budget_) +
+                " bytes: raise --gpu-budget or write the plan for this budget");
+  pinned_.insert(key);
+  bytes_[key] = bytes;
+  used_ += bytes;
+  peak_ = std::max(peak_, used_);
+}
+
+bool ExpertCache::lookup(const Key& key) {
+  if (!resident(key)) return false;
+  if (auto it = where_.find(key); it != where_.end()) lru_.splice(lru_.end(), lru_, it->second);
+  return true;
+}
+
+std::vector<ExpertCache::Key> ExpertCache::admit(const Key& key, int64_t bytes) {
+  std::vector<Key> evicted;
+  if (!admit_on_miss_ || resident(key)) return evicted;
+  int64_t pinned_bytes = 0;
+  for (const auto& p : pinned_) pinned_bytes += bytes_[p];
+  if (pinned_bytes + bytes > budget_) return evicted;  // never fits beside the pinned set
+  while (used_ + bytes > budget_) {
+    const Key victim = lru_.front();
+    lru_.pop_front();
+    where_.erase(victim);
+    used_ -= bytes_[victim];
+    bytes_.erase(victim);
+    evicted.push_back(victim);
+  }
+  lru_.push_back(key);
+  where_[key] = std::prev(lru_.end());
+  bytes_[key] = bytes;
+  used_ += bytes;
+  peak_ = std::max(peak_, used_);
+  return evicted;
+}
+
+// ---------------------------------------------------------------- runner
+
+namespace {
+
+using Values = std::unordered_map<std::string, Ort::Value>;
+using Key = ExpertCache::Key;
+
+bool has_provider(const std::string& name) {
+  const auto providers = Ort::GetAvailableProviders();
+  return std::find(providers.begin(), providers.end(), name) != providers.end();
+}
+
+}  // namespace
+
+struct Runner::Impl {
+  std::string dir;
+  RunnerOptions opt;
+  Manifest m;
+  std::unique_ptr<Ort::Env> env;
+  Ort::SessionOptions cpu_options;
+  Ort::SessionOptions provider_options;
+  Ort::AllocatorWithDefaultOptions alloc;
+  std::map<std::string, std::unique_ptr<Ort::Session>> stages;  // by file, on the provider
+  std::map<Key, std::unique_ptr<Ort::Session>> resident;        // experts on the provider
+  std::map<Key, std::unique_ptr<Ort::Session>> cpu;             // experts run on the CPU (misses)
+  std::optional<ExpertCache> cache;
+  std::vector<Ort::Value> past;  // key and value of every layer
+  std::unordered_map<std::string, size_t> present_slot;  // "present.<layer>.key|value" -> index in past
+  int64_t cached = 0;
+  RunStats stats;
+
+  Impl(const std::string& bundle, RunnerOptions options) : dir(bundle), opt(std::move(options)) {
+    m = read_manifest(dir, opt.verify);
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      const std::string idx = std::to_string(m.layers[i].index);
+      present_slot["present." + idx + ".key"] = 2 * i;
+      present_slot["present." + idx + ".value"] = 2 * i + 1;
+    }
+    if (opt.shared_thread_pool) {
+      Ort::ThreadingOptions threading;
+      threading.SetGlobalIntraOpNumThreads(opt.intra_op_threads);
+      threading.SetGlobalInterOpNumThreads(1);
+      env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_WARNING, "moedge_rt");
+    } else {
+      env = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_WARNING, "moedge_rt");
+    }
+    for (Ort::SessionOptions* so : {&cpu_options, &provider_options}) {
+      if (opt.shared_thread_pool) {
+        so->DisablePerSessionThreads();
+      } else if (opt.intra_op_threads > 0) {
+        so->SetIntraOpNumThreads(opt.intra_op_threads);
+        so->AddConfigEntry("session.intra_op.allow_spinning", "0");  // hundreds of sessions share the cores
+      }
+      so->SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    }
+    add_provider();
+    if (opt.policy != "lru" && opt.policy != "static") throw Error("unknown policy '" + opt.policy + "': use lru or static");
+    if (opt.expert_budget >= 0) {
+      int64_t largest = 0;
+      for (const auto& layer : m.layers)
+        if (layer.moe)
+          for (const auto& g : layer.moe->experts) largest = std::max(largest, g.bytes);
+      if (opt.expert_budget < largest && opt.policy == "lru" && largest > 0)
+        throw Error("the expert budget of " + std::to_string(opt.expert_budget) + " bytes is smaller than the largest expert (" +
+                    std::to_string(largest) + " bytes): give at least that, or 0 to run every expert on the CPU");
+      cache.emplace(opt.expert_budget, opt.policy == "lru");
+      for (const Key& key : opt.plan) {
+        const GraphSpec& g = expert_graph(key);
+        cache->pin(key, g.bytes);
+        resident[key] = open(g, provider_options);
+      }
+      stats.peak_expert_bytes = cache->peak();
+    }
+    for (const GraphSpec* g : stage_graphs()) stages[g->file] = open(*g, provider_options);
+    reset();
+  }
+
+  void add_provider() {
+    if (opt.provider == "cpu") return;
+    if (opt.provider == "cuda" || opt.provider == "tensorrt") {
+      const std::string ep = opt.provider == "cuda" ? "CUDAExecutionProvider" : "TensorrtExecutionProvider";
+      if (!has_provider(ep))
+        throw Error("this ONNX Runtime (" + onnxruntime_version() + ") has no " + ep +
+                    ": point --ort-lib at a GPU build of ONNX Runtime (onnxruntime-gpu) or use --provider cpu");
+      const OrtApi& api = Ort::GetApi();
+      if (opt.provider == "tensorrt") {
+        OrtTensorRTProviderOptionsV2* trt = nullptr;
+        Ort::ThrowOnError(api.CreateTensorRTProviderOptions(&trt));
+        provider_options.AppendExecutionProvider_TensorRT_V2(*trt);
+        api.ReleaseTensorRTProviderOptions(trt);
+      }
+      OrtCUDAProviderOptionsV2* cuda = nullptr;
+      Ort::ThrowOnError(api.CreateCUDAProviderOptions(&cuda));
+      provider_options.AppendExecutionProvider_CUDA_V2(*cuda);
+      api.ReleaseCUDAProviderOptions(cuda);
+      return;
+    }
+    throw Error("unknown provider '" + opt.provider + "': use cpu, cuda or tensorrt");
+  }
+
+  std::vector<const GraphSpec*> stage_graphs() const {
+    std::vector<const GraphSpec*> out{&m.embedding};
+    for (const auto& layer : m.layers) out.push_back(&layer.stage);
+    out.push_back(&m.head);
+    return out;
+  }
+
+  const GraphSpec& expert_graph(const Key& key) const {
+    for (const auto& layer : m.layers)
+      if (layer.index == key.first && layer.moe && key.second >= 0 && key.second < layer.moe->num_experts)
+        return layer.moe->experts[static_cast<size_t>(key.second)];
+    throw Error("expert (" + std::to_string(key.first) + ", " + std::to_string(key.second) +
+                ") is not in this bundle: the plan was written for another model");
+  }
+
+  std::unique_ptr<Ort::Session> open(const GraphSpec& g, const Ort::SessionOptions& so) {
+    const std::string path = dir + "/" + g.file;
+    try {
+      return std::make_unique<Ort::Session>(*env, path.c_str(), so);
+    } catch (const Ort::Exception& e) {
+      throw Error("ONNX Runtime cannot load " + path + ": " + e.what());
+    }
+  }
+
+  // Run `g` with inputs taken from `values` by name; returns its outputs in graph order.
+  std::vector<Ort::Value> run(Ort::Session& session, const GraphSpec& g, Values& values) {
+    std::vector<const char*> in_names, out_names;
+    std::vector<const OrtValue*> inputs;
+    for (const auto& t : g.inputs) {
+      auto it = values.find(t.name);
+      if (it == values.end()) throw Error(g.file + " needs input " + t.name + ", which no earlier stage provides");
+      in_names.push_back(t.name.c_str());
+      inputs.push_back(it->second);
+    }
+    for (const auto& t : g.outputs) out_names.push_back(t.name.c_str());
+    std::vector<OrtValue*> raw(out_names.size(), nullptr);
+    Ort::ThrowOnError(Ort::GetApi().Run(session, nullptr, in_names.data(), inputs.data(), inputs.size(),
+                                        out_names.data(), out_names.size(), raw.data()));
+    std::vector<Ort::Value> outs;
+    for (OrtValue* v : raw) outs.emplace_back(v);
+    return outs;
+  }
+
+  template <typename T>
+  Ort::Value tensor(const std::vector<int64_t>& shape) {
+    return Ort::Value::CreateTensor<T>(alloc, shape.data(), shape.size());
+  }
+
+  void reset() {
+    past.clear();
+    for (size_t i = 0; i < m.layers.size(); ++i)
+      for (int kv = 0; kv < 2; ++kv) past.push_back(tensor<float>({1, m.num_kv_heads, 0, m.head_dim}));
+    cached = 0;
+  }
+
+  Ort::Session& expert_session(const Key& key, const GraphSpec& g, bool* on_cpu) {
+    *on_cpu = false;
+    if (!cache) {  // no budget: every expert lives on the provider
+      auto& s = resident[key];
+      if (!s) s = open(g, provider_options);
+      ++stats.hits;
+      return *s;
+    }
+    if (cache->lookup(key)) {
+      ++stats.hits;
+      return *resident.at(key);
+    }
+    *on_cpu = true;
+    ++stats.cpu_runs;
+    auto& s = cpu[key];
+    if (!s) s = open(g, cpu_options);
+    return *s;
+  }
+
+  void after_miss(const Key& key, const GraphSpec& g) {
+    for (const Key& victim : cache->admit(key, g.bytes)) {
+      resident.erase(victim);
+      ++stats.evictions;
+    }
+    if (cache->resident(key) && !resident.count(key)) resident[key] = open(g, provider_options);
+    stats.peak_expert_bytes = std::max(stats.peak_expert_bytes, cache->peak());
+  }
+
+  // residual + sum over chosen experts of weight * expert(x) [+ shared output], experts in index order.
+  Ort::Value moe(const LayerSpec& layer, Values& v) {
+    const MoeSpec& spec = *layer.moe;
+    Ort::Value& x = v.at("moe_input");
+    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const int64_t tokens = xshape[0], hidden = xshape[1];
+    const float* xdata = x.GetTensorData<float>();
+    std::vector<int64_t> chosen;
+    std::vector<float> weights;
+    route(v.at("router_logits").GetTensorData<float>(), tokens, spec.num_experts, spec.gating, &chosen, &weights);
+    const int k = spec.gating.top_k;
+    std::vector<float> routed(static_cast<size_t>(tokens * hidden), 0.0f);
+    for (int e = 0; e < spec.num_experts; ++e) {
+      std::vector<std::pair<int64_t, int>> rows;  // (token, slot), tokens ascending
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int s = 0; s < k; ++s)
+          if (chosen[t * k + s] == e) rows.emplace_back(t, s);
+      if (rows.empty()) continue;
+      const Key key{layer.index, e};
+      const GraphSpec& g = spec.experts[static_cast<size_t>(e)];
+      Ort::Value in = tensor<float>({static_cast<int64_t>(rows.size()), hidden});
+      float* dst = in.GetTensorMutableData<float>();
+      for (size_t r = 0; r < rows.size(); ++r)
+        std::copy_n(xdata + rows[r].first * hidden, hidden, dst + static_cast<int64_t>(r) * hidden);
+      Values feed;
+      feed.emplace(g.inputs.at(0).name, std::move(in));
+      bool on_cpu = false;
+      Ort::Session& session = expert_session(key, g, &on_cpu);
+      ++stats.expert_runs;
+      auto out = run(session, g, feed);
+      if (on_cpu) after_miss(key, g);
+      const float* y = out.at(0).GetTensorData<float>();
+      for (size_t r = 0; r < rows.size(); ++r) {
+        const auto [t, s] = rows[r];
+        const float w = weights[t * k + s];
+        float* acc = routed.data() + t * hidden;
+        const float* yr = y + static_cast<int64_t>(r) * hidden;
+        for (int64_t j = 0; j < hidden; ++j) acc[j] += yr[j] * w;
+      }
+    }
+    if (spec.gating.shared_expert) {
+      const float* shared = v.at("shared_output").GetTensorData<float>();
+      for (size_t j = 0; j < routed.size(); ++j) routed[j] = routed[j] + shared[j];
+    }
+    Ort::Value& residual = v.at("residual");
+    const auto shape = residual.GetTensorTypeAndShapeInfo().GetShape();
+    Ort::Value hidden_states = tensor<float>(shape);
+    const float* res = residual.GetTensorData<float>();
+    float* out = hidden_states.GetTensorMutableData<float>();
+    for (size_t j = 0; j < routed.size(); ++j) out[j] = res[j] + routed[j];
+    return hidden_states;
+  }
+
+  std::vector<float> step(const std::vector<int64_t>& ids) {
+    if (ids.empty()) throw Error("a step needs at least one token id");
+    for (int64_t id : ids)
+      if (id < 0 || (m.vocab_size > 0 && id >= m.vocab_size))
+        throw Error("token id " + std::to_string(id) + " is out of range: ids must lie in [0, " +
+                    std::to_string(m.vocab_size) + ")");
+    const auto seq = static_cast<int64_t>(ids.size());
+    if (m.context > 0 && cached + seq > m.context)
+      throw Error(std::to_string(cached + seq) + " tokens exceed the model's context of " + std::to_string(m.context) +
+                  ": shorten the prompt or generate fewer tokens");
+    Values v;
+    Ort::Value input_ids = tensor<int64_t>({1, seq});
+    std::copy(ids.begin(), ids.end(), input_ids.GetTensorMutableData<int64_t>());
+    Ort::Value mask = tensor<int64_t>({1, cached + seq});
+    std::fill_n(mask.GetTensorMutableData<int64_t>(), cached + seq, int64_t{1});
+    Ort::Value positions = tensor<int64_t>({1, seq});
+    std::iota(positions.GetTensorMutableData<int64_t>(), positions.GetTensorMutableData<int64_t>() + seq, cached);
+    v.emplace("input_ids", std::move(input_ids));
+    v.emplace("attention_mask", std::move(mask));
+    v.emplace("position_ids", std::move(positions));
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      const std::string idx = std::to_string(m.layers[i].index);
+      v.emplace("past_key_values." + idx + ".key", std::move(past[2 * i]));
+      v.emplace("past_key_values." + idx + ".value", std::move(past[2 * i + 1]));
+    }
+    std::vector<Ort::Value> present;
+    for (size_t i = 0; i < 2 * m.layers.size(); ++i) present.emplace_back(nullptr);
+    try {
+      auto merge = [&](const GraphSpec& g, std::vector<Ort::Value>&& outs) {
+        for (size_t o = 0; o < outs.size(); ++o) {
+          const std::string& name = g.outputs[o].name;
+          if (auto slot = present_slot.find(name); slot != present_slot.end()) {
+            present[slot->second] = std::move(outs[o]);
+          } else {
+            v.insert_or_assign(name, std::move(outs[o]));
+          }
+        }
+      };
+      merge(m.embedding, run(*stages.at(m.embedding.file), m.embedding, v));
+      for (const auto& layer : m.layers) {
+        merge(layer.stage, run(*stages.at(layer.stage.file), layer.stage, v));
+        if (layer.moe) {
+          v.insert_or_assign("hidden_states", moe(layer, v));
+        } else {
+          v.insert_or_assign("hidden_states", std::move(v.at("hidden_states_out")));
+        }
+      }
+      auto logits = run(*stages.at(m.head.file), m.head, v);
+      const auto shape = logits.at(0).GetTensorTypeAndShapeInfo().GetShape();
+      const int64_t vocab = shape.back();
+      const float* data = logits.at(0).GetTensorData<float>() + (seq - 1) * vocab;
+      for (const auto& [name, slot] : present_slot)
+        if (!present[slot]) throw Error("no stage of the bundle outputs " + name + ": the bundle is incomplete");
+      past = std::move(present);
+      cached += seq;
+      return std::vector<float>(data, data + vocab);
+    } catch (const Ort::Exception& e) {
+      reset();  // the cache was consumed by the failed step
+      throw Error(std::string("ONNX Runtime failed: ") + e.what());
+    } catch (...) {
+      reset();
+      throw;
+    }
+  }
+};
+
+Runner::Runner(const std::string& bundle_dir, RunnerOptions options)
+    : impl_(std::make_unique<Impl>(bundle_dir, std::move(options))) {}
+Runner::~Runner() = default;
+const Manifest& Runner::manifest() const { return impl_->m; }
+std::vector<float> Runner::step(const std::vector<int64_t>& ids) { return impl_->step(ids); }
+void Runner::reset() { impl_->reset(); }
+int64_t Runner::cached_tokens() const { return impl_->cached; }
+const RunStats& Runner::stats() const { return impl_->stats; }
+
+std::vector<int64_t> Runner::generate(const std::vector<int64_t>& prompt, int max_new_tokens,
+                                      std::vector<float>* first_logits) {
+  if (prompt.empty()) throw Error("generation needs at least one prompt token");
+  reset();
+  using Clock = std::chrono::steady_clock;
+  RunStats& stats = impl_->stats;
+  std::vector<int64_t> out;
+  auto start = Clock::now();
+  std::vector<float> logits = step(prompt);
+  stats.prompt_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+  stats.prompt_tokens += static_cast<int64_t>(prompt.size());
+  if (first_logits != nullptr) *first_logits = logits;
+  for (int i = 0; i < max_new_tokens; ++i) {
+    const auto token = static_cast<int64_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+    out.push_back(token);
+    const auto& eos = impl_->m.eos_token_id;
+    if (eos && token == *eos) break;
+    if (i + 1 == max_new_tokens) break;
+    if (impl_->m.context > 0 && impl_->cached + 1 > impl_->m.context) break;
+    start = Clock::now();
+    logits = step({token});
+    stats.decode_seconds += std::chrono::duration<double>(Clock::now() - start).count();
+    ++stats.decode_tokens;
+  }
+  return out;
+}
+
+}  // namespace moedge

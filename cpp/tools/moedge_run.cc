@@ -1,0 +1,177 @@
+// moedge-run: greedy generation from token ids with a moedge bundle, through ONNX Runtime.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moedge/runtime.h"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: moedge-run BUNDLE --ids 1,2,3 [--ids ...] [-n 16] [--threads N] [--shared-pool]\n"
+    "                  [--provider cpu|cuda|tensorrt] [--gpu-budget BYTES|N%|NMiB|NGiB] [--policy lru|static]\n"
+    "                  [--plan PLAN.json] [--ort-lib PATH] [--no-verify] [--logits-out FILE] [--json FILE]\n"
+    "\n"
+    "Greedy continuation of each prompt (token ids) with the bundle's sessions; prints the new ids, then\n"
+    "prompt and decode tokens/s and the expert cache's counts. --gpu-budget keeps that many expert bytes on\n"
+    "the provider (misses run on the CPU; N% of the bundle's expert bytes); --plan pins a `moedge profile\n"
+    "--plan` placement. --logits-out writes each prompt's last-position logits (float32, prompts x vocab).\n"
+    "The ONNX Runtime library: --ort-lib, else $MOEDGE_ORT_LIB, else the SDK this was built with.\n";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      size_t used = 0;
+      ids.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
+    }
+  }
+  if (ids.empty()) throw UsageError("--ids needs at least one token id");
+  return ids;
+}
+
+int64_t parse_budget(const std::string& text, int64_t expert_bytes) {
+  try {
+    size_t used = 0;
+    const double value = std::stod(text, &used);
+    const std::string unit = text.substr(used);
+    if (value < 0) throw std::invalid_argument(text);
+    if (unit == "%") return static_cast<int64_t>(value / 100.0 * static_cast<double>(expert_bytes));
+    if (unit.empty() || unit == "B") return static_cast<int64_t>(value);
+    if (unit == "KiB") return static_cast<int64_t>(value * 1024.0);
+    if (unit == "MiB") return static_cast<int64_t>(value * 1024.0 * 1024.0);
+    if (unit == "GiB") return static_cast<int64_t>(value * 1024.0 * 1024.0 * 1024.0);
+  } catch (const std::invalid_argument&) {
+  }
+  throw UsageError("--gpu-budget takes bytes, N%, NMiB or NGiB, got '" + text + "'");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  std::string bundle, ort_lib = moedge::default_onnxruntime_path(), plan, budget, logits_out, json_out;
+  std::vector<std::vector<int64_t>> prompts;
+  int new_tokens = 16;
+  moedge::RunnerOptions options;
+  try {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const std::string& a = args[i];
+      auto value = [&]() -> const std::string& {
+        if (i + 1 >= args.size()) throw UsageError(a + " needs a value");
+        return args[++i];
+      };
+      if (a == "-h" || a == "--help") {
+        std::cout << kUsage;
+        return 0;
+      } else if (a == "--ids") {
+        prompts.push_back(parse_ids(value()));
+      } else if (a == "-n" || a == "--max-new-tokens") {
+        new_tokens = std::stoi(value());
+      } else if (a == "--threads") {
+        options.intra_op_threads = std::stoi(value());
+      } else if (a == "--shared-pool") {
+        options.shared_thread_pool = true;
+      } else if (a == "--provider") {
+        options.provider = value();
+      } else if (a == "--gpu-budget") {
+        budget = value();
+      } else if (a == "--policy") {
+        options.policy = value();
+      } else if (a == "--plan") {
+        plan = value();
+      } else if (a == "--ort-lib") {
+        ort_lib = value();
+      } else if (a == "--no-verify") {
+        options.verify = false;
+      } else if (a == "--logits-out") {
+        logits_out = value();
+      } else if (a == "--json") {
+        json_out = value();
+      } else if (!a.empty() && a[0] == '-') {
+        throw UsageError("unknown option " + a);
+      } else if (bundle.empty()) {
+        bundle = a;
+      } else {
+        throw UsageError("one bundle only, got '" + bundle + "' and '" + a + "'");
+      }
+    }
+    if (bundle.empty()) throw UsageError("give the bundle folder");
+    if (prompts.empty()) throw UsageError("give at least one prompt: --ids 1,2,3");
+    if (new_tokens < 1) throw UsageError("-n must be at least 1");
+  } catch (const UsageError& e) {
+    std::cerr << "moedge-run: " << e.what() << "\n\n" << kUsage;
+    return 2;
+  } catch (const std::logic_error&) {
+    std::cerr << "moedge-run: a numeric option got a value that is not a number\n\n" << kUsage;
+    return 2;
+  }
+
+  try {
+    moedge::load_onnxruntime(ort_lib);
+    if (!plan.empty()) {
+      options.plan = moedge::read_plan(plan);
+      options.policy = budget.empty() ? "static" : options.policy;
+    }
+    if (!budget.empty() || !plan.empty()) {
+      const auto manifest = moedge::read_manifest(bundle, false);
+      options.expert_budget = budget.empty() ? manifest.expert_bytes() : parse_budget(budget, manifest.expert_bytes());
+    }
+    moedge::Runner runner(bundle, options);
+    nlohmann::json generations = nlohmann::json::array();
+    std::ofstream logits_file;
+    if (!logits_out.empty()) logits_file.open(logits_out, std::ios::binary);
+    for (size_t p = 0; p < prompts.size(); ++p) {
+      std::vector<float> first;
+      const auto ids = runner.generate(prompts[p], new_tokens, &first);
+      if (logits_file.is_open())
+        logits_file.write(reinterpret_cast<const char*>(first.data()), static_cast<std::streamsize>(first.size() * sizeof(float)));
+      std::cout << "prompt " << p << ":";
+      for (int64_t t : ids) std::cout << ' ' << t;
+      std::cout << '\n';
+      generations.push_back({{"prompt_ids", prompts[p]}, {"token_ids", ids}});
+    }
+    const auto& s = runner.stats();
+    const double prompt_tps = s.prompt_seconds > 0 ? static_cast<double>(s.prompt_tokens) / s.prompt_seconds : 0.0;
+    const double decode_tps = s.decode_seconds > 0 ? static_cast<double>(s.decode_tokens) / s.decode_seconds : 0.0;
+    std::printf("onnxruntime %s, provider %s\n", moedge::onnxruntime_version().c_str(), options.provider.c_str());
+    std::printf("prompt %lld tokens, %.1f tok/s; decode %lld tokens, %.1f tok/s\n", static_cast<long long>(s.prompt_tokens),
+                prompt_tps, static_cast<long long>(s.decode_tokens), decode_tps);
+    std::printf("experts: %lld runs, %lld on the provider, %lld on the CPU, %lld evictions, peak %lld bytes resident\n",
+                static_cast<long long>(s.expert_runs), static_cast<long long>(s.hits), static_cast<long long>(s.cpu_runs),
+                static_cast<long long>(s.evictions), static_cast<long long>(s.peak_expert_bytes));
+    if (!json_out.empty()) {
+      nlohmann::json doc = {{"onnxruntime", moedge::onnxruntime_version()},
+                            {"provider", options.provider},
+                            {"generations", generations},
+                            {"prompt_tokens", s.prompt_tokens},
+                            {"prompt_tokens_per_s", prompt_tps},
+                            {"decode_tokens", s.decode_tokens},
+                            {"decode_tokens_per_s", decode_tps},
+                            {"expert_runs", s.expert_runs},
+                            {"hits", s.hits},
+                            {"cpu_runs", s.cpu_runs},
+                            {"evictions", s.evictions},
+                            {"peak_expert_bytes", s.peak_expert_bytes}};
+      std::ofstream(json_out) << doc.dump(1) << '\n';
+    }
+  } catch (const std::exception& e) {
+    std::cerr << "moedge-run: " << e.what() << '\n';
+    return 1;
+  }
+  return 0;
+}
