@@ -57,7 +57,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated: policies (modeled table), speed (ORT CPU wall clock)",
     )
     p.add_argument("--fp32-bundle", type=Path, help="FP32 twin of --bundle (speed)")
-    p.add_argument("--dense-bundle", type=Path, help="dense W8A8 bundle (speed; smollm2-135m)")
+    p.add_argument(
+        "--dense-bundle",
+        type=Path,
+        action="append",
+        help="dense W8A8 bundle (speed; smollm2-135m); repeat to time variants in the same run",
+    )
     p.add_argument("--torch-model", help="PyTorch eager FP32 baseline model (speed), e.g. smollm2-135m-moe")
     p.add_argument(
         "--gguf", type=Path, help="llama.cpp Q8_0 GGUF of the dense model (speed; llama-cpp-python)"
@@ -396,6 +401,14 @@ def _time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int
     return once
 
 
+def _dense_labels(bundles: list[Path] | None) -> dict[str, Path]:
+    """Variant names of the dense bundles: the first is "dense w8a8 bundle", the others add their folder."""
+    out: dict[str, Path] = {}
+    for i, bundle in enumerate(bundles or []):
+        out["dense w8a8 bundle" if i == 0 else f"dense w8a8 bundle ({bundle.name})"] = bundle
+    return out
+
+
 def speed_table(args: argparse.Namespace) -> dict[str, Any]:
     """Part 2: ORT CPU wall clock, interleaved repeats, medians (measured, this machine)."""
     from moedge.runtime.profiling import text_token_ids
@@ -406,8 +419,9 @@ def speed_table(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.fp32_bundle:
         variants["fp32 bundle"] = _time_bundle(args.fp32_bundle, prompt, args.new_tokens, args.threads)
-    if args.dense_bundle:
-        variants["dense w8a8 bundle"] = _time_bundle(args.dense_bundle, prompt, args.new_tokens, args.threads)
+    dense = _dense_labels(args.dense_bundle)
+    for label, bundle in dense.items():
+        variants[label] = _time_bundle(bundle, prompt, args.new_tokens, args.threads)
     if args.torch_model:
         variants["pytorch eager fp32"] = _time_torch(args.torch_model, prompt, args.new_tokens, args.threads)
     if args.gguf:
@@ -426,10 +440,8 @@ def speed_table(args: argparse.Namespace) -> dict[str, Any]:
             "runs": values,
         }
     breakdown = {"w8a8 bundle": decode_breakdown(args.bundle, prompt, args.new_tokens, args.threads)}
-    if args.dense_bundle:
-        breakdown["dense w8a8 bundle"] = decode_breakdown(
-            args.dense_bundle, prompt, args.new_tokens, args.threads
-        )
+    for label, bundle in dense.items():
+        breakdown[label] = decode_breakdown(bundle, prompt, args.new_tokens, args.threads)
     return {
         "measured": True,
         "decode_ms_per_token_by_graph": breakdown,

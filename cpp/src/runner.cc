@@ -392,6 +392,15 @@ Runner::~Runner() = default;
 const Manifest& Runner::manifest() const { return impl_->m; }
 std::vector<float> Runner::step(const std::vector<int64_t>& ids) { return impl_->step(ids); }
 void Runner::reset() { impl_->reset(); }
+void Runner::preload() {
+  if (impl_->cache) return;  // under a budget, residency is the cache's to decide
+  for (const auto& layer : impl_->m.layers)
+    if (layer.moe)
+      for (int e = 0; e < layer.moe->num_experts; ++e) {
+        auto& session = impl_->resident[{layer.index, e}];
+        if (!session) session = impl_->open(layer.moe->experts[static_cast<size_t>(e)], impl_->provider_options);
+      }
+}
 int64_t Runner::cached_tokens() const { return impl_->cached; }
 const RunStats& Runner::stats() const { return impl_->stats; }
 

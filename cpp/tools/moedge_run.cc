@@ -1,4 +1,5 @@
 // moedge-run: greedy generation from token ids with a moedge bundle, through ONNX Runtime.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -16,11 +17,14 @@ constexpr const char* kUsage =
     "usage: moedge-run BUNDLE --ids 1,2,3 [--ids ...] [-n 16] [--threads N] [--shared-pool]\n"
     "                  [--provider cpu|cuda|tensorrt] [--gpu-budget BYTES|N%|NMiB|NGiB] [--policy lru|static]\n"
     "                  [--plan PLAN.json] [--ort-lib PATH] [--no-verify] [--logits-out FILE] [--json FILE]\n"
+    "                  [--warmup] [--repeats R]\n"
     "\n"
     "Greedy continuation of each prompt (token ids) with the bundle's sessions; prints the new ids, then\n"
     "prompt and decode tokens/s and the expert cache's counts. --gpu-budget keeps that many expert bytes on\n"
     "the provider (misses run on the CPU; N% of the bundle's expert bytes); --plan pins a `moedge profile\n"
     "--plan` placement. --logits-out writes each prompt's last-position logits (float32, prompts x vocab).\n"
+    "--warmup runs a short generation first (sessions created, caches warm); --repeats R generates each\n"
+    "prompt R times and reports the median prompt and decode tokens/s.\n"
     "The ONNX Runtime library: --ort-lib, else $MOEDGE_ORT_LIB, else the SDK this was built with.\n";
 
 struct UsageError : std::runtime_error {
@@ -42,6 +46,13 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   }
   if (ids.empty()) throw UsageError("--ids needs at least one token id");
   return ids;
+}
+
+double median(std::vector<double> values) {
+  if (values.empty()) return 0.0;
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
 int64_t parse_budget(const std::string& text, int64_t expert_bytes) {
@@ -67,6 +78,8 @@ int main(int argc, char** argv) {
   std::string bundle, ort_lib = moedge::default_onnxruntime_path(), plan, budget, logits_out, json_out;
   std::vector<std::vector<int64_t>> prompts;
   int new_tokens = 16;
+  int repeats = 1;
+  bool warmup = false;
   moedge::RunnerOptions options;
   try {
     for (size_t i = 0; i < args.size(); ++i) {
@@ -100,6 +113,10 @@ int main(int argc, char** argv) {
         options.verify = false;
       } else if (a == "--logits-out") {
         logits_out = value();
+      } else if (a == "--warmup") {
+        warmup = true;
+      } else if (a == "--repeats") {
+        repeats = std::stoi(value());
       } else if (a == "--json") {
         json_out = value();
       } else if (!a.empty() && a[0] == '-') {
@@ -113,6 +130,7 @@ int main(int argc, char** argv) {
     if (bundle.empty()) throw UsageError("give the bundle folder");
     if (prompts.empty()) throw UsageError("give at least one prompt: --ids 1,2,3");
     if (new_tokens < 1) throw UsageError("-n must be at least 1");
+    if (repeats < 1) throw UsageError("--repeats must be at least 1");
   } catch (const UsageError& e) {
     std::cerr << "moedge-run: " << e.what() << "\n\n" << kUsage;
     return 2;
@@ -135,9 +153,27 @@ int main(int argc, char** argv) {
     nlohmann::json generations = nlohmann::json::array();
     std::ofstream logits_file;
     if (!logits_out.empty()) logits_file.open(logits_out, std::ios::binary);
+    if (warmup) {
+      runner.preload();
+      const auto& p = prompts.front();
+      runner.generate(std::vector<int64_t>(p.begin(), p.begin() + std::min<size_t>(p.size(), 8)), 2);
+    }
+    const moedge::RunStats before = runner.stats();
+    std::vector<double> prompt_rates, decode_rates;
     for (size_t p = 0; p < prompts.size(); ++p) {
       std::vector<float> first;
-      const auto ids = runner.generate(prompts[p], new_tokens, &first);
+      std::vector<int64_t> ids;
+      for (int r = 0; r < repeats; ++r) {
+        const moedge::RunStats start = runner.stats();
+        ids = runner.generate(prompts[p], new_tokens, &first);
+        const moedge::RunStats& end = runner.stats();
+        if (end.prompt_seconds > start.prompt_seconds)
+          prompt_rates.push_back(static_cast<double>(end.prompt_tokens - start.prompt_tokens) /
+                                 (end.prompt_seconds - start.prompt_seconds));
+        if (end.decode_seconds > start.decode_seconds)
+          decode_rates.push_back(static_cast<double>(end.decode_tokens - start.decode_tokens) /
+                                 (end.decode_seconds - start.decode_seconds));
+      }
       if (logits_file.is_open())
         logits_file.write(reinterpret_cast<const char*>(first.data()), static_cast<std::streamsize>(first.size() * sizeof(float)));
       std::cout << "prompt " << p << ":";
@@ -145,11 +181,17 @@ int main(int argc, char** argv) {
       std::cout << '\n';
       generations.push_back({{"prompt_ids", prompts[p]}, {"token_ids", ids}});
     }
-    const auto& s = runner.stats();
-    const double prompt_tps = s.prompt_seconds > 0 ? static_cast<double>(s.prompt_tokens) / s.prompt_seconds : 0.0;
-    const double decode_tps = s.decode_seconds > 0 ? static_cast<double>(s.decode_tokens) / s.decode_seconds : 0.0;
+    moedge::RunStats s = runner.stats();
+    s.prompt_tokens -= before.prompt_tokens;
+    s.decode_tokens -= before.decode_tokens;
+    s.expert_runs -= before.expert_runs;
+    s.hits -= before.hits;
+    s.cpu_runs -= before.cpu_runs;
+    s.evictions -= before.evictions;
+    const double prompt_tps = median(prompt_rates);
+    const double decode_tps = median(decode_rates);
     std::printf("onnxruntime %s, provider %s\n", moedge::onnxruntime_version().c_str(), options.provider.c_str());
-    std::printf("prompt %lld tokens, %.1f tok/s; decode %lld tokens, %.1f tok/s\n", static_cast<long long>(s.prompt_tokens),
+    std::printf("prompt %lld tokens, %.1f tok/s; decode %lld tokens, %.1f tok/s (medians over prompts and repeats)\n", static_cast<long long>(s.prompt_tokens),
                 prompt_tps, static_cast<long long>(s.decode_tokens), decode_tps);
     std::printf("experts: %lld runs, %lld on the provider, %lld on the CPU, %lld evictions, peak %lld bytes resident\n",
                 static_cast<long long>(s.expert_runs), static_cast<long long>(s.hits), static_cast<long long>(s.cpu_runs),

@@ -190,6 +190,7 @@ def test_bad_input_is_one_clear_error_and_no_crash(bundles, tmp_path):
         ["--ids", "1", "--ort-lib", str(tmp_path / "nope.so")],
         "cannot load ONNX Runtime",
     )
+    cases["no such provider"] = (src, ["--ids", "1", "--provider", "cuda"], "has no CUDAExecutionProvider")
     for name, (bundle, args, message) in cases.items():
         result = _run([str(bundle), *args])
         assert result.returncode == 1, (name, result.stdout, result.stderr)

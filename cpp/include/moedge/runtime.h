@@ -163,6 +163,8 @@ class Runner {
   std::vector<float> step(const std::vector<int64_t>& ids);
   // Forget the KV cache (a new sequence).
   void reset();
+  // Open every expert session the options put on the provider now, not on first use (before timing).
+  void preload();
   // Tokens cached so far.
   int64_t cached_tokens() const;
   // Greedy continuation of `prompt` (starts a new sequence); stops at max_new_tokens, the model's end
