@@ -12,11 +12,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: %s BUNDLE IDS(1,2,3) [new_tokens]\n", argv[0]);
     return 2;
   }
-  std::vector<int64_t> prompt;
-  std::stringstream ids(argv[2]);
-  for (std::string id; std::getline(ids, id, ',');) prompt.push_back(std::stoll(id));
-  const int new_tokens = argc > 3 ? std::stoi(argv[3]) : 16;
   try {
+    std::vector<int64_t> prompt;
+    std::stringstream ids(argv[2]);
+    for (std::string id; std::getline(ids, id, ',');) prompt.push_back(std::stoll(id));
+    const int new_tokens = argc > 3 ? std::stoi(argv[3]) : 16;
     moedge::load_onnxruntime(moedge::default_onnxruntime_path());  // $MOEDGE_ORT_LIB or the SDK's
     moedge::RunnerOptions options;
     options.intra_op_threads = 2;

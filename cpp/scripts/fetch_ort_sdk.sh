@@ -15,7 +15,7 @@
 # an SDK already there with the pinned library is kept as is. Prints the SDK folder on stdout.
 set -euo pipefail
 
-ROOT_CACHE="${MOEDGE_CACHE:-$HOME/.cache/moedge}/ort-sdk"
+ROOT_CACHE="${MOEDGE_CACHE:-${HOME:?set HOME or MOEDGE_CACHE}/.cache/moedge}/ort-sdk"
 ARCH="${ORT_SDK_ARCH:-$(uname -m)}"
 OUT="${ORT_SDK_OUT:-}"
 CACHE="${ORT_SDK_CACHE:-$ROOT_CACHE/downloads}"
@@ -103,8 +103,10 @@ fetch() {
   elif [ $# -gt 0 ]; then
     log "direct download failed; trying: $*"
     local tmp; tmp=$(mktemp -d "$CACHE/fb.XXXXXX")
-    (cd "$tmp" && "$@" >&2)
-    mv "$tmp/$(basename "$dest")" "$dest"; rm -rf "$tmp"
+    if ! (cd "$tmp" && "$@" >&2 && mv "$tmp/$(basename "$dest")" "$dest"); then
+      rm -rf "$tmp" "$dest.part"; die "cannot download $url (nor with: $*)"
+    fi
+    rm -rf "$tmp"
   else
     die "cannot download $url"
   fi
@@ -155,6 +157,9 @@ library_source_sha256=${WHEEL_SHA256}
 ${SO_NAME}_sha256=${SO_SHA256}
 EOF
 
+if [ -e "$OUT" ] && [ ! -f "$OUT/SDK_INFO" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  die "$OUT exists and is not an SDK this script made: choose another --out"
+fi
 rm -rf "${OUT:?}"
 mv "$STAGE/sdk" "$OUT"
 log "SDK ready at $OUT"

@@ -86,7 +86,8 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify) {
     m.name = model.value("name", "");
     m.num_kv_heads = model.at("num_kv_heads").get<int>();
     m.head_dim = model.at("head_dim").get<int>();
-    m.vocab_size = model.value("vocab_size", int64_t{0});
+    if (model.contains("vocab_size") && model["vocab_size"].is_number_integer())
+      m.vocab_size = model["vocab_size"].get<int64_t>();
     if (model.contains("max_position_embeddings") && model["max_position_embeddings"].is_number_integer())
       m.context = model["max_position_embeddings"].get<int64_t>();
     if (model.contains("eos_token_id") && model["eos_token_id"].is_number_integer())

@@ -28,6 +28,8 @@ void load_onnxruntime(const std::string& library_path) {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_base != nullptr) return;
   void* handle = dlopen(library_path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (handle == nullptr && library_path == MOEDGE_DEFAULT_ORT_LIBRARY && std::getenv("MOEDGE_ORT_LIB") == nullptr)
+    handle = dlopen("libonnxruntime.so.1", RTLD_NOW | RTLD_LOCAL);  // the build's SDK moved: the loader path
   if (handle == nullptr) {
     const char* why = dlerror();
     throw Error("cannot load ONNX Runtime from " + library_path + " (" + (why ? why : "unknown") +

@@ -46,11 +46,19 @@ void route(const float* logits, int64_t tokens, int num_experts, const GatingRul
 ExpertCache::ExpertCache(int64_t budget_bytes, bool admit_on_miss) : budget_(budget_bytes), admit_on_miss_(admit_on_miss) {}
 
 void ExpertCache::pin(const Key& key, int64_t bytes) {
-  if (resident(key)) return;
+  if (pinned_.count(key)) return;
+  if (auto it = where_.find(key); it != where_.end()) {  // admitted earlier: now it stays
+    lru_.erase(it->second);
+    where_.erase(it);
+    pinned_.insert(key);
+    pinned_bytes_ += bytes_[key];
+    return;
+  }
   if (used_ + bytes > budget_)
     throw Error("the placement plan needs more than the expert budget of " + std::to_string(budget_) +
                 " bytes: raise --gpu-budget or write the plan for this budget");
   pinned_.insert(key);
+  pinned_bytes_ += bytes;
   bytes_[key] = bytes;
   used_ += bytes;
   peak_ = std::max(peak_, used_);
@@ -65,9 +73,7 @@ bool ExpertCache::lookup(const Key& key) {
 std::vector<ExpertCache::Key> ExpertCache::admit(const Key& key, int64_t bytes) {
   std::vector<Key> evicted;
   if (!admit_on_miss_ || resident(key)) return evicted;
-  int64_t pinned_bytes = 0;
-  for (const auto& p : pinned_) pinned_bytes += bytes_[p];
-  if (pinned_bytes + bytes > budget_) return evicted;  // never fits beside the pinned set
+  if (pinned_bytes_ + bytes > budget_) return evicted;  // never fits beside the pinned set
   while (used_ + bytes > budget_) {
     const Key victim = lru_.front();
     lru_.pop_front();
@@ -84,12 +90,36 @@ std::vector<ExpertCache::Key> ExpertCache::admit(const Key& key, int64_t bytes) 
   return evicted;
 }
 
+void ExpertCache::forget(const Key& key) {
+  if (pinned_.count(key) || !resident(key)) return;
+  if (auto it = where_.find(key); it != where_.end()) {
+    lru_.erase(it->second);
+    where_.erase(it);
+  }
+  used_ -= bytes_[key];
+  bytes_.erase(key);
+}
+
 // ---------------------------------------------------------------- runner
 
 namespace {
 
 using Values = std::unordered_map<std::string, Ort::Value>;
 using Key = ExpertCache::Key;
+
+int64_t numel(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+// The shape of a float32 tensor; one clear error for anything else.
+std::vector<int64_t> float_shape(const Ort::Value& value, const std::string& what) {
+  if (!value.IsTensor()) throw Error(what + " is not a tensor");
+  auto info = value.GetTensorTypeAndShapeInfo();
+  if (info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) throw Error(what + " is not float32");
+  return info.GetShape();
+}
 
 bool has_provider(const std::string& name) {
   const auto providers = Ort::GetAvailableProviders();
@@ -133,20 +163,22 @@ struct Runner::Impl {
     for (Ort::SessionOptions* so : {&cpu_options, &provider_options}) {
       if (opt.shared_thread_pool) {
         so->DisablePerSessionThreads();
-      } else if (opt.intra_op_threads > 0) {
-        so->SetIntraOpNumThreads(opt.intra_op_threads);
+      } else {
+        if (opt.intra_op_threads > 0) so->SetIntraOpNumThreads(opt.intra_op_threads);
         so->AddConfigEntry("session.intra_op.allow_spinning", "0");  // hundreds of sessions share the cores
       }
       so->SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     }
     add_provider();
     if (opt.policy != "lru" && opt.policy != "static") throw Error("unknown policy '" + opt.policy + "': use lru or static");
+    if (!opt.plan.empty() && opt.expert_budget < 0)
+      throw Error("a placement plan needs an expert budget: set RunnerOptions::expert_budget (moedge-run --gpu-budget)");
     if (opt.expert_budget >= 0) {
       int64_t largest = 0;
       for (const auto& layer : m.layers)
         if (layer.moe)
           for (const auto& g : layer.moe->experts) largest = std::max(largest, g.bytes);
-      if (opt.expert_budget < largest && opt.policy == "lru" && largest > 0)
+      if (opt.expert_budget > 0 && opt.expert_budget < largest)
         throw Error("the expert budget of " + std::to_string(opt.expert_budget) + " bytes is smaller than the largest expert (" +
                     std::to_string(largest) + " bytes): give at least that, or 0 to run every expert on the CPU");
       cache.emplace(opt.expert_budget, opt.policy == "lru");
@@ -248,8 +280,11 @@ struct Runner::Impl {
       return *s;
     }
     if (cache->lookup(key)) {
-      ++stats.hits;
-      return *resident.at(key);
+      if (auto it = resident.find(key); it != resident.end()) {
+        ++stats.hits;
+        return *it->second;
+      }
+      cache->forget(key);  // resident by the books but never opened: run it on the CPU
     }
     *on_cpu = true;
     ++stats.cpu_runs;
@@ -263,20 +298,33 @@ struct Runner::Impl {
       resident.erase(victim);
       ++stats.evictions;
     }
-    if (cache->resident(key) && !resident.count(key)) resident[key] = open(g, provider_options);
+    if (cache->resident(key) && !resident.count(key)) {
+      try {
+        resident[key] = open(g, provider_options);
+      } catch (...) {
+        resident.erase(key);
+        cache->forget(key);  // the books follow what really loaded
+        throw;
+      }
+    }
     stats.peak_expert_bytes = std::max(stats.peak_expert_bytes, cache->peak());
   }
 
   // residual + sum over chosen experts of weight * expert(x) [+ shared output], experts in index order.
   Ort::Value moe(const LayerSpec& layer, Values& v) {
     const MoeSpec& spec = *layer.moe;
+    const std::string where = layer.stage.file;
     Ort::Value& x = v.at("moe_input");
-    const auto xshape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const auto xshape = float_shape(x, where + " moe_input");
+    if (xshape.size() != 2) throw Error(where + ": moe_input must be (tokens, hidden)");
     const int64_t tokens = xshape[0], hidden = xshape[1];
     const float* xdata = x.GetTensorData<float>();
+    Ort::Value& logits = v.at("router_logits");
+    if (float_shape(logits, where + " router_logits") != std::vector<int64_t>{tokens, spec.num_experts})
+      throw Error(where + ": router_logits must be (tokens, " + std::to_string(spec.num_experts) + ")");
     std::vector<int64_t> chosen;
     std::vector<float> weights;
-    route(v.at("router_logits").GetTensorData<float>(), tokens, spec.num_experts, spec.gating, &chosen, &weights);
+    route(logits.GetTensorData<float>(), tokens, spec.num_experts, spec.gating, &chosen, &weights);
     const int k = spec.gating.top_k;
     std::vector<float> routed(static_cast<size_t>(tokens * hidden), 0.0f);
     for (int e = 0; e < spec.num_experts; ++e) {
@@ -298,6 +346,8 @@ struct Runner::Impl {
       ++stats.expert_runs;
       auto out = run(session, g, feed);
       if (on_cpu) after_miss(key, g);
+      if (float_shape(out.at(0), g.file + " output") != std::vector<int64_t>{static_cast<int64_t>(rows.size()), hidden})
+        throw Error(g.file + ": the expert output must be (routed tokens, hidden)");
       const float* y = out.at(0).GetTensorData<float>();
       for (size_t r = 0; r < rows.size(); ++r) {
         const auto [t, s] = rows[r];
@@ -307,12 +357,16 @@ struct Runner::Impl {
         for (int64_t j = 0; j < hidden; ++j) acc[j] += yr[j] * w;
       }
     }
+    const auto count = static_cast<int64_t>(routed.size());
     if (spec.gating.shared_expert) {
+      if (numel(float_shape(v.at("shared_output"), where + " shared_output")) != count)
+        throw Error(where + ": shared_output must hold tokens x hidden values");
       const float* shared = v.at("shared_output").GetTensorData<float>();
       for (size_t j = 0; j < routed.size(); ++j) routed[j] = routed[j] + shared[j];
     }
     Ort::Value& residual = v.at("residual");
-    const auto shape = residual.GetTensorTypeAndShapeInfo().GetShape();
+    const auto shape = float_shape(residual, where + " residual");
+    if (numel(shape) != count) throw Error(where + ": residual must hold tokens x hidden values");
     Ort::Value hidden_states = tensor<float>(shape);
     const float* res = residual.GetTensorData<float>();
     float* out = hidden_states.GetTensorMutableData<float>();
@@ -340,14 +394,14 @@ struct Runner::Impl {
     v.emplace("input_ids", std::move(input_ids));
     v.emplace("attention_mask", std::move(mask));
     v.emplace("position_ids", std::move(positions));
-    for (size_t i = 0; i < m.layers.size(); ++i) {
-      const std::string idx = std::to_string(m.layers[i].index);
-      v.emplace("past_key_values." + idx + ".key", std::move(past[2 * i]));
-      v.emplace("past_key_values." + idx + ".value", std::move(past[2 * i + 1]));
-    }
     std::vector<Ort::Value> present;
     for (size_t i = 0; i < 2 * m.layers.size(); ++i) present.emplace_back(nullptr);
-    try {
+    try {  // a failed step consumed the cache: the sequence starts over (reset)
+      for (size_t i = 0; i < m.layers.size(); ++i) {
+        const std::string idx = std::to_string(m.layers[i].index);
+        v.emplace("past_key_values." + idx + ".key", std::move(past[2 * i]));
+        v.emplace("past_key_values." + idx + ".value", std::move(past[2 * i + 1]));
+      }
       auto merge = [&](const GraphSpec& g, std::vector<Ort::Value>&& outs) {
         for (size_t o = 0; o < outs.size(); ++o) {
           const std::string& name = g.outputs[o].name;
@@ -368,9 +422,10 @@ struct Runner::Impl {
         }
       }
       auto logits = run(*stages.at(m.head.file), m.head, v);
-      const auto shape = logits.at(0).GetTensorTypeAndShapeInfo().GetShape();
-      const int64_t vocab = shape.back();
-      const float* data = logits.at(0).GetTensorData<float>() + (seq - 1) * vocab;
+      const auto shape = float_shape(logits.at(0), m.head.file + " logits");
+      const int64_t vocab = shape.empty() ? 0 : shape.back();
+      if (vocab <= 0) throw Error(m.head.file + ": logits have no vocabulary axis");
+      const float* data = logits.at(0).GetTensorData<float>() + (numel(shape) / vocab - 1) * vocab;  // last position
       for (const auto& [name, slot] : present_slot)
         if (!present[slot]) throw Error("no stage of the bundle outputs " + name + ": the bundle is incomplete");
       past = std::move(present);
@@ -386,8 +441,15 @@ struct Runner::Impl {
   }
 };
 
+namespace {
+const std::string& require_onnxruntime(const std::string& bundle) {
+  onnxruntime_version();  // throws a clear error when load_onnxruntime() was not called
+  return bundle;
+}
+}  // namespace
+
 Runner::Runner(const std::string& bundle_dir, RunnerOptions options)
-    : impl_(std::make_unique<Impl>(bundle_dir, std::move(options))) {}
+    : impl_(std::make_unique<Impl>(require_onnxruntime(bundle_dir), std::move(options))) {}
 Runner::~Runner() = default;
 const Manifest& Runner::manifest() const { return impl_->m; }
 std::vector<float> Runner::step(const std::vector<int64_t>& ids) { return impl_->step(ids); }
@@ -407,7 +469,12 @@ const RunStats& Runner::stats() const { return impl_->stats; }
 std::vector<int64_t> Runner::generate(const std::vector<int64_t>& prompt, int max_new_tokens,
                                       std::vector<float>* first_logits) {
   if (prompt.empty()) throw Error("generation needs at least one prompt token");
+  const int64_t context = impl_->m.context;
+  if (context > 0 && static_cast<int64_t>(prompt.size()) >= context)
+    throw Error("the prompt has " + std::to_string(prompt.size()) + " tokens; the model's context is " +
+                std::to_string(context) + ": shorten it");
   reset();
+  if (max_new_tokens <= 0) return {};
   using Clock = std::chrono::steady_clock;
   RunStats& stats = impl_->stats;
   std::vector<int64_t> out;
@@ -422,7 +489,7 @@ std::vector<int64_t> Runner::generate(const std::vector<int64_t>& prompt, int ma
     const auto& eos = impl_->m.eos_token_id;
     if (eos && token == *eos) break;
     if (i + 1 == max_new_tokens) break;
-    if (impl_->m.context > 0 && impl_->cached + 1 > impl_->m.context) break;
+    if (context > 0 && impl_->cached + 1 >= context) break;  // as moedge.runtime.Generator stops
     start = Clock::now();
     logits = step({token});
     stats.decode_seconds += std::chrono::duration<double>(Clock::now() - start).count();

@@ -1,5 +1,7 @@
 // moedge-run: greedy generation from token ids with a moedge bundle, through ONNX Runtime.
 #include <algorithm>
+#include <cmath>
+#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -31,20 +33,38 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+std::string trim(const std::string& s) {
+  const auto a = s.find_first_not_of(" \t");
+  const auto b = s.find_last_not_of(" \t");
+  return a == std::string::npos ? "" : s.substr(a, b - a + 1);
+}
+
+// A whole string as an integer, or a usage error naming the option.
+int64_t parse_int(const std::string& text, const std::string& option) {
+  const std::string t = trim(text);
+  try {
+    size_t used = 0;
+    const long long value = std::stoll(t, &used);
+    if (used == t.size() && !t.empty()) return value;
+  } catch (const std::exception&) {
+  }
+  throw UsageError(option + " takes an integer, got '" + text + "'");
+}
+
 std::vector<int64_t> parse_ids(const std::string& text) {
   std::vector<int64_t> ids;
   std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
+    if (trim(item).empty()) throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
     try {
-      size_t used = 0;
-      ids.push_back(std::stoll(item, &used));
-      if (used != item.size()) throw std::invalid_argument(item);
-    } catch (const std::exception&) {
+      ids.push_back(parse_int(item, "--ids"));
+    } catch (const UsageError&) {
       throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
     }
   }
-  if (ids.empty()) throw UsageError("--ids needs at least one token id");
+  if (ids.empty() || (!text.empty() && text.back() == ','))
+    throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
   return ids;
 }
 
@@ -55,27 +75,34 @@ double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-int64_t parse_budget(const std::string& text, int64_t expert_bytes) {
+// --gpu-budget as (value, unit): bytes, KiB, MiB, GiB or % of the bundle's expert bytes.
+std::pair<double, std::string> parse_budget(const std::string& text) {
   try {
     size_t used = 0;
-    const double value = std::stod(text, &used);
-    const std::string unit = text.substr(used);
-    if (value < 0) throw std::invalid_argument(text);
-    if (unit == "%") return static_cast<int64_t>(value / 100.0 * static_cast<double>(expert_bytes));
-    if (unit.empty() || unit == "B") return static_cast<int64_t>(value);
-    if (unit == "KiB") return static_cast<int64_t>(value * 1024.0);
-    if (unit == "MiB") return static_cast<int64_t>(value * 1024.0 * 1024.0);
-    if (unit == "GiB") return static_cast<int64_t>(value * 1024.0 * 1024.0 * 1024.0);
-  } catch (const std::invalid_argument&) {
+    const std::string t = trim(text);
+    const double value = std::stod(t, &used);
+    const std::string unit = trim(t.substr(used));
+    const bool known = unit.empty() || unit == "B" || unit == "KiB" || unit == "MiB" || unit == "GiB" || unit == "%";
+    if (known && std::isfinite(value) && value >= 0 && value < 1e15 && (unit != "%" || value <= 100.0))
+      return {value, unit};
+  } catch (const std::exception&) {
   }
-  throw UsageError("--gpu-budget takes bytes, N%, NMiB or NGiB, got '" + text + "'");
+  throw UsageError("--gpu-budget takes bytes, N%, NKiB, NMiB or NGiB (N% at most 100), got '" + text + "'");
+}
+
+int64_t budget_bytes(const std::pair<double, std::string>& budget, int64_t expert_bytes) {
+  const auto& [value, unit] = budget;
+  if (unit == "%") return static_cast<int64_t>(value / 100.0 * static_cast<double>(expert_bytes));
+  const double scale = unit == "KiB" ? 1024.0 : unit == "MiB" ? 1048576.0 : unit == "GiB" ? 1073741824.0 : 1.0;
+  return static_cast<int64_t>(value * scale);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
-  std::string bundle, ort_lib = moedge::default_onnxruntime_path(), plan, budget, logits_out, json_out;
+  std::string bundle, ort_lib = moedge::default_onnxruntime_path(), plan, logits_out, json_out;
+  std::optional<std::pair<double, std::string>> budget;
   std::vector<std::vector<int64_t>> prompts;
   int new_tokens = 16;
   int repeats = 1;
@@ -94,15 +121,16 @@ int main(int argc, char** argv) {
       } else if (a == "--ids") {
         prompts.push_back(parse_ids(value()));
       } else if (a == "-n" || a == "--max-new-tokens") {
-        new_tokens = std::stoi(value());
+        new_tokens = static_cast<int>(parse_int(value(), a));
       } else if (a == "--threads") {
-        options.intra_op_threads = std::stoi(value());
+        options.intra_op_threads = static_cast<int>(parse_int(value(), a));
+        if (options.intra_op_threads < 0) throw UsageError("--threads must be 0 (ORT's default) or more");
       } else if (a == "--shared-pool") {
         options.shared_thread_pool = true;
       } else if (a == "--provider") {
         options.provider = value();
       } else if (a == "--gpu-budget") {
-        budget = value();
+        budget = parse_budget(value());
       } else if (a == "--policy") {
         options.policy = value();
       } else if (a == "--plan") {
@@ -116,7 +144,7 @@ int main(int argc, char** argv) {
       } else if (a == "--warmup") {
         warmup = true;
       } else if (a == "--repeats") {
-        repeats = std::stoi(value());
+        repeats = static_cast<int>(parse_int(value(), a));
       } else if (a == "--json") {
         json_out = value();
       } else if (!a.empty() && a[0] == '-') {
@@ -134,25 +162,25 @@ int main(int argc, char** argv) {
   } catch (const UsageError& e) {
     std::cerr << "moedge-run: " << e.what() << "\n\n" << kUsage;
     return 2;
-  } catch (const std::logic_error&) {
-    std::cerr << "moedge-run: a numeric option got a value that is not a number\n\n" << kUsage;
-    return 2;
   }
 
   try {
     moedge::load_onnxruntime(ort_lib);
     if (!plan.empty()) {
       options.plan = moedge::read_plan(plan);
-      options.policy = budget.empty() ? "static" : options.policy;
+      options.policy = budget ? options.policy : "static";
     }
-    if (!budget.empty() || !plan.empty()) {
+    if (budget || !plan.empty()) {
       const auto manifest = moedge::read_manifest(bundle, false);
-      options.expert_budget = budget.empty() ? manifest.expert_bytes() : parse_budget(budget, manifest.expert_bytes());
+      options.expert_budget = budget ? budget_bytes(*budget, manifest.expert_bytes()) : manifest.expert_bytes();
     }
     moedge::Runner runner(bundle, options);
     nlohmann::json generations = nlohmann::json::array();
     std::ofstream logits_file;
-    if (!logits_out.empty()) logits_file.open(logits_out, std::ios::binary);
+    if (!logits_out.empty()) {
+      logits_file.open(logits_out, std::ios::binary);
+      if (!logits_file) throw moedge::Error("cannot write " + logits_out);
+    }
     if (warmup) {
       runner.preload();
       runner.generate(prompts.front(), 2);  // first-run costs (arena growth, kernel choice) off the clock
@@ -208,7 +236,8 @@ int main(int argc, char** argv) {
                             {"cpu_runs", s.cpu_runs},
                             {"evictions", s.evictions},
                             {"peak_expert_bytes", s.peak_expert_bytes}};
-      std::ofstream(json_out) << doc.dump(1) << '\n';
+      std::ofstream out(json_out);
+      if (!(out << doc.dump(1) << '\n')) throw moedge::Error("cannot write " + json_out);
     }
   } catch (const std::exception& e) {
     std::cerr << "moedge-run: " << e.what() << '\n';

@@ -94,8 +94,8 @@ std::vector<std::pair<int, int>> read_plan(const std::string& path);
 
 // Load libonnxruntime from `library_path` and bind the C++ API to it (once per process).
 void load_onnxruntime(const std::string& library_path);
-// Where to find libonnxruntime: $MOEDGE_ORT_LIB, else the SDK the build was configured with, else the
-// loader's search path (libonnxruntime.so.1).
+// Where to find libonnxruntime: $MOEDGE_ORT_LIB, else the SDK the build was configured with (when that
+// file is gone, load_onnxruntime falls back to the loader's search path: libonnxruntime.so.1).
 std::string default_onnxruntime_path();
 // "1.32.0": the loaded library's version.
 std::string onnxruntime_version();
@@ -111,6 +111,8 @@ class ExpertCache {
   bool lookup(const Key& key);
   // Make `key` resident after a miss when the policy admits; returns the experts evicted for it.
   std::vector<Key> admit(const Key& key, int64_t bytes);
+  // Drop a dynamic entry from the books (its session failed to load); pinned entries stay.
+  void forget(const Key& key);
   bool resident(const Key& key) const { return bytes_.count(key) > 0; }
   int64_t budget() const { return budget_; }
   int64_t used() const { return used_; }
@@ -121,6 +123,7 @@ class ExpertCache {
   bool admit_on_miss_;
   int64_t used_ = 0;
   int64_t peak_ = 0;
+  int64_t pinned_bytes_ = 0;
   std::set<Key> pinned_;
   std::list<Key> lru_;  // front: least recent
   std::map<Key, std::list<Key>::iterator> where_;
@@ -159,7 +162,8 @@ class Runner {
   Runner& operator=(const Runner&) = delete;
 
   const Manifest& manifest() const;
-  // Feed `ids` after what is cached (one sequence); returns the logits of the last position.
+  // Feed `ids` after what is cached (one sequence); returns the logits of the last position. A step
+  // that fails throws and forgets the sequence (the KV cache starts over).
   std::vector<float> step(const std::vector<int64_t>& ids);
   // Forget the KV cache (a new sequence).
   void reset();
