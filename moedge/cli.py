@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from moedge._errors import MoedgeError
 from moedge.paths import DATA_ENV
@@ -321,16 +322,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(new, end="", flush=True)
 
     results = []
+    sampling: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "stop": args.stop or (),
+    }
     if args.batch and len(prompts) > 1:  # one batch: the completions print when it ends
-        results = gen.generate(
-            prompts,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=args.stop or (),
-        )
+        results = gen.generate(prompts, **sampling)
         for prompt, r in zip(prompts, results, strict=False):
             head = prompt if isinstance(prompt, str) else " ".join(map(str, prompt)) + " |"
             print(head + (r.text if r.text is not None else " " + " ".join(map(str, r.token_ids))))
@@ -339,16 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.no_stream:
             head = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
             print(("\n" if i else "") + head, end="" if isinstance(prompt, str) else " | ", flush=True)
-        out = gen.generate(
-            [prompt],
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            stop=args.stop or (),
-            on_token=functools.partial(_stream_one, on_token, i),
-        )
+        out = gen.generate([prompt], on_token=functools.partial(_stream_one, on_token, i), **sampling)
         results += out
         if args.no_stream:
             print(out[0].text if out[0].text is not None else " ".join(map(str, out[0].token_ids)))

@@ -137,7 +137,7 @@ class BundleRunner:
     ) -> np.ndarray:
         """Every chosen expert on its routed tokens (CPU), combined in expert order."""
         outputs = {
-            int(e): self.run_expert(layer, int(e), x[np.nonzero(chosen == e)[0]]) for e in np.unique(chosen)
+            int(e): self.run_expert(layer, int(e), routed_rows(x, chosen, e)) for e in np.unique(chosen)
         }
         return combine(x, chosen, weights, outputs)
 
@@ -218,6 +218,11 @@ class BundleRunner:
             eos_token_id=eos_token_id,
             on_token=on_token,
         )
+
+
+def routed_rows(x: np.ndarray, chosen: np.ndarray, expert: int) -> np.ndarray:
+    """The rows of ``x`` (tokens x hidden) routed to ``expert``, in token order: an expert's input."""
+    return x[np.nonzero(chosen == expert)[0]]
 
 
 def combine(

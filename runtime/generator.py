@@ -23,7 +23,7 @@ import numpy as np
 from moedge._errors import MoedgeError
 from moedge.runtime.backends.base import Backend, make_backend
 from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
-from moedge.runtime.bundle_runner import BundleRunner, combine
+from moedge.runtime.bundle_runner import BundleRunner, combine, routed_rows
 from moedge.runtime.cache import ExpertKey
 from moedge.runtime.placement import read_plan_file
 from moedge.runtime.profiles import HardwareProfile, load_profile
@@ -264,7 +264,7 @@ class Generator:
         where = self.scheduler.dispatch(layer, routed, nxt)
         self.metrics.routed[-1].update({(layer, e): n for e, n in routed.items()})
         step = self.metrics.computed[-1]
-        tokens = {e: x[np.nonzero(chosen == e)[0]] for e in routed}
+        tokens = {e: routed_rows(x, chosen, e) for e in routed}
 
         def run(es: list[int], backend: Backend | None) -> dict[int, np.ndarray]:
             out = {}
@@ -364,38 +364,25 @@ class Generator:
                     f"prompt {index} has {len(ids)} tokens; the model's context is {self.context}: shorten it"
                 )
             results.append(Generation(prompt_ids=ids, token_ids=[]))
-        if not results:
-            return []
-        if batch and len(results) > 1:
+        groups = [list(enumerate(results))] if batch and results else [[row] for row in enumerate(results)]
+        done: list[Generation] = []
+        for rows in groups:
             try:
-                self._generate_batch(
-                    results, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
+                self._generate_rows(
+                    rows, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
                 )
             except KeyboardInterrupt:
-                for gen in results:
-                    if gen.stopped_by == "length" and len(gen.token_ids) < max_new_tokens:
-                        gen.stopped_by = "interrupt"
-                self.metrics.interrupted = True
-            finally:
-                for gen in results:
-                    gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
-            return results
-        for index, gen in enumerate(results):
-            try:
-                self._generate_one(
-                    gen, index, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
-                )
-            except KeyboardInterrupt:
-                gen.stopped_by = "interrupt"
                 self.metrics.interrupted = True
                 break
             finally:
-                gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
-        return results[: index + 1]
+                for _, gen in rows:
+                    gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
+                done += [gen for _, gen in rows]
+        return done
 
-    def _generate_batch(
+    def _generate_rows(
         self,
-        gens: list[Generation],
+        rows: list[tuple[int, Generation]],
         max_new_tokens: int,
         temperature: float,
         top_k: int,
@@ -405,93 +392,60 @@ class Generator:
         eos: int | None,
         on_token: Callable[[int, int], None] | None,
     ) -> None:
-        """Every prompt in one batch: left padding, an attention mask, per-row positions."""
-        width = max(len(g.prompt_ids) for g in gens)
-        step = np.zeros((len(gens), width), dtype=np.int64)
-        mask = np.zeros((len(gens), width), dtype=np.int64)
-        for row, g in enumerate(gens):
+        """``(prompt index, generation)`` rows as one batch: left padding, an attention mask, per-row
+        positions; a finished row leaves the batch. Ctrl-C marks the rows still running ``interrupt``."""
+        gens = dict(rows)
+        width = max(len(g.prompt_ids) for g in gens.values())
+        step = np.zeros((len(rows), width), dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for row, (_, g) in enumerate(rows):
             step[row, width - len(g.prompt_ids) :] = g.prompt_ids
             mask[row, width - len(g.prompt_ids) :] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        active = list(range(len(gens)))  # rows still generating, in batch order
-        past: Any = None
-        for i in range(max_new_tokens):
-            start = time.perf_counter()
-            logits, past = self._forward(step, past, mask, positions)
-            tokens = [_sample(logits[r, -1], rng, temperature, top_k, top_p) for r in range(len(active))]
-            elapsed = time.perf_counter() - start
-            if i == 0:
-                self.metrics.prompt_tokens += int(mask.sum())
-                self.metrics.prompt_seconds += elapsed
-            else:
-                self.metrics.decode_tokens += len(active)
-                self.metrics.decode_seconds += elapsed
-                self.metrics.token_latencies.append(elapsed)
-            keep: list[int] = []
-            for r, (index, token) in enumerate(zip(active, tokens, strict=True)):
-                gen = gens[index]
-                gen.token_ids.append(token)
-                if on_token is not None:
-                    on_token(index, token)
-                if eos is not None and token == eos:
-                    gen.stopped_by = "eos"
-                elif token in stops:
-                    gen.stopped_by = "stop"
-                elif self.context and len(gen.prompt_ids) + i + 1 >= self.context:
-                    gen.stopped_by = "context"
+        active = [index for index, _ in rows]  # prompt indexes still generating, in batch order
+        try:
+            past: Any = None
+            for i in range(max_new_tokens):
+                start = time.perf_counter()
+                logits, past = self._forward(step, past, mask, positions)
+                tokens = [_sample(logits[r, -1], rng, temperature, top_k, top_p) for r in range(len(active))]
+                elapsed = time.perf_counter() - start
+                if i == 0:
+                    self.metrics.prompt_tokens += int(mask.sum())
+                    self.metrics.prompt_seconds += elapsed
                 else:
-                    keep.append(r)
-            if not keep:
-                return
-            if len(keep) < len(active):  # finished rows leave the batch and its cache
-                past = [kv[keep] for kv in past]
-                mask, positions = mask[keep], positions[keep]
-                active = [active[r] for r in keep]
-                tokens = [tokens[r] for r in keep]
-            step = np.asarray(tokens, dtype=np.int64)[:, None]
-            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
-            positions = positions[:, -1:] + 1
-
-    def _generate_one(
-        self,
-        gen: Generation,
-        index: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        rng: np.random.Generator,
-        stops: set[int],
-        eos: int | None,
-        on_token: Callable[[int, int], None] | None,
-    ) -> None:
-        past = None
-        step = np.asarray([gen.prompt_ids], dtype=np.int64)
-        for i in range(max_new_tokens):
-            if self.context and len(gen.prompt_ids) + i >= self.context:
-                gen.stopped_by = "context"
-                return
-            start = time.perf_counter()
-            logits, past = self._forward(step, past)
-            token = _sample(logits[0, -1], rng, temperature, top_k, top_p)
-            elapsed = time.perf_counter() - start
-            if i == 0:
-                self.metrics.prompt_tokens += step.shape[1]
-                self.metrics.prompt_seconds += elapsed
-            else:
-                self.metrics.decode_tokens += 1
-                self.metrics.decode_seconds += elapsed
-                self.metrics.token_latencies.append(elapsed)
-            gen.token_ids.append(token)
-            if on_token is not None:
-                on_token(index, token)
-            if eos is not None and token == eos:
-                gen.stopped_by = "eos"
-                return
-            if token in stops:
-                gen.stopped_by = "stop"
-                return
-            step = np.asarray([[token]], dtype=np.int64)
+                    self.metrics.decode_tokens += len(active)
+                    self.metrics.decode_seconds += elapsed
+                    self.metrics.token_latencies.append(elapsed)
+                keep: list[int] = []
+                for r, (index, token) in enumerate(zip(active, tokens, strict=True)):
+                    gen = gens[index]
+                    gen.token_ids.append(token)
+                    if on_token is not None:
+                        on_token(index, token)
+                    if eos is not None and token == eos:
+                        gen.stopped_by = "eos"
+                    elif token in stops:
+                        gen.stopped_by = "stop"
+                    elif self.context and len(gen.prompt_ids) + i + 1 >= self.context:
+                        gen.stopped_by = "context"
+                    else:
+                        keep.append(r)
+                if not keep:
+                    return
+                if len(keep) < len(active):  # finished rows leave the batch and its cache
+                    past = [kv[keep] for kv in past]
+                    mask, positions = mask[keep], positions[keep]
+                    active = [active[r] for r in keep]
+                    tokens = [tokens[r] for r in keep]
+                step = np.asarray(tokens, dtype=np.int64)[:, None]
+                mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
+                positions = positions[:, -1:] + 1
+        except KeyboardInterrupt:
+            for index in active:
+                if gens[index].stopped_by == "length":  # not already stopped in the interrupted step
+                    gens[index].stopped_by = "interrupt"
+            raise
 
     def summary(self) -> dict[str, Any]:
         """The run's metrics (see :class:`RunMetrics`)."""

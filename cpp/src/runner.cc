@@ -327,11 +327,11 @@ struct Runner::Impl {
     route(logits.GetTensorData<float>(), tokens, spec.num_experts, spec.gating, &chosen, &weights);
     const int k = spec.gating.top_k;
     std::vector<float> routed(static_cast<size_t>(tokens * hidden), 0.0f);
+    std::vector<std::vector<std::pair<int64_t, int>>> routed_to(static_cast<size_t>(spec.num_experts));
+    for (int64_t t = 0; t < tokens; ++t)  // (token, slot) per expert, tokens ascending
+      for (int s = 0; s < k; ++s) routed_to[static_cast<size_t>(chosen[t * k + s])].emplace_back(t, s);
     for (int e = 0; e < spec.num_experts; ++e) {
-      std::vector<std::pair<int64_t, int>> rows;  // (token, slot), tokens ascending
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int s = 0; s < k; ++s)
-          if (chosen[t * k + s] == e) rows.emplace_back(t, s);
+      const auto& rows = routed_to[static_cast<size_t>(e)];
       if (rows.empty()) continue;
       const Key key{layer.index, e};
       const GraphSpec& g = spec.experts[static_cast<size_t>(e)];
