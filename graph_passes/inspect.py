@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,9 @@ def inspect_model(path: str | Path) -> GraphSummary:
     model_file = path / "model.onnx" if path.is_dir() else path
     if not model_file.is_file():
         raise MoedgeError(f"{model_file} does not exist: give an exported folder or an .onnx file")
+    if model_file.stat().st_size >= 2**31:
+        raise MoedgeError(f"{model_file} is over 2 GiB, the protobuf limit: not a readable ONNX model")
+    check_external_data(model_file)
     try:
         model = onnx.load(str(model_file), load_external_data=False)
     except Exception as exc:
@@ -91,6 +95,21 @@ def inspect_model(path: str | Path) -> GraphSummary:
         experts_per_layer=experts_per_layer(modules),
         nodes_with_module=len(modules),
     )
+
+
+def check_external_data(model_file: Path) -> None:
+    """One clear error when ``model_file`` names external data outside its own folder (or not a file)."""
+    from moedge.external_data import external_files
+
+    root = os.path.realpath(model_file.parent)
+    for location in external_files(model_file):
+        target = os.path.realpath(model_file.parent / location) if location else root
+        inside = bool(location) and not os.path.isabs(location) and target.startswith(root + os.sep)
+        if not inside or not os.path.isfile(target):
+            raise MoedgeError(
+                f"{model_file} reads external data {location!r}, which is not a file in its folder: "
+                "re-export the model (moedge export)"
+            )
 
 
 _WEIGHTED = ("MatMul", "Gemm")
@@ -183,7 +202,7 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
     """Summary lines of a bundle: model, graphs, gating, sizes, and a census of one stage and one expert."""
     from moedge.manifest import read_manifest
 
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, verify=True)  # every file it reads is listed, sized and hashed
     model = manifest.model
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     expert_sizes = [g.bytes for layer in moe if layer.moe for g in layer.moe.experts]

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
+import re
+import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from moedge._errors import MoedgeError
+from moedge.external_data import external_files
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -128,38 +133,257 @@ class Manifest:
                 out += layer.moe.experts
         return [*out, self.head]
 
+    def named_graphs(self) -> list[tuple[str, GraphSpec]]:
+        """Every graph with its manifest field path (``layers[3].moe.experts[5]``), in run order."""
+        out = [("embedding", self.embedding)]
+        for i, layer in enumerate(self.layers):
+            out.append((f"layers[{i}].stage", layer.stage))
+            if layer.moe is not None:
+                out += [(f"layers[{i}].moe.experts[{j}]", g) for j, g in enumerate(layer.moe.experts)]
+        return [*out, ("head", self.head)]
+
+    def named_paths(self) -> list[tuple[str, str]]:
+        """Every file path the manifest names outside ``files``, with its field path."""
+        out = [(f"{name}.file", g.file) for name, g in self.named_graphs()]
+        out += [
+            (f"layers[{i}].moe.router", layer.moe.router)
+            for i, layer in enumerate(self.layers)
+            if layer.moe is not None and layer.moe.router
+        ]
+        out += [
+            (key, value) for key, value in (("tokenizer", self.tokenizer), ("routing", self.routing)) if value
+        ]
+        return out
+
     def expert_bytes(self) -> int:
         """Bytes of every routed expert's files, as stored."""
         return sum(g.bytes for layer in self.layers if layer.moe for g in layer.moe.experts)
 
 
-def _tensor(d: dict[str, Any]) -> TensorSpec:
-    return TensorSpec(name=str(d["name"]), dtype=str(d["dtype"]), shape=list(d["shape"]))
+MAX_FILE_BYTES = 1 << 62  # a byte count any runtime can add up without overflowing int64
+MAX_DIM = 1 << 16  # heads, head size, experts per layer
+MAX_VOCAB = 1 << 31
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_FIX = "re-split the bundle with moedge split"
 
 
-def _graph(d: dict[str, Any]) -> GraphSpec:
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class _Reader:
+    """Typed access to the raw manifest JSON; every failure names the field and what it must be."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, field_path: str, description: str, value: Any) -> NoReturn:
+        raise MoedgeError(f"{self.where}: {field_path} must be {description}, got {_show(value)}")
+
+    def get(self, obj: dict[str, Any], key: str, field_path: str) -> Any:
+        if key not in obj:
+            raise MoedgeError(f"{self.where}: {field_path} is missing")
+        return obj[key]
+
+    def obj(self, value: Any, field_path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(field_path, "an object", value)
+        return value
+
+    def array(self, value: Any, field_path: str, *, nonempty: bool = False) -> list[Any]:
+        if not isinstance(value, list) or (nonempty and not value):
+            self.fail(field_path, "a non-empty array" if nonempty else "an array", value)
+        return value
+
+    def string(self, value: Any, field_path: str) -> str:
+        if not isinstance(value, str) or not value:
+            self.fail(field_path, "a non-empty string", value)
+        return value
+
+    def boolean(self, value: Any, field_path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(field_path, "a boolean", value)
+        return value
+
+    def integer(self, value: Any, field_path: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.fail(field_path, f"an integer in [{lo}, {hi}]", value)
+        return value
+
+    def optional_int(self, obj: dict[str, Any], key: str, field_path: str, lo: int, hi: int) -> None:
+        if obj.get(key) is not None:
+            self.integer(obj[key], field_path, lo, hi)
+
+
+def relative_path(value: Any, field_path: str, where: str) -> str:
+    """``value`` when it is a normalised relative path (``a/b.onnx``: no ``..``, ``.``, empty parts,
+    backslashes or NULs), else one error naming the manifest field."""
+    ok = isinstance(value, str) and bool(value) and "\\" not in value and "\0" not in value
+    if ok and not value.startswith("/"):
+        ok = all(part not in ("", ".", "..") for part in value.split("/"))
+    else:
+        ok = False
+    if not ok:
+        raise MoedgeError(
+            f"{where}: {field_path} {_show(value)} is not a relative path inside the bundle: {_FIX}"
+        )
+    return str(value)
+
+
+def _confine(root: Path, rel: str, field_path: str, where: str) -> Path:
+    """``root/rel`` when it resolves (symlinks followed) inside ``root``; nothing is opened."""
+    target = Path(os.path.realpath(root / rel))
+    if target != root and root not in target.parents:
+        raise MoedgeError(
+            f"{where}: {field_path} {_show(rel)} is not a relative path inside the bundle: {_FIX}"
+        )
+    return target
+
+
+def _tensor(r: _Reader, d: Any, f: str) -> TensorSpec:
+    d = r.obj(d, f)
+    shape = r.array(r.get(d, "shape", f + ".shape"), f + ".shape")
+    for i, dim in enumerate(shape):
+        if isinstance(dim, bool) or not isinstance(dim, int | str):
+            r.fail(f"{f}.shape[{i}]", "an integer or a name", dim)
+    return TensorSpec(
+        name=r.string(r.get(d, "name", f + ".name"), f + ".name"),
+        dtype=r.string(r.get(d, "dtype", f + ".dtype"), f + ".dtype"),
+        shape=list(shape),
+    )
+
+
+def _graph(r: _Reader, d: Any, f: str) -> GraphSpec:
+    d = r.obj(d, f)
+    inputs = r.array(r.get(d, "inputs", f + ".inputs"), f + ".inputs")
+    outputs = r.array(r.get(d, "outputs", f + ".outputs"), f + ".outputs")
     return GraphSpec(
-        file=str(d["file"]),
-        inputs=[_tensor(t) for t in d["inputs"]],
-        outputs=[_tensor(t) for t in d["outputs"]],
-        bytes=int(d["bytes"]),
+        file=relative_path(r.get(d, "file", f + ".file"), f + ".file", r.where),
+        inputs=[_tensor(r, t, f"{f}.inputs[{i}]") for i, t in enumerate(inputs)],
+        outputs=[_tensor(r, t, f"{f}.outputs[{i}]") for i, t in enumerate(outputs)],
+        bytes=r.integer(r.get(d, "bytes", f + ".bytes"), f + ".bytes", 0, MAX_FILE_BYTES),
     )
 
 
-def _layer(d: dict[str, Any]) -> LayerSpec:
+def _layer(r: _Reader, d: Any, i: int) -> LayerSpec:
+    f = f"layers[{i}]"
+    d = r.obj(d, f)
+    index = r.get(d, "index", f + ".index")
+    if isinstance(index, bool) or index != i:
+        r.fail(f + ".index", f"layer index {i}", index)
     moe = d.get("moe")
-    return LayerSpec(
-        index=int(d["index"]),
-        stage=_graph(d["stage"]),
-        moe=None
-        if moe is None
-        else MoeSpec(
-            num_experts=int(moe["num_experts"]),
-            gating=GatingRule(**moe["gating"]),
-            experts=[_graph(g) for g in moe["experts"]],
-            router=moe.get("router"),
-        ),
+    spec = None
+    if moe is not None:
+        m = r.obj(moe, f + ".moe")
+        num = r.integer(r.get(m, "num_experts", f + ".moe.num_experts"), f + ".moe.num_experts", 1, MAX_DIM)
+        experts = r.array(r.get(m, "experts", f + ".moe.experts"), f + ".moe.experts")
+        if len(experts) != num:
+            r.fail(f + ".moe.experts", f"an array of num_experts={num} graphs", f"{len(experts)} graphs")
+        g = r.obj(r.get(m, "gating", f + ".moe.gating"), f + ".moe.gating")
+        scoring = r.get(g, "scoring", f + ".moe.gating.scoring")
+        if scoring != "softmax":
+            r.fail(f + ".moe.gating.scoring", "'softmax'", scoring)
+        gating = GatingRule(
+            scoring="softmax",
+            top_k=r.integer(r.get(g, "top_k", f + ".moe.gating.top_k"), f + ".moe.gating.top_k", 1, num),
+            normalize_top_k=r.boolean(
+                r.get(g, "normalize_top_k", f + ".moe.gating.normalize_top_k"),
+                f + ".moe.gating.normalize_top_k",
+            ),
+            shared_expert=r.boolean(g.get("shared_expert", False), f + ".moe.gating.shared_expert"),
+        )
+        router = m.get("router")
+        spec = MoeSpec(
+            num_experts=num,
+            gating=gating,
+            experts=[_graph(r, e, f"{f}.moe.experts[{j}]") for j, e in enumerate(experts)],
+            router=None if router is None else relative_path(router, f + ".moe.router", r.where),
+        )
+    return LayerSpec(index=i, stage=_graph(r, r.get(d, "stage", f + ".stage"), f + ".stage"), moe=spec)
+
+
+def _model(r: _Reader, d: Any) -> dict[str, Any]:
+    model = r.obj(d, "model")
+    r.integer(r.get(model, "num_kv_heads", "model.num_kv_heads"), "model.num_kv_heads", 1, MAX_DIM)
+    r.integer(r.get(model, "head_dim", "model.head_dim"), "model.head_dim", 1, MAX_DIM)
+    r.optional_int(model, "vocab_size", "model.vocab_size", 1, MAX_VOCAB - 1)
+    r.optional_int(model, "max_position_embeddings", "model.max_position_embeddings", 1, MAX_VOCAB - 1)
+    r.optional_int(model, "hidden_size", "model.hidden_size", 1, MAX_DIM * 16)
+    vocab = int(model.get("vocab_size") or MAX_VOCAB)
+    for key in ("eos_token_id", "bos_token_id"):
+        value = model.get(key)
+        for j, token in enumerate(value if isinstance(value, list) else [value]):
+            if token is not None:
+                where = f"model.{key}" + (f"[{j}]" if isinstance(value, list) else "")
+                r.integer(token, where, 0, vocab - 1)
+    return dict(model)
+
+
+def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest:
+    """The manifest of the bundle at ``folder`` from its parsed JSON, checked before any file is opened.
+
+    Types and ranges of every field a runtime reads; every path (graph files, routers, tokenizer,
+    routing, ``files`` keys) relative, normalised and resolving inside ``folder``; every one of them
+    listed under ``files``; no file used by two graphs. Raises ``MoedgeError`` naming the field.
+    """
+    where = where or str(folder / MANIFEST_FILE)
+    r = _Reader(where)
+    raw = r.obj(raw, "the manifest")
+    if raw.get("format") != BUNDLE_FORMAT:
+        raise MoedgeError(f"{where} is not a moedge bundle manifest (format {_show(raw.get('format'))})")
+    version = raw.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise MoedgeError(
+            f"{where} has schema version {_show(version)}; this moedge reads up to {SCHEMA_VERSION}: "
+            "upgrade moedge"
+        )
+    r.integer(version, "schema_version", 1, SCHEMA_VERSION)
+    model = _model(r, r.get(raw, "model", "model"))
+    files_raw = r.obj(r.get(raw, "files", "files"), "files")
+    files: dict[str, dict[str, Any]] = {}
+    for rel, entry in files_raw.items():
+        f = f"files[{json.dumps(rel)}]"
+        relative_path(rel, f, where)
+        entry = r.obj(entry, f)
+        sha = r.get(entry, "sha256", f + ".sha256")
+        if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            r.fail(f + ".sha256", "a 64-digit lowercase hex sha256", sha)
+        size = r.integer(r.get(entry, "bytes", f + ".bytes"), f + ".bytes", 0, MAX_FILE_BYTES)
+        files[rel] = {"sha256": sha, "bytes": size}
+    layers_raw = r.array(r.get(raw, "layers", "layers"), "layers", nonempty=True)
+    if model.get("num_layers") is not None and model["num_layers"] != len(layers_raw):
+        r.fail("model.num_layers", f"the number of layers listed ({len(layers_raw)})", model["num_layers"])
+    quantization = raw.get("quantization")
+    if quantization is not None:
+        r.obj(quantization, "quantization")
+    manifest = Manifest(
+        model=model,
+        precision=r.string(r.get(raw, "precision", "precision"), "precision"),
+        embedding=_graph(r, r.get(raw, "embedding", "embedding"), "embedding"),
+        layers=[_layer(r, layer, i) for i, layer in enumerate(layers_raw)],
+        head=_graph(r, r.get(raw, "head", "head"), "head"),
+        files=files,
+        quantization=quantization,
+        tokenizer=None
+        if raw.get("tokenizer") is None
+        else relative_path(raw["tokenizer"], "tokenizer", where),
+        routing=None if raw.get("routing") is None else relative_path(raw["routing"], "routing", where),
+        schema_version=version,
+        extra=r.obj(raw.get("extra", {}), "extra"),
     )
+    root = Path(os.path.realpath(folder))
+    for field_path, rel in manifest.named_paths():
+        if rel not in files:
+            raise MoedgeError(f"{where}: {field_path} {_show(rel)} is not listed under files")
+    seen: dict[str, str] = {}
+    for field_path, graph in manifest.named_graphs():
+        if graph.file in seen:
+            raise MoedgeError(f"{where}: {field_path} {_show(graph.file)} is used by two graphs")
+        seen[graph.file] = field_path
+    for rel in files:
+        _confine(root, rel, f"files[{json.dumps(rel)}]", where)
+    return manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -171,56 +395,69 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 def read_manifest(bundle: str | Path, *, verify: bool = False) -> Manifest:
-    """Parse ``bundle/manifest.json``; with ``verify``, check every listed file's size and sha256."""
+    """Parse and check ``bundle/manifest.json`` (see ``parse_manifest``), then the files it lists.
+
+    Every listed file must be a regular file of its recorded size, and every graph's external data
+    a listed file in its folder (checked always: cheap, and what keeps a runtime inside the bundle);
+    with ``verify`` each file's sha256 is checked too.
+    """
     folder = Path(bundle)
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise MoedgeError(f"{folder} is not a moedge bundle (no {MANIFEST_FILE}): run `moedge split` first")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise MoedgeError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a moedge manifest")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoedgeError(f"{path} is not valid JSON ({exc})") from None
-    if raw.get("format") != BUNDLE_FORMAT:
-        raise MoedgeError(f"{path} is not a moedge bundle manifest (format {raw.get('format')!r})")
-    version = raw.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise MoedgeError(
-            f"{path} has schema version {version}; this moedge reads up to {SCHEMA_VERSION}: upgrade moedge"
+        raw = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        detail = (
+            f"line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else exc.reason
         )
-    try:
-        manifest = Manifest(
-            model=dict(raw["model"]),
-            precision=str(raw["precision"]),
-            embedding=_graph(raw["embedding"]),
-            layers=[_layer(x) for x in raw["layers"]],
-            head=_graph(raw["head"]),
-            files=dict(raw["files"]),
-            quantization=raw.get("quantization"),
-            tokenizer=raw.get("tokenizer"),
-            routing=raw.get("routing"),
-            schema_version=version,
-            extra=dict(raw.get("extra", {})),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MoedgeError(f"{path} is missing or mangles a field ({exc!r})") from None
-    for graph in manifest.graphs():
-        if graph.file not in manifest.files:
-            raise MoedgeError(f"{path}: graph {graph.file} is not listed under files")
-    if verify:
-        verify_files(folder, manifest)
+        raise MoedgeError(f"{path} is not valid JSON ({detail})") from None
+    except RecursionError:
+        raise MoedgeError(f"{path} is not valid JSON (nested too deeply)") from None
+    manifest = parse_manifest(raw, folder, str(path))
+    check_files(folder, manifest, hashes=verify)
     return manifest
 
 
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Check that every file the manifest lists exists with its recorded size and sha256."""
+def check_files(folder: Path, manifest: Manifest, *, hashes: bool = True) -> None:
+    """Check that every listed file is a regular file with its recorded size (and, with ``hashes``, its
+    sha256), and that every graph's external data is a listed file beside it."""
     for rel, entry in manifest.files.items():
         path = folder / rel
-        if not path.is_file():
-            raise MoedgeError(f"bundle {folder} is missing {rel}: copy the whole bundle folder")
-        if path.stat().st_size != int(entry["bytes"]):
+        try:
+            info = path.stat()
+        except OSError:
+            raise MoedgeError(f"bundle {folder} is missing {rel}: copy the whole bundle folder") from None
+        if not stat.S_ISREG(info.st_mode):
+            raise MoedgeError(f"bundle file {rel} is not a regular file: re-copy the bundle")
+        if info.st_size != entry["bytes"]:
             raise MoedgeError(
-                f"bundle file {rel} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}"
+                f"bundle file {rel} has {info.st_size} bytes, the manifest says {entry['bytes']}: re-copy the bundle"
             )
-        if sha256_file(path) != entry["sha256"]:
-            raise MoedgeError(f"bundle file {rel} does not match its sha256 in the manifest: re-copy it")
+    for field_path, graph in manifest.named_graphs():
+        base = graph.file.rpartition("/")[0]
+        for location in external_files(folder / graph.file):
+            rel = posixpath.normpath(posixpath.join(base, location)) if location else ""
+            ok = bool(location) and not location.startswith("/") and "\\" not in location
+            if not ok or rel.startswith("../") or rel == ".." or rel not in manifest.files:
+                raise MoedgeError(
+                    f"bundle graph {graph.file} ({field_path}) reads external data {location!r}, which is not "
+                    "a file listed under files: re-split the bundle with moedge split"
+                )
+    if hashes:
+        for rel, entry in manifest.files.items():
+            if sha256_file(folder / rel) != entry["sha256"]:
+                raise MoedgeError(
+                    f"bundle file {rel} does not match its sha256 in manifest.json: re-copy or re-split the bundle"
+                )
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check every listed file's size and sha256 and every graph's external data (``check_files``)."""
+    check_files(folder, manifest, hashes=True)

@@ -29,6 +29,7 @@ from moedge.manifest import (
     SHARED_OUTPUT,
     GraphSpec,
     Manifest,
+    MoeSpec,
     read_manifest,
 )
 from moedge.runtime.backends.base import Backend
@@ -101,7 +102,7 @@ class BundleRunner:
         if layer not in self._routers:
             spec = self.manifest.layers[layer].moe
             path = self.folder / spec.router if spec is not None and spec.router else None
-            self._routers[layer] = np.load(path) if path is not None else None
+            self._routers[layer] = None if path is None else _load_router(path, spec)
         return self._routers[layer]
 
     def speculate(self, layer: int, x: np.ndarray) -> np.ndarray | None:
@@ -218,6 +219,20 @@ class BundleRunner:
             eos_token_id=eos_token_id,
             on_token=on_token,
         )
+
+
+def _load_router(path: Path, spec: MoeSpec) -> np.ndarray:
+    """A router weight ``.npy`` (no pickles), checked to be float (experts x hidden)."""
+    try:
+        weight = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MoedgeError(f"bundle file {path.name} is not a readable .npy router weight ({exc})") from None
+    if weight.ndim != 2 or weight.shape[0] != spec.num_experts or weight.dtype.kind != "f":
+        raise MoedgeError(
+            f"bundle file {path.name} must hold a float ({spec.num_experts} experts x hidden) router weight, "
+            f"got {weight.dtype} {weight.shape}: re-split the bundle with moedge split"
+        )
+    return weight
 
 
 def routed_rows(x: np.ndarray, chosen: np.ndarray, expert: int) -> np.ndarray:

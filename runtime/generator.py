@@ -197,17 +197,17 @@ class Generator:
             self.gpu.runner(self.folder, graph).activate()
 
     def _tokenizer(self) -> Any:
-        name = self.manifest.tokenizer
-        if not name or not (self.folder / name).is_file():
+        name = self.manifest.tokenizer  # checked by read_manifest: listed, inside the bundle, present
+        if not name:
             return None
-        from tokenizers import Tokenizer
+        from moedge.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(str(self.folder / name))
+        return load_tokenizer(self.folder / name)
 
     def _routing(self, routing: str | Path | None) -> RoutingStats | None:
         if routing is not None:
             return read_routing(routing)
-        if self.manifest.routing and (self.folder / self.manifest.routing).is_file():
+        if self.manifest.routing:  # checked by read_manifest: listed, inside the bundle, present
             return read_routing(self.folder / self.manifest.routing)
         return None
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moedge._errors import MoedgeError
+from moedge.manifest import GraphSpec
 
 KVCache = list[np.ndarray]
 Forward = Callable[..., tuple[np.ndarray, KVCache]]  # forward(input_ids, past=...) -> (logits, cache)
@@ -55,14 +56,33 @@ def shared_thread_pool(threads: int | None) -> bool:
     return _SHARED_POOL[0]
 
 
-def load_session(path: Path, options: ort.SessionOptions, providers: Sequence[str]) -> ort.InferenceSession:
-    """An ORT session for ``path``, or one clear error when ORT cannot load it."""
+def load_session(
+    path: Path, options: ort.SessionOptions, providers: Sequence[str], graph: GraphSpec | None = None
+) -> ort.InferenceSession:
+    """An ORT session for ``path``, or one clear error when ORT cannot load it or (given the manifest's
+    ``graph``) when the graph's inputs and outputs are not the ones the manifest lists."""
     if _SHARED_POOL and _SHARED_POOL[0]:
         options.use_per_session_threads = False  # ORT refuses per-session pools once the global one exists
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as exc:  # ORT raises several unrelated types for a bad file
-        raise MoedgeError(f"ONNX Runtime cannot load {path}: {exc}") from None
+        raise MoedgeError(f"ONNX Runtime cannot load {path}: {' '.join(str(exc).split())}") from None
+    if graph is not None:
+        for kind, listed, actual in (
+            ("inputs", graph.input_names, [i.name for i in session.get_inputs()]),
+            ("outputs", graph.output_names, [o.name for o in session.get_outputs()]),
+        ):
+            if sorted(listed) != sorted(actual):
+                raise MoedgeError(
+                    f"bundle graph {graph.file} has {kind} {_names(actual)}, the manifest lists {_names(listed)}: "
+                    "re-split the bundle with moedge split"
+                )
+    return session
+
+
+def _names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    return f"[{shown}]"
 
 
 def empty_cache(batch: int, num_layers: int, num_kv_heads: int, head_dim: int) -> KVCache:

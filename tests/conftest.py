@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 TINY_KINDS = ("llama", "mistral", "opt", "mixtral", "qwen2-moe", "olmoe")
@@ -72,6 +73,25 @@ def bundles(tmp_path_factory, tiny_exports):
         return done[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def qdq_bundle(tmp_path_factory):
+    """tiny-mixtral calibrated (rtn), exported as QDQ and split."""
+    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
+    from moedge.export.exporter import export_model
+    from moedge.graph_passes.bundle import split_bundle
+    from moedge.testbeds import build_tiny
+
+    root = tmp_path_factory.mktemp("cpp-qdq")
+    loaded = build_tiny("mixtral")
+    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
+    save_recipe(
+        loaded, calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False), root / "r"
+    )
+    export_model(apply_recipe(build_tiny("mixtral"), root / "r"), root / "export")
+    split_bundle(root / "export", root / "bundle", progress=False)
+    return root / "bundle"
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ class OrtRunner(Runner):
     def activate(self) -> None:
         """Create the session (reads the weights)."""
         if self.session is None:
-            self.session = load_session(self.path, self.options, self.providers)
+            self.session = load_session(self.path, self.options, self.providers, self.graph)
         self.active = True
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -31,7 +31,7 @@ class OrtCudaRunner(Runner):
                 (CUDA_PROVIDER, {"device_id": self.device_id}),
                 "CPUExecutionProvider",
             ]
-            self.session = load_session(self.path, self.options, providers)  # type: ignore[arg-type]
+            self.session = load_session(self.path, self.options, providers, self.graph)  # type: ignore[arg-type]
         self.active = True
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -45,25 +45,6 @@ def _ids(prompts: list[list[int]]) -> list[str]:
     return [a for p in prompts for a in ("--ids", ",".join(map(str, p)))]
 
 
-@pytest.fixture(scope="module")
-def qdq_bundle(tmp_path_factory):
-    """tiny-mixtral calibrated (rtn), exported as QDQ and split."""
-    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
-    from moedge.export.exporter import export_model
-    from moedge.graph_passes.bundle import split_bundle
-    from moedge.testbeds import build_tiny
-
-    root = tmp_path_factory.mktemp("cpp-qdq")
-    loaded = build_tiny("mixtral")
-    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
-    save_recipe(
-        loaded, calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False), root / "r"
-    )
-    export_model(apply_recipe(build_tiny("mixtral"), root / "r"), root / "export")
-    split_bundle(root / "export", root / "bundle", progress=False)
-    return root / "bundle"
-
-
 def _parity(bundle: Path, tmp_path: Path, build: Path = RELEASE) -> dict:
     logits_file, json_file = tmp_path / "logits.bin", tmp_path / "run.json"
     args = [str(bundle), *_ids(PROMPTS), "-n", "16", "--threads", "1"]
