@@ -7,7 +7,7 @@ PKGS := moedge calibration export graph_passes runtime
 SHARED_DATA := $(abspath $(CURDIR)/../shared/data)
 export MOEDGE_DATA ?= $(if $(wildcard $(SHARED_DATA)),$(SHARED_DATA),)
 
-.PHONY: env demo test lint typecheck cpp pytest clean
+.PHONY: env demo test lint typecheck cpp fuzz pytest clean
 
 env: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: env
 	$(BIN)/moedge demo
 
-test: env lint typecheck cpp pytest
+test: env lint typecheck cpp fuzz pytest
 
 lint: env
 	$(BIN)/ruff check .
@@ -53,6 +53,20 @@ cpp:
 	cmake -S cpp -B build/cpp-asan -DONNXRUNTIME_ROOT=$$sdk -DCMAKE_BUILD_TYPE=Debug -DMOEDGE_ASAN=ON >/dev/null
 	cmake --build build/cpp -j2
 	cmake --build build/cpp-asan -j2
+
+# The manifest fuzzer (cpp/fuzz/): the C++ bundle loader under clang's libFuzzer with ASan and UBSan, for
+# FUZZ_SECONDS on a copy of the seed corpus (cpp/fuzz/corpus/ stays as committed). Any crash, leak, hang,
+# sanitizer report or stray exception fails the target; the input that did it is in build/cpp-fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+fuzz:
+	cpp/scripts/install_deps.sh --fuzz
+	cmake -S cpp -B build/cpp-fuzz -DMOEDGE_FUZZ=ON -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=Debug >/dev/null
+	cmake --build build/cpp-fuzz -j2
+	rm -rf build/cpp-fuzz/corpus build/cpp-fuzz/artifacts build/cpp-fuzz/tmp
+	mkdir -p build/cpp-fuzz/corpus build/cpp-fuzz/artifacts build/cpp-fuzz/tmp
+	cp cpp/fuzz/corpus/* build/cpp-fuzz/corpus/
+	TMPDIR=$(CURDIR)/build/cpp-fuzz/tmp build/cpp-fuzz/manifest_fuzz -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+		-dict=cpp/fuzz/manifest.dict -artifact_prefix=build/cpp-fuzz/artifacts/ build/cpp-fuzz/corpus
 
 pytest: env
 	$(BIN)/pytest -q

@@ -19,12 +19,14 @@ from moedge._errors import MoedgeError
 from moedge.export.configs import ArchitectureConfig, get_config
 from moedge.model import LoadedModel
 from moedge.module_names import CLASS_KEY, MODULE_KEY, experts_per_layer
-from moedge.paths import atomic_folder, ensure_writable_dir
+from moedge.paths import OutputKind, atomic_folder, check_output_folder, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
+EXPORT_FILES = ("config.json", MODEL_FILE, MODEL_FILE + ".data", "tokenizer.json", "routing.json")
+"""Every file ``export_model`` writes (``routing.json`` only for a recipe that has one)."""
 DEFAULT_OPSET = 18
 _SLICE = re.compile(r"\.slice\([^)]*\)")
 
@@ -132,17 +134,30 @@ def _quant_summary(loaded: LoadedModel, report: Any) -> dict[str, Any]:
     }
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MoedgeError(f"output path {out_dir} is a file: choose a folder for -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        config = out_dir / "config.json"
-        is_export = config.is_file() and "moedge" in json.loads(config.read_text() or "{}")
-        if not is_export:
-            raise MoedgeError(
-                f"output folder {out_dir} is not empty and holds no moedge export: choose another"
-            )
-    ensure_writable_dir(out_dir.parent)
+def _export_files(folder: Path) -> tuple[str, ...] | None:
+    """The files of a previous export in ``folder`` (config.json with a ``moedge`` key and model.onnx)."""
+    try:
+        config = json.loads((folder / "config.json").read_text() or "{}")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or "moedge" not in config or not (folder / MODEL_FILE).is_file():
+        return None
+    return EXPORT_FILES
+
+
+EXPORT_KIND = OutputKind("moedge export", _export_files)
+"""An export folder: ``--overwrite`` replaces one that holds only the files an export writes."""
+
+
+def check_export_output(out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """The resolved export folder, or one clear error (before any model loads) when writing it could lose data.
+
+    Refused: a path in a bundle, a file, a non-empty folder; with ``overwrite``, a non-empty folder
+    only when it is a previous ``moedge export`` holding nothing else.
+    """
+    out = check_output_folder(Path(out_dir).expanduser().resolve(), kind=EXPORT_KIND, overwrite=overwrite)
+    ensure_writable_dir(out.parent)
+    return out
 
 
 def export_model(
@@ -152,6 +167,7 @@ def export_model(
     with_cache: bool = True,
     opset: int = DEFAULT_OPSET,
     validate: bool = False,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Export ``loaded`` to ``out_dir`` as an exact FP32 ONNX graph that ONNX Runtime runs as-is.
 
@@ -161,6 +177,8 @@ def export_model(
     is the fake-quant model's, and the recipe's ``routing.json`` travels with it (``validate`` runs the
     ONNX checker after each graph pass). The folder is
     written to a temporary sibling and moved into place, so a failure leaves nothing half-written.
+    ``out_dir`` must be missing or empty; with ``overwrite`` it may also be a previous export holding
+    nothing else, which the new one replaces in one swap (``check_export_output``).
     """
     import torch
     import transformers
@@ -173,8 +191,7 @@ def export_model(
     if opset < 17:
         raise MoedgeError(f"opset {opset} is too old: moedge exports opset 17 or newer")
     arch = get_config(loaded.model_type)
-    out_dir = Path(out_dir).expanduser().resolve()
-    _prepare_out_dir(out_dir)
+    out_dir = check_export_output(out_dir, overwrite=overwrite)
     model = loaded.model
     num_layers = int(model.config.num_hidden_layers)
     input_names = ["input_ids", "attention_mask", "position_ids"]
@@ -184,7 +201,7 @@ def export_model(
         output_names += kv_names(num_layers, "present")
 
     start = time.perf_counter()
-    with atomic_folder(out_dir, replace=True) as tmp:
+    with atomic_folder(out_dir, kind=EXPORT_KIND, replace=overwrite) as tmp:
         with (
             per_expert_modules(model, arch),
             fake_quant_as_linear(model) as quant,

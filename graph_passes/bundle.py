@@ -16,9 +16,11 @@ import onnx_ir.passes.common as common_passes
 from tqdm import tqdm
 
 from moedge._errors import MoedgeError
+from moedge.external_data import check_external_data
 from moedge.graph_passes.pipeline import run_passes
 from moedge.graph_passes.split_experts import SplitExpertsPass
 from moedge.manifest import (
+    BUNDLE_FORMAT,
     MANIFEST_FILE,
     GatingRule,
     GraphSpec,
@@ -28,13 +30,35 @@ from moedge.manifest import (
     TensorSpec,
     sha256_file,
 )
-from moedge.paths import atomic_folder, check_new_output
+from moedge.paths import OutputKind, atomic_folder, check_output_folder
 from moedge.runtime.exported import read_export_info
 
 log = logging.getLogger(__name__)
 
 # Initializers at least this large go to the graph's external data file (memory-mappable weights).
 EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def _bundle_files(folder: Path) -> list[str] | None:
+    """The files of a previous bundle in ``folder``: manifest.json and every file it lists.
+
+    Only the manifest's format and ``files`` are read, so a damaged bundle can still be replaced.
+    """
+    try:
+        raw = json.loads((folder / MANIFEST_FILE).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if (
+        not isinstance(raw, dict)
+        or raw.get("format") != BUNDLE_FORMAT
+        or not isinstance(raw.get("files"), dict)
+    ):
+        return None
+    return [MANIFEST_FILE, *(str(rel) for rel in raw["files"])]
+
+
+BUNDLE_KIND = OutputKind("moedge bundle", _bundle_files, bundle=True)
+"""A bundle folder: ``--overwrite`` replaces one that holds only manifest.json and the files it lists."""
 
 
 def _spec(value: ir.Value) -> TensorSpec:
@@ -132,20 +156,27 @@ def _share_tensors(folder: Path, owner: str, user: str) -> str | None:
 
 
 def split_bundle(
-    export_dir: str | Path, out_dir: str | Path, *, progress: bool = True, validate: bool = False
+    export_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    validate: bool = False,
+    overwrite: bool = False,
 ) -> Manifest:
     """Cut ``export_dir`` (``moedge export`` output, FP32 or QDQ) into a bundle folder at ``out_dir``.
 
     The bundle holds ``stages/`` (embedding, one graph per decoder layer, head), ``experts/`` (one graph
     per routed expert), ``tokenizer.json``, ``routing.json`` when the export has one, and
     ``manifest.json``. Written to a temporary sibling and renamed at the end; ``validate`` runs the
-    ONNX checker on every graph.
+    ONNX checker on every graph. ``out_dir`` must be missing or empty; with ``overwrite`` it may also
+    be a previous bundle holding nothing but its listed files, which the new one replaces in one swap.
+    Nothing is written inside another bundle.
     """
     from moedge.export.configs import get_config
 
     info = read_export_info(export_dir)
     out = Path(out_dir).expanduser().resolve()
-    check_new_output(out)
+    check_output_folder(out, kind=BUNDLE_KIND, overwrite=overwrite)
     if not info.with_cache:
         raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
     raw = json.loads((info.folder / "config.json").read_text())
@@ -154,6 +185,7 @@ def split_bundle(
     gating = arch.gating_rule(SimpleNamespace(**raw))
     start = time.perf_counter()
     log.info("loading %s", info.model_file)
+    check_external_data(info.model_file)  # an export is read only from its own folder
     try:
         model = ir.load(info.model_file)
     except Exception as exc:  # protobuf and onnx-ir raise several types for a damaged file
@@ -164,7 +196,7 @@ def split_bundle(
         gating=None if gating is None else GatingRule(**gating),
     )
     split = splitter(model)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
         files: list[str] = []
         total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
         bar = tqdm(total=total, desc="writing bundle", unit="graph", disable=not progress)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import collections
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moedge._errors import MoedgeError
+from moedge.external_data import check_external_data
 from moedge.module_names import MODULE_KEY, experts_per_layer
 
 
@@ -95,21 +95,6 @@ def inspect_model(path: str | Path) -> GraphSummary:
         experts_per_layer=experts_per_layer(modules),
         nodes_with_module=len(modules),
     )
-
-
-def check_external_data(model_file: Path) -> None:
-    """One clear error when ``model_file`` names external data outside its own folder (or not a file)."""
-    from moedge.external_data import external_files
-
-    root = os.path.realpath(model_file.parent)
-    for location in external_files(model_file):
-        target = os.path.realpath(model_file.parent / location) if location else root
-        inside = bool(location) and not os.path.isabs(location) and target.startswith(root + os.sep)
-        if not inside or not os.path.isfile(target):
-            raise MoedgeError(
-                f"{model_file} reads external data {location!r}, which is not a file in its folder: "
-                "re-export the model (moedge export)"
-            )
 
 
 _WEIGHTED = ("MatMul", "Gemm")

@@ -82,7 +82,7 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
     steps["load"] = time.perf_counter() - t0
 
     out_dir = config.out_dir or default_cache_dir(config.cache_dir) / "demo" / f"{loaded.name}-onnx"
-    result = export_model(loaded, out_dir)
+    result = export_model(loaded, out_dir, overwrite=True)  # a previous demo export only (same-kind rule)
     steps["export"] = result.seconds
 
     if configured_data_dir() is not None:

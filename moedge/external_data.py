@@ -9,6 +9,7 @@ bytes of everything else, so it reads a large graph in about the time it takes t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,3 +149,17 @@ def external_files(model_file: Path) -> list[str]:
         raise MoedgeError(
             f"{model_file} is not a readable ONNX model (malformed protobuf): re-export or re-split it"
         ) from None
+
+
+def check_external_data(model_file: Path) -> None:
+    """One clear error when ``model_file`` names external data that is not a regular file in its own
+    folder (or below it): an exported model is read only from its folder."""
+    root = os.path.realpath(model_file.parent)
+    for location in external_files(model_file):
+        target = os.path.realpath(model_file.parent / location) if location else root
+        inside = bool(location) and not os.path.isabs(location) and target.startswith(root + os.sep)
+        if not inside or not os.path.isfile(target):
+            raise MoedgeError(
+                f"{model_file} reads external data {location!r}, which is not a file in its folder: "
+                "re-export the model (moedge export)"
+            )

@@ -101,8 +101,10 @@ class BundleRunner:
         """The router weight (experts x hidden) of an MoE layer, when the bundle carries it."""
         if layer not in self._routers:
             spec = self.manifest.layers[layer].moe
-            path = self.folder / spec.router if spec is not None and spec.router else None
-            self._routers[layer] = None if path is None else _load_router(path, spec)
+            has_router = spec is not None and spec.router is not None
+            self._routers[layer] = (
+                _load_router(self.folder, spec) if spec is not None and has_router else None
+            )
         return self._routers[layer]
 
     def speculate(self, layer: int, x: np.ndarray) -> np.ndarray | None:
@@ -221,8 +223,10 @@ class BundleRunner:
         )
 
 
-def _load_router(path: Path, spec: MoeSpec) -> np.ndarray:
-    """A router weight ``.npy`` (no pickles), checked to be float (experts x hidden)."""
+def _load_router(folder: Path, spec: MoeSpec) -> np.ndarray:
+    """A layer's router weight ``.npy`` (no pickles), checked to be float (experts x hidden)."""
+    assert spec.router is not None
+    path = folder / spec.router
     try:
         weight = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:

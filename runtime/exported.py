@@ -59,12 +59,27 @@ def read_export_info(folder: str | Path) -> ExportInfo:
         raise MoedgeError(f"{config_file} is missing: re-export the model (moedge export)") from None
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as exc:
         raise MoedgeError(f"{config_file} is corrupt or not a moedge export ({exc})") from None
-    version = int(meta.get("format_version", 0))
+    try:
+        version = int(meta.get("format_version", 0))
+    except (AttributeError, TypeError, ValueError):
+        raise MoedgeError(
+            f"{config_file}: field moedge.format_version is not an integer: re-export"
+        ) from None
     if version > SUPPORTED_FORMAT_VERSION:
         raise MoedgeError(
             f"{folder} uses export format {version}, newer than this moedge reads ({SUPPORTED_FORMAT_VERSION}): "
             "upgrade moedge"
         )
+    try:
+        return _export_info(folder, config, meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        field = f"field {exc.args[0]!r} " if isinstance(exc, KeyError) else ""
+        raise MoedgeError(
+            f"{config_file}: {field}is missing or mistyped ({type(exc).__name__}): re-export the model"
+        ) from None
+
+
+def _export_info(folder: Path, config: dict[str, Any], meta: dict[str, Any]) -> ExportInfo:
     return ExportInfo(
         folder=folder,
         with_cache=bool(meta["with_cache"]),

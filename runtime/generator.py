@@ -128,6 +128,7 @@ class Generator:
         cache: bool = True,
         parallel: bool = True,
         shared_pool: bool = False,
+        engines: str | Path | None = None,
     ) -> None:
         self.runner = BundleRunner(
             bundle, intra_op_threads=intra_op_threads, verify=verify, shared_pool=shared_pool
@@ -137,6 +138,7 @@ class Generator:
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         self.costs = ModelCosts.from_manifest(self.manifest)
         self.parallel = parallel
+        self.engines = engines
         self.tokenizer = self._tokenizer()
         self.context = int(self.manifest.model.get("max_position_embeddings") or 0)
         self.metrics = RunMetrics()
@@ -186,6 +188,8 @@ class Generator:
     def _make_gpu(self, backend: str, threads: int | None) -> Backend:
         if backend == "simulated":  # shares the CPU sessions: it executes on the CPU
             return SimulatedGpuBackend(profile=self.profile, cpu=self.runner.cpu)
+        if backend == "tensorrt":
+            return make_backend(backend, intra_op_threads=threads, engine_dir=self.engines)
         return make_backend(backend, intra_op_threads=threads)
 
     def _activate_base(self) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from moedge._errors import MoedgeError
+from moedge.external_data import check_external_data
 from moedge.runtime.exported import ExportInfo, read_export_info
 from moedge.runtime.ort_session import (
     KVCache,
@@ -35,6 +36,7 @@ class OrtCausalLM:
     ) -> None:
         self.info: ExportInfo = read_export_info(folder)
         options = session_options(intra_op_threads=intra_op_threads, optimize=optimize)
+        check_external_data(self.info.model_file)  # an export is read only from its own folder
         self.session = load_session(self.info.model_file, options, providers)
 
     def empty_cache(self, batch: int) -> KVCache:

@@ -14,7 +14,9 @@ memory plus a fixed cost), and CPU and GPU share one memory bandwidth.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -73,39 +75,103 @@ class HardwareProfile:
 
 
 _SCALE = {"_gbps": 1e9, "_tops": 1e12, "_gops": 1e9, "_us": 1e-6}
+_STEMS = {
+    "gpu_fp16": "gpu_fp16_ops",
+    "gpu_int8": "gpu_int8_ops",
+    "cpu_int8": "cpu_int8_ops",
+    "cpu_fp32": "cpu_fp32_ops",
+}
+# field -> (must be > 0 rather than >= 0, may be null)
+_NUMBERS: dict[str, tuple[bool, bool]] = {
+    "gpu_mem_bandwidth": (True, False),
+    "gpu_int8_ops": (True, False),
+    "gpu_fp16_ops": (True, False),
+    "cpu_mem_bandwidth": (True, False),
+    "cpu_int8_ops": (True, False),
+    "cpu_fp32_ops": (True, False),
+    "gpu_call_overhead": (False, False),
+    "cpu_call_overhead": (False, False),
+    "transfer_latency": (False, False),
+    "resident_setup_fixed": (False, False),
+    "h2d_bandwidth": (True, True),
+    "resident_setup_bandwidth": (True, True),
+    "shared_memory_bandwidth": (True, True),
+}
 
 
-def profile_from_dict(name: str, raw: dict[str, Any]) -> HardwareProfile:
-    """A profile from its JSON form (fields with unit suffixes: ``_gbps``, ``_tops``, ``_gops``, ``_us``)."""
-    fields: dict[str, Any] = {"name": name, "sources": list(raw.get("sources", []))}
+# how the built-in profiles spell the fields that carry a unit
+_JSON_NAMES = {
+    "gpu_mem_bandwidth": "gpu_mem_bandwidth_gbps",
+    "gpu_int8_ops": "gpu_int8_tops",
+    "gpu_fp16_ops": "gpu_fp16_tops",
+    "gpu_call_overhead": "gpu_call_overhead_us",
+    "cpu_mem_bandwidth": "cpu_mem_bandwidth_gbps",
+    "cpu_int8_ops": "cpu_int8_gops",
+    "cpu_fp32_ops": "cpu_fp32_gops",
+    "cpu_call_overhead": "cpu_call_overhead_us",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def profile_from_dict(name: str, raw: dict[str, Any], *, where: str | None = None) -> HardwareProfile:
+    """A profile from its JSON form (fields with unit suffixes: ``_gbps``, ``_tops``, ``_gops``, ``_us``).
+
+    Every field is checked (types, finite and positive figures); an error names ``where`` (the file, or
+    the profile's name) and the JSON field.
+    """
+    where = where or f"hardware profile {name!r}"
+    hint = "see moedge/data/hardware_profiles.json"
+    if not isinstance(raw, dict):
+        raise MoedgeError(f"{where}: not a JSON object of profile fields; {hint}")
+    sources = raw.get("sources", [])
+    if not isinstance(sources, list):
+        raise MoedgeError(f"{where}: field sources must be a list")
+    fields: dict[str, Any] = {"name": name, "sources": list(sources)}
+    keys: dict[str, str] = {}  # dataclass field -> the JSON key it came from
+    known = {f.name for f in dataclass_fields(HardwareProfile)}
     for key, value in raw.items():
-        if key in ("sources", "estimates", "name"):
+        if key in ("sources", "estimates", "name") or key.startswith("_"):
             continue
-        for suffix, scale in _SCALE.items():
-            if key.endswith(suffix):
-                stem = key[: -len(suffix)]
-                stem = {
-                    "gpu_fp16": "gpu_fp16_ops",
-                    "gpu_int8": "gpu_int8_ops",
-                    "cpu_int8": "cpu_int8_ops",
-                    "cpu_fp32": "cpu_fp32_ops",
-                }.get(stem, stem)
-                fields[stem] = None if value is None else float(value) * scale
-                break
+        stem = key
+        suffix = next((s for s in _SCALE if key.endswith(s)), None)
+        if suffix is not None:
+            stem = _STEMS.get(key[: -len(suffix)], key[: -len(suffix)])
+        if stem not in known or stem in ("name", "sources"):
+            raise MoedgeError(f"{where}: unknown field {key!r}; {hint}")
+        keys[stem] = key
+        if stem in _NUMBERS:
+            positive, nullable = _NUMBERS[stem]
+            if value is None and nullable:
+                fields[stem] = None
+                continue
+            if not _is_number(value) or value < 0 or (positive and value == 0):
+                want = "a finite number > 0" if positive else "a finite number >= 0"
+                raise MoedgeError(f"{where}: field {key} must be {want}, got {json.dumps(value)[:40]}")
+            fields[stem] = float(value) * (_SCALE[suffix] if suffix else 1.0)
         else:
-            fields[key] = value
-    try:
-        profile = HardwareProfile(**fields)
-    except TypeError as exc:
-        raise MoedgeError(
-            f"hardware profile {name!r}: {exc}; see moedge/data/hardware_profiles.json"
-        ) from None
+            fields[stem] = value
+    missing = [
+        f.name
+        for f in dataclass_fields(HardwareProfile)
+        if f.name not in fields and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise MoedgeError(f"{where}: field {_JSON_NAMES.get(missing[0], missing[0])} is missing; {hint}")
+    if not isinstance(fields["description"], str):
+        raise MoedgeError(f"{where}: field description must be a string")
+    if not isinstance(fields["unified_memory"], bool):
+        raise MoedgeError(f"{where}: field unified_memory must be true or false")
+    memory = fields["device_memory_bytes"]
+    if not isinstance(memory, int) or isinstance(memory, bool) or memory <= 0:
+        raise MoedgeError(f"{where}: field device_memory_bytes must be an integer > 0, got {memory!r}")
+    profile = HardwareProfile(**fields)
     if profile.unified_memory and profile.resident_setup_bandwidth is None:
-        raise MoedgeError(
-            f"hardware profile {name!r}: a unified-memory device needs resident_setup_bandwidth_gbps"
-        )
+        raise MoedgeError(f"{where}: a unified-memory device needs resident_setup_bandwidth_gbps")
     if not profile.unified_memory and profile.h2d_bandwidth is None:
-        raise MoedgeError(f"hardware profile {name!r}: a PCIe device needs h2d_bandwidth_gbps")
+        raise MoedgeError(f"{where}: a PCIe device needs h2d_bandwidth_gbps")
     return profile
 
 
@@ -127,15 +193,12 @@ def load_profile(name_or_path: str | Path) -> HardwareProfile:
     key = str(name_or_path)
     if key in BUILTIN:
         return BUILTIN[key]
-    path = Path(key)
-    if not path.is_file():
+    from moedge.inputs import read_input_json
+
+    path = Path(key).expanduser()
+    if not path.exists():
         raise MoedgeError(
             f"unknown hardware profile {key!r}: use one of {', '.join(profile_names())} or a JSON file"
         )
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoedgeError(
-            f"{path} is not a hardware profile ({exc}); see moedge/data/hardware_profiles.json"
-        ) from None
-    return profile_from_dict(path.stem, raw)
+    raw = read_input_json(path, "hardware profile")
+    return profile_from_dict(path.stem, raw, where=f"hardware profile {path}")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from moedge._errors import MoedgeError
+from moedge.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from moedge.paths import atomic_file, bundle_root, new_temp_file, refuse_inside_bundle, remove_stale_temps
 from moedge.runtime.bundle_runner import BundleRunner
 from moedge.runtime.placement import write_plan
 from moedge.runtime.profiles import load_profile
@@ -19,16 +22,81 @@ from moedge.runtime.simulate import DecodeTrace, record_trace, tune_haq
 log = logging.getLogger(__name__)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+ROUTING_FILE = "routing.json"
+PLAN_KEY = "plan"
+"""``manifest.extra`` key naming the placement plan that ``--update-bundle`` wrote into the bundle."""
+
+
+def update_bundle_files(
+    bundle: str | Path,
+    writers: dict[str, Callable[[Path], None]],
+    *,
+    routing: str | None = None,
+    plan: str | None = None,
+) -> None:
+    """Add or replace files inside a bundle and list them in its manifest, never leaving it half-updated.
+
+    ``writers`` maps a bundle-relative path to a function that writes that file's content to the
+    path it is given. Each file is written to a temporary sibling, then the new manifest (those files'
+    sha256 and bytes in ``files``; ``routing``, and ``plan`` under ``extra``, when given) to another;
+    the files are renamed into place and ``manifest.json`` is replaced last. Only new files, the
+    routing statistics and a plan written this way before are replaced (``check_bundle_target``).
+    """
+    folder = Path(bundle)
+    manifest = read_manifest(folder)
+    for rel in writers:
+        check_bundle_target(folder, rel, manifest)
+    temps: dict[str, Path] = {}
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for rel, write in writers.items():
+            target = folder / rel
+            remove_stale_temps(target)
+            temps[rel] = new_temp_file(target)
+            write(temps[rel])
+        files = dict(manifest.files)
+        for rel, tmp in temps.items():
+            files[rel] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        extra = dict(manifest.extra)
+        if plan is not None:
+            extra[PLAN_KEY] = plan
+        updated = dataclasses.replace(manifest, files=files, routing=routing or manifest.routing, extra=extra)
+        remove_stale_temps(folder / MANIFEST_FILE)
+        manifest_tmp = new_temp_file(folder / MANIFEST_FILE)
+        temps[MANIFEST_FILE] = manifest_tmp
+        manifest_tmp.write_text(updated.to_json())
+        for tmp in temps.values():
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+        for rel, tmp in list(temps.items()):
+            if rel != MANIFEST_FILE:
+                os.replace(tmp, folder / rel)
+                del temps[rel]
+        os.replace(manifest_tmp, folder / MANIFEST_FILE)
+        del temps[MANIFEST_FILE]
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def check_bundle_target(bundle: Path, rel: str, manifest: Manifest | None = None) -> None:
+    """Raise one clear line unless ``--update-bundle`` may write the bundle-relative path ``rel``.
+
+    Allowed: a path the manifest does not list yet, its routing statistics file and the plan
+    written there before; never ``manifest.json``, a graph, its weights or the tokenizer.
+    """
+    manifest = manifest or read_manifest(bundle)
+    replaceable = {manifest.routing, manifest.extra.get(PLAN_KEY), ROUTING_FILE} - {None}
+    if rel == MANIFEST_FILE or (rel in manifest.files and rel not in replaceable):
+        raise MoedgeError(
+            f"{bundle / rel} is one of the bundle's own files: --update-bundle writes only routing.json "
+            "and a new plan file; choose another --plan path"
+        )
+
+
+def _npz_path(path: str | Path) -> Path:
+    """The file numpy writes for ``path`` (it appends ``.npz`` when missing)."""
+    out = Path(path)
+    return out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
 
 
 def text_token_ids(bundle: Path, text: str, tokens: int) -> list[int]:
@@ -52,7 +120,8 @@ def profile_bundle(
     *,
     text: str = "c4",
     tokens: int = 4096,
-    output: str | Path,
+    output: str | Path | None = None,
+    update_bundle: bool = False,
     merge: list[Path] | None = None,
     plan: str | Path | None = None,
     gpu_budget: str | float | None = "25%",
@@ -61,10 +130,39 @@ def profile_bundle(
     threads: int | None = None,
 ) -> list[str]:
     """Run ``tokens`` of ``text`` through the bundle, write ``routing.json`` (merged with earlier workloads)
-    and, with ``plan``, a haq placement tuned for ``gpu_budget`` on ``profile``; returns a report."""
+    and, with ``plan``, a haq placement tuned for ``gpu_budget`` on ``profile``; returns a report.
+
+    ``output``, ``plan`` and ``trace`` are written atomically and never inside a bundle; with
+    ``update_bundle`` the routing statistics go into the bundle itself (``routing.json``, listed in
+    its manifest, which is replaced last), and so does ``plan`` when it names a path inside the
+    bundle. Every output path is checked before the (minutes-long) run.
+    """
     from tqdm import tqdm
 
     folder = Path(bundle)
+    if output is None and not update_bundle:
+        raise MoedgeError(
+            "give -o FILE for the routing statistics, or --update-bundle to write them into the bundle"
+        )
+    if output is not None:
+        refuse_inside_bundle(output, flag="-o")
+    trace_path = None if trace is None else _npz_path(trace)
+    if trace_path is not None:
+        refuse_inside_bundle(trace_path, flag="--trace")
+    root = folder.expanduser().resolve()
+    plan_rel: str | None = None
+    if plan is not None:
+        if update_bundle and bundle_root(plan) == root:
+            plan_rel = Path(plan).expanduser().resolve().relative_to(root).as_posix()
+            if plan_rel == ROUTING_FILE:
+                raise MoedgeError(
+                    f"--plan {plan} is where --update-bundle writes routing.json: name the plan otherwise"
+                )
+            check_bundle_target(root, plan_rel)
+        else:
+            refuse_inside_bundle(plan, flag="--plan")
+    if update_bundle and not os.access(root, os.W_OK):
+        raise MoedgeError(f"bundle {root} is not writable: --update-bundle needs write access to it")
     runner = BundleRunner(folder, intra_op_threads=threads)
     ids = text_token_ids(folder, text, tokens)
     bar = tqdm(desc="profiling routing", unit="window", disable=None)
@@ -78,16 +176,29 @@ def profile_bundle(
     stats = recorded.stats()
     for other in merge or []:
         stats = stats.merge(read_routing(other))
-    _write_atomic(Path(output), json.dumps(stats.to_dict(), indent=1) + "\n")
+    routing_text = json.dumps(stats.to_dict(), indent=1) + "\n"
+    if output is not None:
+        with atomic_file(output) as tmp:
+            tmp.write_text(routing_text)
+    destinations = [str(p) for p in (output, root / ROUTING_FILE if update_bundle else None) if p is not None]
     recall = recorded.prefetch_recall(stats.top_k)
     report = [
-        f"routing statistics of {len(ids)} tokens of {text} ({stats.tokens} with merged workloads) -> {output}",
+        f"routing statistics of {len(ids)} tokens of {text} ({stats.tokens} with merged workloads) -> "
+        + ", ".join(destinations),
         f"speculative gate (next layer's router on this layer's MoE input) recalls {recall:.3f} of the next "
         f"layer's top-{stats.top_k}",
     ]
-    if trace is not None:
-        recorded.save(trace)
-        report.append(f"trace -> {trace}")
+    if trace_path is not None:
+        with atomic_file(trace_path, suffix=".npz") as tmp:
+            recorded.save(tmp)
+        report.append(f"trace -> {trace_path}")
+    writers: dict[str, Callable[[Path], None]] = {}
+    if update_bundle:
+
+        def routing_writer(path: Path) -> None:
+            path.write_text(routing_text)
+
+        writers[ROUTING_FILE] = routing_writer
     if plan is not None:
         costs = ModelCosts.from_manifest(runner.manifest)
         budget = parse_budget(gpu_budget, costs)
@@ -102,10 +213,21 @@ def profile_bundle(
             "topup": policy.topup,
         }
         source = {"bundle": str(folder), "text": text, "tokens": len(ids), "profile": hw.name}
-        write_plan(plan, pinned, budget=budget, policy="haq", settings=settings, source=source)
+
+        def plan_writer(path: Path) -> None:
+            write_plan(path, pinned, budget=budget, policy="haq", settings=settings, source=source)
+
+        if plan_rel is not None:
+            writers[plan_rel] = plan_writer
+        else:
+            with atomic_file(plan) as tmp:
+                plan_writer(tmp)
         report.append(
             f"plan -> {plan}: {len(pinned)} experts pinned of a {budget / 2**20:.1f} MiB budget on {hw.name}, "
             f"settings {settings}; modeled on the profiling text: {summary['modeled_decode_ms']['mean']:.3f} "
             f"ms/token, hit rate {summary['hit_rate']:.3f}"
         )
+    if update_bundle:
+        update_bundle_files(root, writers, routing=ROUTING_FILE, plan=plan_rel)
+        report.append(f"bundle {root}: manifest.json lists {', '.join(writers)}")
     return report

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,14 +178,127 @@ class RoutingStats:
         )
 
 
-def read_routing(path: str | Path) -> RoutingStats:
-    """Load ``routing.json`` with one clear error when it is missing or damaged."""
+MAX_EXPERTS = 4096  # routed experts per layer a routing.json may describe
+MAX_LAYERS = 1024
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_counts(value: Any, length: int, where: str) -> None:
+    if not (isinstance(value, list) and len(value) == length and all(_is_index(x) for x in value)):
+        raise MoedgeError(f"{where} must be a list of {length} integers >= 0 (one per expert)")
+
+
+def check_routing_document(raw: Any, where: str) -> None:
+    """Raise one clear line naming ``where`` and the field when ``raw`` is not a routing.json document."""
+    if not isinstance(raw, dict):
+        raise MoedgeError(f"{where}: not a routing.json object")
+    version = raw.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > ROUTING_FORMAT:
+        raise MoedgeError(f"{where}: format_version {version!r} is not one this moedge reads (1)")
+    for key in ("num_experts", "top_k", "tokens", "layers", "expert_token_counts"):
+        if key not in raw:
+            raise MoedgeError(f"{where}: field {key} is missing: re-run `moedge profile`")
+    experts, top_k = raw["num_experts"], raw["top_k"]
+    if not _is_index(experts) or not 1 <= experts <= MAX_EXPERTS:
+        raise MoedgeError(f"{where}: num_experts must be an integer in 1..{MAX_EXPERTS}, got {experts!r}")
+    if not _is_index(top_k) or not 1 <= top_k <= experts:
+        raise MoedgeError(f"{where}: top_k must be an integer in 1..num_experts ({experts}), got {top_k!r}")
+    if not _is_index(raw["tokens"]):
+        raise MoedgeError(f"{where}: tokens must be an integer >= 0, got {raw['tokens']!r}")
+    layers = raw["layers"]
+    if (
+        not isinstance(layers, list)
+        or len(layers) > MAX_LAYERS
+        or not all(_is_index(x) for x in layers)
+        or len(set(layers)) != len(layers)
+    ):
+        raise MoedgeError(f"{where}: layers must be a list of distinct layer indices (integers >= 0)")
+    counts = raw["expert_token_counts"]
+    if not isinstance(counts, dict) or sorted(counts) != sorted(str(x) for x in layers):
+        raise MoedgeError(f"{where}: expert_token_counts must have one entry per layer in layers {layers}")
+    for key, value in counts.items():
+        _check_counts(value, experts, f"{where}: expert_token_counts[{key!r}]")
+    transitions = raw.get("transition_counts", {})
+    if not isinstance(transitions, dict):
+        raise MoedgeError(f"{where}: transition_counts must be an object")
+    for key, matrix in transitions.items():
+        parts = key.split("->")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) in layers for p in parts):
+            raise MoedgeError(
+                f"{where}: transition_counts key {key!r} is not 'layer->layer' of two listed layers"
+            )
+        if not isinstance(matrix, list) or len(matrix) != experts:
+            raise MoedgeError(f"{where}: transition_counts[{key!r}] must be a {experts} x {experts} matrix")
+        for row in matrix:
+            _check_counts(row, experts, f"{where}: transition_counts[{key!r}] row")
+    paths = raw.get("top1_paths", {})
+    if not isinstance(paths, dict) or not _is_index(paths.get("distinct", 0)):
+        raise MoedgeError(f"{where}: top1_paths must be an object with an integer distinct count")
+    most_common = paths.get("most_common", [])
+    if not isinstance(most_common, list):
+        raise MoedgeError(f"{where}: top1_paths.most_common must be a list")
+    for i, entry in enumerate(most_common):
+        path = entry.get("path") if isinstance(entry, dict) else None
+        if (
+            not isinstance(path, list)
+            or len(path) != len(layers)
+            or not all(_is_index(e) and e < experts for e in path)
+            or not _is_index(entry.get("count"))
+        ):
+            raise MoedgeError(
+                f"{where}: top1_paths.most_common entry {i} must be {{path: one expert < {experts} per layer, "
+                "count: integer >= 0}"
+            )
+    recall = raw.get("speculative_recall", {})
+    if not isinstance(recall, dict):
+        raise MoedgeError(f"{where}: speculative_recall must be an object")
+    for key, value in recall.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not (key.isdigit() and int(key) in layers and ok and 0 <= value <= 1):
+            raise MoedgeError(
+                f"{where}: speculative_recall[{key!r}] must be a share in [0, 1] of a listed layer"
+            )
+
+
+def check_routing_for_bundle(stats: RoutingStats, experts: dict[int, int], where: str) -> None:
+    """Raise one clear line when ``stats`` names a layer or expert the bundle (``{MoE layer: experts}``) lacks."""
+    for layer in stats.layers:
+        if layer not in experts:
+            moe = ", ".join(map(str, sorted(experts))) or "none"
+            raise MoedgeError(
+                f"{where}: layer {layer} is not an MoE layer of the bundle (MoE layers: {moe}): "
+                "the statistics are another model's; re-run `moedge profile` on this bundle"
+            )
+        if experts[layer] != stats.num_experts:
+            raise MoedgeError(
+                f"{where}: num_experts is {stats.num_experts}, but layer {layer} of the bundle has "
+                f"{experts[layer]} experts: the statistics are another model's; re-run `moedge profile`"
+            )
+
+
+def read_routing(path: str | Path, *, experts: dict[int, int] | None = None) -> RoutingStats:
+    """Load ``routing.json`` with one clear error when it is missing, damaged or not this bundle's.
+
+    The file is read only when it is a regular file of at most 64 MiB and every field is checked; with
+    ``experts`` ({MoE layer: experts} of a bundle) it must describe that bundle's layers and experts.
+    """
+    from moedge.inputs import read_input_json
+
     file = Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise MoedgeError(f"no routing statistics at {file}: run `moedge profile BUNDLE` to record them")
+    where = f"routing statistics {file}"
+    raw = read_input_json(file, "routing statistics")
+    check_routing_document(raw, where)
     try:
-        return RoutingStats.from_dict(json.loads(file.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        stats = RoutingStats.from_dict(raw)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MoedgeError(
-            f"{file} is not a readable routing.json ({exc!r}): re-run `moedge profile`"
+            f"{where} is not a readable routing.json ({exc!r}): re-run `moedge profile`"
         ) from None
+    if experts is not None:
+        check_routing_for_bundle(stats, experts, where)
+    return stats

@@ -9,12 +9,11 @@ rejects precision flags on strongly typed networks). ``tensorrt`` is imported on
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moedge._errors import MoedgeError
+from moedge.paths import atomic_file
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -145,15 +144,6 @@ def _check_profiles(inputs: dict[str, tuple[int, ...]], profiles: dict[str, Shap
 
 
 def _write_atomically(path: Path, data: Buffer) -> None:
-    """Write ``data`` to a temp file next to ``path`` and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to a temporary sibling of ``path`` and rename it over ``path`` (``atomic_file``)."""
+    with atomic_file(path) as tmp, tmp.open("wb") as f:
+        f.write(data)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 
 #include "moedge/runtime.h"
@@ -54,7 +55,7 @@ void ExpertCache::pin(const Key& key, int64_t bytes) {
     pinned_bytes_ += bytes_[key];
     return;
   }
-  if (used_ + bytes > budget_)
+  if (bytes > budget_ - used_)  // budget_ - used_ >= 0: no sum that could overflow
     throw Error("the placement plan needs more than the expert budget of " + std::to_string(budget_) +
                 " bytes: raise --gpu-budget or write the plan for this budget");
   pinned_.insert(key);
@@ -73,8 +74,8 @@ bool ExpertCache::lookup(const Key& key) {
 std::vector<ExpertCache::Key> ExpertCache::admit(const Key& key, int64_t bytes) {
   std::vector<Key> evicted;
   if (!admit_on_miss_ || resident(key)) return evicted;
-  if (pinned_bytes_ + bytes > budget_) return evicted;  // never fits beside the pinned set
-  while (used_ + bytes > budget_) {
+  if (bytes > budget_ - pinned_bytes_) return evicted;  // never fits beside the pinned set
+  while (bytes > budget_ - used_) {
     const Key victim = lru_.front();
     lru_.pop_front();
     where_.erase(victim);
@@ -121,6 +122,73 @@ std::vector<int64_t> float_shape(const Ort::Value& value, const std::string& wha
   return info.GetShape();
 }
 
+// The value named `name`, or an Error saying which graph should have output it.
+Ort::Value& need(Values& values, const std::string& name, const std::string& graph) {
+  const auto it = values.find(name);
+  if (it == values.end())
+    throw Error(graph + " does not output " + name + ", which moedge_rt needs: re-split the bundle with moedge split");
+  return it->second;
+}
+
+// The first input or output of a graph, or an Error naming the graph.
+const TensorSpec& first(const std::vector<TensorSpec>& specs, const GraphSpec& g, const char* what) {
+  if (specs.empty()) throw Error(g.file + " has no " + what + " in manifest.json: re-split the bundle with moedge split");
+  return specs.front();
+}
+
+// An ONNX Runtime exception's text without the C++ source location and function signature in front
+// ("/src/x.cc:74 onnxruntime::F(const std::vector<...>&) [ONNXRuntimeError] : 1 : FAIL : y.cc:9 G what").
+std::string ort_error_text(const char* what) {
+  std::string text = what == nullptr ? "" : what;
+  const std::string marker = "[ONNXRuntimeError] : ";
+  if (const size_t at = text.rfind(marker); at != std::string::npos) {
+    size_t start = at + marker.size();
+    for (int separators = 0; separators < 2; ++separators) {  // the status code and its name
+      const size_t next = text.find(" : ", start);
+      if (next == std::string::npos) break;
+      start = next + 3;
+    }
+    text = text.substr(start);
+  }
+  // "file.cc:123 " then the function: "Name " or "ns::Name(args) ".
+  const size_t space = text.find(' ');
+  const std::string token = text.substr(0, space);
+  const size_t colon = token.rfind(':');
+  const bool location = space != std::string::npos && colon != std::string::npos && colon + 1 < token.size() &&
+                        token.find_first_not_of("0123456789", colon + 1) == std::string::npos &&
+                        (token.find(".cc:") != std::string::npos || token.find(".h:") != std::string::npos ||
+                         token.find(".cpp:") != std::string::npos);
+  if (location) {
+    size_t pos = space + 1;
+    const size_t word_end = text.find_first_of(" (", pos);
+    if (word_end != std::string::npos && text[word_end] == '(') {  // a signature: skip to its matching ')'
+      int depth = 0;
+      for (; pos < text.size(); ++pos) {
+        if (text[pos] == '(') ++depth;
+        if (text[pos] == ')' && --depth == 0) break;
+      }
+      pos = text.find(' ', pos);
+    } else {
+      pos = word_end;
+    }
+    if (pos != std::string::npos) text = text.substr(pos + 1);
+  }
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  while (!text.empty() && text.back() == ' ') text.pop_back();
+  return text;
+}
+
+// ONNX Runtime's log on stderr, one line per message without C++ locations. A failure that also comes
+// back as an exception ("Exception during initialization: ...") is left to the caller, which reports it.
+void ORT_API_CALL log_to_stderr(void*, OrtLoggingLevel severity, const char*, const char*, const char*,
+                                const char* message) {
+  if (severity < ORT_LOGGING_LEVEL_WARNING || message == nullptr) return;
+  const std::string text = message;
+  if (text.rfind("Exception during initialization", 0) == 0) return;
+  std::fprintf(stderr, "moedge_rt: onnxruntime %s: %s\n", severity == ORT_LOGGING_LEVEL_WARNING ? "warning" : "error",
+               ort_error_text(text.c_str()).c_str());
+}
+
 bool has_provider(const std::string& name) {
   const auto providers = Ort::GetAvailableProviders();
   return std::find(providers.begin(), providers.end(), name) != providers.end();
@@ -156,9 +224,9 @@ struct Runner::Impl {
       Ort::ThreadingOptions threading;
       threading.SetGlobalIntraOpNumThreads(opt.intra_op_threads);
       threading.SetGlobalInterOpNumThreads(1);
-      env = std::make_unique<Ort::Env>(threading, ORT_LOGGING_LEVEL_WARNING, "moedge_rt");
+      env = std::make_unique<Ort::Env>(threading, log_to_stderr, nullptr, ORT_LOGGING_LEVEL_WARNING, "moedge_rt");
     } else {
-      env = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_WARNING, "moedge_rt");
+      env = std::make_unique<Ort::Env>(ORT_LOGGING_LEVEL_WARNING, "moedge_rt", log_to_stderr, nullptr);
     }
     for (Ort::SessionOptions* so : {&cpu_options, &provider_options}) {
       if (opt.shared_thread_pool) {
@@ -236,7 +304,7 @@ struct Runner::Impl {
     try {
       return std::make_unique<Ort::Session>(*env, path.c_str(), so);
     } catch (const Ort::Exception& e) {
-      throw Error("ONNX Runtime cannot load " + path + ": " + e.what());
+      throw Error("ONNX Runtime cannot load " + path + ": " + ort_error_text(e.what()));
     }
   }
 
@@ -314,12 +382,12 @@ struct Runner::Impl {
   Ort::Value moe(const LayerSpec& layer, Values& v) {
     const MoeSpec& spec = *layer.moe;
     const std::string where = layer.stage.file;
-    Ort::Value& x = v.at("moe_input");
+    Ort::Value& x = need(v, "moe_input", where);
     const auto xshape = float_shape(x, where + " moe_input");
     if (xshape.size() != 2) throw Error(where + ": moe_input must be (tokens, hidden)");
     const int64_t tokens = xshape[0], hidden = xshape[1];
     const float* xdata = x.GetTensorData<float>();
-    Ort::Value& logits = v.at("router_logits");
+    Ort::Value& logits = need(v, "router_logits", where);
     if (float_shape(logits, where + " router_logits") != std::vector<int64_t>{tokens, spec.num_experts})
       throw Error(where + ": router_logits must be (tokens, " + std::to_string(spec.num_experts) + ")");
     std::vector<int64_t> chosen;
@@ -340,12 +408,13 @@ struct Runner::Impl {
       for (size_t r = 0; r < rows.size(); ++r)
         std::copy_n(xdata + rows[r].first * hidden, hidden, dst + static_cast<int64_t>(r) * hidden);
       Values feed;
-      feed.emplace(g.inputs.at(0).name, std::move(in));
+      feed.emplace(first(g.inputs, g, "inputs").name, std::move(in));
       bool on_cpu = false;
       Ort::Session& session = expert_session(key, g, &on_cpu);
       ++stats.expert_runs;
       auto out = run(session, g, feed);
       if (on_cpu) after_miss(key, g);
+      first(g.outputs, g, "outputs");
       if (float_shape(out.at(0), g.file + " output") != std::vector<int64_t>{static_cast<int64_t>(rows.size()), hidden})
         throw Error(g.file + ": the expert output must be (routed tokens, hidden)");
       const float* y = out.at(0).GetTensorData<float>();
@@ -359,12 +428,13 @@ struct Runner::Impl {
     }
     const auto count = static_cast<int64_t>(routed.size());
     if (spec.gating.shared_expert) {
-      if (numel(float_shape(v.at("shared_output"), where + " shared_output")) != count)
+      Ort::Value& shared_output = need(v, "shared_output", where);
+      if (numel(float_shape(shared_output, where + " shared_output")) != count)
         throw Error(where + ": shared_output must hold tokens x hidden values");
-      const float* shared = v.at("shared_output").GetTensorData<float>();
+      const float* shared = shared_output.GetTensorData<float>();
       for (size_t j = 0; j < routed.size(); ++j) routed[j] = routed[j] + shared[j];
     }
-    Ort::Value& residual = v.at("residual");
+    Ort::Value& residual = need(v, "residual", where);
     const auto shape = float_shape(residual, where + " residual");
     if (numel(shape) != count) throw Error(where + ": residual must hold tokens x hidden values");
     Ort::Value hidden_states = tensor<float>(shape);
@@ -418,9 +488,10 @@ struct Runner::Impl {
         if (layer.moe) {
           v.insert_or_assign("hidden_states", moe(layer, v));
         } else {
-          v.insert_or_assign("hidden_states", std::move(v.at("hidden_states_out")));
+          v.insert_or_assign("hidden_states", std::move(need(v, "hidden_states_out", layer.stage.file)));
         }
       }
+      first(m.head.outputs, m.head, "outputs");
       auto logits = run(*stages.at(m.head.file), m.head, v);
       const auto shape = float_shape(logits.at(0), m.head.file + " logits");
       const int64_t vocab = shape.empty() ? 0 : shape.back();
@@ -433,7 +504,7 @@ struct Runner::Impl {
       return std::vector<float>(data, data + vocab);
     } catch (const Ort::Exception& e) {
       reset();  // the cache was consumed by the failed step
-      throw Error(std::string("ONNX Runtime failed: ") + e.what());
+      throw Error("ONNX Runtime failed: " + ort_error_text(e.what()));
     } catch (...) {
       reset();
       throw;
@@ -448,8 +519,11 @@ const std::string& require_onnxruntime(const std::string& bundle) {
 }
 }  // namespace
 
-Runner::Runner(const std::string& bundle_dir, RunnerOptions options)
-    : impl_(std::make_unique<Impl>(require_onnxruntime(bundle_dir), std::move(options))) {}
+Runner::Runner(const std::string& bundle_dir, RunnerOptions options) try
+    : impl_(std::make_unique<Impl>(require_onnxruntime(bundle_dir), std::move(options))) {
+} catch (const Ort::Exception& e) {
+  throw Error("ONNX Runtime failed: " + ort_error_text(e.what()));
+}
 Runner::~Runner() = default;
 const Manifest& Runner::manifest() const { return impl_->m; }
 std::vector<float> Runner::step(const std::vector<int64_t>& ids) { return impl_->step(ids); }

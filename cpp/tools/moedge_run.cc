@@ -1,14 +1,17 @@
 // moedge-run: greedy generation from token ids with a moedge bundle, through ONNX Runtime.
 #include <algorithm>
+#include <climits>
 #include <cmath>
-#include <optional>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <new>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "moedge/runtime.h"
@@ -26,7 +29,8 @@ constexpr const char* kUsage =
     "the provider (misses run on the CPU; N% of the bundle's expert bytes); --plan pins a `moedge profile\n"
     "--plan` placement. --logits-out writes each prompt's last-position logits (float32, prompts x vocab).\n"
     "--warmup opens every session and runs the first prompt once untimed; --repeats R generates each\n"
-    "prompt R times and reports the median prompt and decode tokens/s.\n"
+    "prompt R times and reports the median prompt and decode tokens/s. --threads N (1 to 4x the cores)\n"
+    "sets each session's intra-op threads; without it ONNX Runtime chooses.\n"
     "The ONNX Runtime library: --ort-lib, else $MOEDGE_ORT_LIB, else the SDK this was built with.\n";
 
 struct UsageError : std::runtime_error {
@@ -39,16 +43,25 @@ std::string trim(const std::string& s) {
   return a == std::string::npos ? "" : s.substr(a, b - a + 1);
 }
 
-// A whole string as an integer, or a usage error naming the option.
-int64_t parse_int(const std::string& text, const std::string& option) {
+// `text` shortened for a one-line message.
+std::string shown_arg(const std::string& text) {
+  std::string out;
+  for (const char c : text.substr(0, 60)) out += static_cast<unsigned char>(c) < 0x20 ? '?' : c;
+  return "'" + out + (text.size() > 60 ? "...'" : "'");
+}
+
+// A whole string as an integer in [lo, hi], or a usage error naming the option.
+int64_t parse_int(const std::string& text, const std::string& option, int64_t lo = LLONG_MIN, int64_t hi = LLONG_MAX) {
   const std::string t = trim(text);
   try {
     size_t used = 0;
     const long long value = std::stoll(t, &used);
-    if (used == t.size() && !t.empty()) return value;
+    if (used == t.size() && !t.empty() && lo <= value && value <= hi) return value;
   } catch (const std::exception&) {
   }
-  throw UsageError(option + " takes an integer, got '" + text + "'");
+  if (lo == LLONG_MIN && hi == LLONG_MAX) throw UsageError(option + " takes an integer, got " + shown_arg(text));
+  throw UsageError(option + " must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+                   shown_arg(text));
 }
 
 std::vector<int64_t> parse_ids(const std::string& text) {
@@ -56,15 +69,15 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
-    if (trim(item).empty()) throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
+    if (trim(item).empty()) throw UsageError("--ids takes comma-separated integers, got " + shown_arg(text));
     try {
       ids.push_back(parse_int(item, "--ids"));
     } catch (const UsageError&) {
-      throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
+      throw UsageError("--ids takes comma-separated integers, got " + shown_arg(text));
     }
   }
   if (ids.empty() || (!text.empty() && text.back() == ','))
-    throw UsageError("--ids takes comma-separated integers, got '" + text + "'");
+    throw UsageError("--ids takes comma-separated integers, got " + shown_arg(text));
   return ids;
 }
 
@@ -75,7 +88,12 @@ double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-// --gpu-budget as (value, unit): bytes, KiB, MiB, GiB or % of the bundle's expert bytes.
+double unit_scale(const std::string& unit) {
+  return unit == "KiB" ? 1024.0 : unit == "MiB" ? 1048576.0 : unit == "GiB" ? 1073741824.0 : 1.0;
+}
+
+// --gpu-budget as (value, unit): bytes, KiB, MiB, GiB (at most kMaxBytes in all) or % of the bundle's
+// expert bytes (at most 100).
 std::pair<double, std::string> parse_budget(const std::string& text) {
   try {
     size_t used = 0;
@@ -83,18 +101,25 @@ std::pair<double, std::string> parse_budget(const std::string& text) {
     const double value = std::stod(t, &used);
     const std::string unit = trim(t.substr(used));
     const bool known = unit.empty() || unit == "B" || unit == "KiB" || unit == "MiB" || unit == "GiB" || unit == "%";
-    if (known && std::isfinite(value) && value >= 0 && value < 1e15 && (unit != "%" || value <= 100.0))
-      return {value, unit};
+    const double limit = unit == "%" ? 100.0 : static_cast<double>(moedge::kMaxBytes) / unit_scale(unit);
+    if (known && std::isfinite(value) && value >= 0 && value <= limit) return {value, unit};
   } catch (const std::exception&) {
   }
-  throw UsageError("--gpu-budget takes bytes, N%, NKiB, NMiB or NGiB (N% at most 100), got '" + text + "'");
+  throw UsageError("--gpu-budget takes bytes, N%, NKiB, NMiB or NGiB (N% at most 100, at most 2^62 bytes), got " +
+                   shown_arg(text));
 }
 
 int64_t budget_bytes(const std::pair<double, std::string>& budget, int64_t expert_bytes) {
   const auto& [value, unit] = budget;
-  if (unit == "%") return static_cast<int64_t>(value / 100.0 * static_cast<double>(expert_bytes));
-  const double scale = unit == "KiB" ? 1024.0 : unit == "MiB" ? 1048576.0 : unit == "GiB" ? 1073741824.0 : 1.0;
-  return static_cast<int64_t>(value * scale);
+  const double bytes = unit == "%" ? value / 100.0 * static_cast<double>(expert_bytes) : value * unit_scale(unit);
+  return static_cast<int64_t>(std::min(bytes, static_cast<double>(moedge::kMaxBytes)));  // both within int64
+}
+
+// An error message on one line.
+std::string one_line(std::string text) {
+  for (char& c : text)
+    if (c == '\n' || c == '\r') c = ' ';
+  return text;
 }
 
 }  // namespace
@@ -108,6 +133,11 @@ int main(int argc, char** argv) {
   int repeats = 1;
   bool warmup = false;
   moedge::RunnerOptions options;
+  if (args.empty()) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const int64_t max_threads = 4 * std::max<int64_t>(1, std::thread::hardware_concurrency());
   try {
     for (size_t i = 0; i < args.size(); ++i) {
       const std::string& a = args[i];
@@ -121,10 +151,9 @@ int main(int argc, char** argv) {
       } else if (a == "--ids") {
         prompts.push_back(parse_ids(value()));
       } else if (a == "-n" || a == "--max-new-tokens") {
-        new_tokens = static_cast<int>(parse_int(value(), a));
+        new_tokens = static_cast<int>(parse_int(value(), a, 1, INT_MAX));
       } else if (a == "--threads") {
-        options.intra_op_threads = static_cast<int>(parse_int(value(), a));
-        if (options.intra_op_threads < 0) throw UsageError("--threads must be 0 (ORT's default) or more");
+        options.intra_op_threads = static_cast<int>(parse_int(value(), a, 1, max_threads));
       } else if (a == "--shared-pool") {
         options.shared_thread_pool = true;
       } else if (a == "--provider") {
@@ -144,7 +173,7 @@ int main(int argc, char** argv) {
       } else if (a == "--warmup") {
         warmup = true;
       } else if (a == "--repeats") {
-        repeats = static_cast<int>(parse_int(value(), a));
+        repeats = static_cast<int>(parse_int(value(), a, 1, INT_MAX));
       } else if (a == "--json") {
         json_out = value();
       } else if (!a.empty() && a[0] == '-') {
@@ -152,34 +181,36 @@ int main(int argc, char** argv) {
       } else if (bundle.empty()) {
         bundle = a;
       } else {
-        throw UsageError("one bundle only, got '" + bundle + "' and '" + a + "'");
+        throw UsageError("one bundle only, got " + shown_arg(bundle) + " and " + shown_arg(a));
       }
     }
     if (bundle.empty()) throw UsageError("give the bundle folder");
     if (prompts.empty()) throw UsageError("give at least one prompt: --ids 1,2,3");
-    if (new_tokens < 1) throw UsageError("-n must be at least 1");
-    if (repeats < 1) throw UsageError("--repeats must be at least 1");
+    if (options.provider != "cpu" && options.provider != "cuda" && options.provider != "tensorrt")
+      throw UsageError("--provider takes cpu, cuda or tensorrt, got " + shown_arg(options.provider));
+    if (options.policy != "lru" && options.policy != "static")
+      throw UsageError("--policy takes lru or static, got " + shown_arg(options.policy));
   } catch (const UsageError& e) {
-    std::cerr << "moedge-run: " << e.what() << "\n\n" << kUsage;
+    std::cerr << "moedge-run: error: " << one_line(e.what()) << " (moedge-run --help shows the usage)\n";
     return 2;
   }
 
   try {
-    moedge::load_onnxruntime(ort_lib);
+    // The bundle and the plan are checked before ONNX Runtime is loaded or any session opened.
+    const auto manifest = moedge::read_manifest(bundle, false);
     if (!plan.empty()) {
-      options.plan = moedge::read_plan(plan);
+      options.plan = moedge::read_plan(plan, manifest);
       options.policy = budget ? options.policy : "static";
     }
-    if (budget || !plan.empty()) {
-      const auto manifest = moedge::read_manifest(bundle, false);
+    if (budget || !plan.empty())
       options.expert_budget = budget ? budget_bytes(*budget, manifest.expert_bytes()) : manifest.expert_bytes();
-    }
+    moedge::load_onnxruntime(ort_lib);
     moedge::Runner runner(bundle, options);
     nlohmann::json generations = nlohmann::json::array();
     std::ofstream logits_file;
     if (!logits_out.empty()) {
       logits_file.open(logits_out, std::ios::binary);
-      if (!logits_file) throw moedge::Error("cannot write " + logits_out);
+      if (!logits_file) throw moedge::Error("cannot write --logits-out " + logits_out);
     }
     if (warmup) {
       runner.preload();
@@ -237,10 +268,16 @@ int main(int argc, char** argv) {
                             {"evictions", s.evictions},
                             {"peak_expert_bytes", s.peak_expert_bytes}};
       std::ofstream out(json_out);
-      if (!(out << doc.dump(1) << '\n')) throw moedge::Error("cannot write " + json_out);
+      if (!(out << doc.dump(1) << '\n')) throw moedge::Error("cannot write --json " + json_out);
     }
-  } catch (const std::exception& e) {
-    std::cerr << "moedge-run: " << e.what() << '\n';
+  } catch (const moedge::Error& e) {
+    std::cerr << "moedge-run: error: " << one_line(e.what()) << '\n';
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::cerr << "moedge-run: error: out of memory: use a smaller model, fewer tokens or a smaller --gpu-budget\n";
+    return 1;
+  } catch (const std::exception&) {
+    std::cerr << "moedge-run: error: an unexpected internal failure: please report it with the command line\n";
     return 1;
   }
   return 0;

@@ -1,12 +1,16 @@
 """TensorRT: one engine per bundle graph (built by ``moedge build``), run through polygraphy's TrtRunner.
 
-Engines are strongly typed explicit-INT8 builds of the bundle's QDQ graphs with one optimization
+Engines live outside the bundle (whose files its manifest lists by sha256): by default in
+``<bundle>.engines/`` beside it (``default_engine_dir``), where both ``moedge build`` and the backend
+look. Engines are strongly typed explicit-INT8 builds of the bundle's QDQ graphs with one optimization
 profile over token counts (``moedge.runtime.tensorrt_build``); a timing cache on disk makes rebuilds
 on the same device fast. ``tensorrt`` and ``polygraphy`` are imported only when the backend starts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -16,12 +20,40 @@ import numpy as np
 
 from moedge._errors import MoedgeError
 from moedge.manifest import GraphSpec, Manifest, read_manifest
+from moedge.paths import refuse_inside_bundle, write_text_atomic
 from moedge.runtime.backends.base import Backend, Runner, cuda_free_memory
 from moedge.runtime.tensorrt_build import ShapeRange, build_engine
 
 log = logging.getLogger(__name__)
 
-ENGINE_DIR = "engines"
+ENGINE_SUFFIX = ".engines"
+
+
+def default_engine_dir(bundle: str | Path) -> Path:
+    """Where a bundle's engines go unless told otherwise: ``<bundle>.engines/`` beside the bundle."""
+    folder = Path(bundle).expanduser().resolve()
+    return folder.with_name(folder.name + ENGINE_SUFFIX)
+
+
+ENGINE_INDEX = "engines.json"
+"""In the engine folder: the fingerprint of the bundle graphs the engines were built from, and the build settings."""
+
+
+def graphs_fingerprint(manifest: Manifest) -> str:
+    """sha256 over the sha256 of every graph and weight file the manifest lists (not routing or tokenizer)."""
+    graphs = sorted(
+        (f, str(e["sha256"])) for f, e in manifest.files.items() if f.endswith((".onnx", ".data"))
+    )
+    return hashlib.sha256(json.dumps(graphs).encode()).hexdigest()
+
+
+def read_engine_index(engine_dir: Path) -> dict[str, Any]:
+    """The engine folder's ``engines.json`` (empty when missing or unreadable)."""
+    try:
+        index = json.loads((engine_dir / ENGINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
 
 
 def engine_path(engine_dir: Path, graph: GraphSpec) -> Path:
@@ -46,16 +78,23 @@ def _require_tensorrt() -> Any:
 class TensorRtRunner(Runner):
     """A deserialized engine and its execution context, created on activation."""
 
-    def __init__(self, folder: Path, graph: GraphSpec, engine_dir: Path) -> None:
+    def __init__(self, folder: Path, graph: GraphSpec, engine_dir: Path, *, stale: bool = False) -> None:
         super().__init__(engine_path(engine_dir, graph), graph)
         self._runner: Any = None
+        self._stale = stale
 
     def activate(self) -> None:
         """Deserialize the engine onto the device."""
         if self._runner is None:
             if not self.path.is_file():
                 raise MoedgeError(
-                    f"no TensorRT engine for {self.graph.file} at {self.path}: run `moedge build BUNDLE`"
+                    f"no TensorRT engine for {self.graph.file} at {self.path}: run `moedge build BUNDLE` "
+                    "(it writes BUNDLE.engines/ beside the bundle)"
+                )
+            if self._stale:
+                raise MoedgeError(
+                    f"the TensorRT engine {self.path} was not built from this bundle's {self.graph.file} "
+                    "(see engines.json): run `moedge build BUNDLE` again"
                 )
             from polygraphy.backend.common import BytesFromPath
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -80,7 +119,7 @@ class TensorRtRunner(Runner):
 
 
 class TensorRtBackend(Backend):
-    """Graphs as TensorRT engines on the GPU."""
+    """Graphs as TensorRT engines on the GPU, read from ``engine_dir`` (default: ``<bundle>.engines/``)."""
 
     name = "tensorrt"
     device = "gpu"
@@ -89,9 +128,26 @@ class TensorRtBackend(Backend):
         super().__init__()
         _require_tensorrt()
         self.engine_dir = None if engine_dir is None else Path(engine_dir)
+        self._current: dict[Path, set[str] | None] = {}
+
+    def _current_engines(self, folder: Path, engine_dir: Path) -> set[str] | None:
+        """Graphs whose engines ``engines.json`` records as built from this bundle; None: no index (trusted)."""
+        if folder not in self._current:
+            index = read_engine_index(engine_dir)
+            if not index:
+                self._current[folder] = None
+            elif index.get("graphs") != graphs_fingerprint(read_manifest(folder)):
+                self._current[folder] = set()
+            else:
+                self._current[folder] = {str(f) for f in index.get("built", [])}
+        return self._current[folder]
 
     def _make_runner(self, folder: Path, graph: GraphSpec) -> Runner:
-        return TensorRtRunner(folder, graph, self.engine_dir or folder / ENGINE_DIR)
+        engine_dir = self.engine_dir or default_engine_dir(folder)
+        current = self._current_engines(folder, engine_dir)
+        return TensorRtRunner(
+            folder, graph, engine_dir, stale=current is not None and graph.file not in current
+        )
 
     def free_memory(self) -> int | None:
         """Free device memory from the CUDA runtime."""
@@ -128,20 +184,32 @@ def build_bundle_engines(
     context: int | None = None,
     progress: bool = True,
 ) -> list[Path]:
-    """Build (or reuse) an engine for every graph of a bundle; returns the engine files."""
+    """Build (or reuse) an engine for every graph of a bundle; returns the engine files.
+
+    Engines go to ``engine_dir`` (default: ``<bundle>.engines/`` beside the bundle), which must not be
+    inside a bundle; each engine file is written atomically. Existing engines are reused only when
+    ``engines.json`` records the same graphs (``graphs_fingerprint``) and settings; the index is
+    rewritten after every engine built.
+    """
     from tqdm import tqdm
 
-    _require_tensorrt()
     folder = Path(bundle)
+    out_dir = Path(engine_dir).expanduser() if engine_dir is not None else default_engine_dir(folder)
+    refuse_inside_bundle(out_dir, flag="--engines")
+    _require_tensorrt()
     manifest: Manifest = read_manifest(folder, verify=True)
     context = context or int(manifest.model.get("max_position_embeddings") or 2048)
-    out_dir = Path(engine_dir) if engine_dir is not None else folder / ENGINE_DIR
     cache = out_dir / "timing.cache"
+    wanted = {"graphs": graphs_fingerprint(manifest), "max_tokens": max_tokens, "context": context}
+    index = read_engine_index(out_dir)
+    done: set[str] = (
+        set(index.get("built", [])) if all(index.get(k) == v for k, v in wanted.items()) else set()
+    )
     built: list[Path] = []
     start = time.perf_counter()
     for graph in tqdm(manifest.graphs(), desc="building engines", unit="engine", disable=not progress):
         target = engine_path(out_dir, graph)
-        if not target.is_file():
+        if graph.file not in done or not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             build_engine(
                 folder / graph.file,
@@ -149,6 +217,8 @@ def build_bundle_engines(
                 profiles=shape_ranges(graph, max_tokens=max_tokens, context=context),
                 timing_cache=cache,
             )
+            done.add(graph.file)
+            write_text_atomic(out_dir / ENGINE_INDEX, json.dumps({**wanted, "built": sorted(done)}, indent=1))
         built.append(target)
     log.info("%d engines in %s (%.1f s)", len(built), out_dir, time.perf_counter() - start)
     return built

@@ -56,6 +56,7 @@ class Case:
     message: str
     surfaces: tuple[str, ...] = PY_SURFACES + CPP_SURFACES
     extra: dict[str, str] = field(default_factory=dict)  # surface -> message, where it differs
+    seconds: float | None = None  # a hang case: each surface must answer within this
 
 
 def _manifest(bundle: Path) -> dict[str, Any]:
@@ -326,7 +327,7 @@ CASES = [
     # a graph file used twice, huge layer lists
     Case("stage-twice", setter("layers.1.stage.file", "stages/layer_000.onnx"), r"is used by two graphs"),
     Case("expert-twice", setter(E + ".file", "experts/layer_001_expert_000.onnx"), r"is used by two graphs"),
-    Case("ten-thousand-layers", many_layers, r"is used by two graphs"),
+    Case("ten-thousand-layers", many_layers, r"is used by two graphs", seconds=5.0),
     # wrong types and ranges, per key
     Case("not-json", not_json, r"is not valid JSON"),
     Case("format", setter("format", "other"), r"is not a moedge bundle manifest"),
@@ -512,7 +513,9 @@ def test_tampered_bundle_is_refused_everywhere(case, tampered, summary):
     for surface in case.surfaces:
         watch = FifoWatch(outside / "fifo")
         argv = _argv(surface, bundle)
+        start = time.monotonic()
         code, err = _subprocess(argv, watch) if surface in BUILDS else _in_process(argv, watch)
+        elapsed = time.monotonic() - start
         lines = [line for line in err.splitlines() if line.strip()]
         pattern = case.extra.get(surface, case.message)
         problems = []
@@ -526,11 +529,14 @@ def test_tampered_bundle_is_refused_everywhere(case, tampered, summary):
             problems.append("traceback or sanitizer report")
         if watch.opened:
             problems.append("opened the FIFO outside the bundle")
+        if case.seconds is not None and elapsed > case.seconds:
+            problems.append(f"took {elapsed:.1f} s (limit {case.seconds} s)")
         summary.append(
             {
                 "case": case.name,
                 "surface": surface,
                 "exit_code": code,
+                "seconds": round(elapsed, 3),
                 "line": lines[0] if lines else "",
                 "ok": not problems,
             }

@@ -28,6 +28,10 @@ class Error : public std::runtime_error {
 };
 
 constexpr int kSchemaVersion = 1;  // the newest bundle schema this library reads
+// The largest byte count a manifest, a plan or --gpu-budget may give: any sum of two fits in int64.
+constexpr int64_t kMaxBytes = int64_t{1} << 62;
+// The largest manifest.json or plan file read (a real 61-layer x 256-expert manifest is a few MiB).
+constexpr int64_t kMaxJsonBytes = int64_t{64} << 20;
 
 struct TensorSpec {
   std::string name;
@@ -53,6 +57,7 @@ struct MoeSpec {
   int num_experts = 0;
   GatingRule gating;
   std::vector<GraphSpec> experts;
+  std::string router;  // .npy of the router weight, relative to the bundle; empty when absent
 };
 
 struct LayerSpec {
@@ -79,18 +84,41 @@ struct Manifest {
   std::vector<LayerSpec> layers;
   GraphSpec head;
   std::map<std::string, FileEntry> files;
+  std::string tokenizer;  // relative to the bundle; empty when absent
+  std::string routing;    // relative to the bundle; empty when absent
 
-  int64_t expert_bytes() const;  // bytes of every routed expert, as stored
+  // Bytes of every routed expert, as stored; saturates at kMaxBytes.
+  int64_t expert_bytes() const;
 };
 
-// Parse <bundle>/manifest.json; with verify, check each listed file's size and sha256.
+// Parse and check <bundle>/manifest.json (parse_manifest), then the files it lists (check_files; their
+// sha256 only with verify). Every failure is an Error naming the file or manifest field.
 Manifest read_manifest(const std::string& bundle_dir, bool verify = true);
 
-// Hex sha256 of a file.
+// The manifest of the bundle at `bundle_dir` from the text of its manifest.json, checked before any
+// bundle file is opened: types and ranges of every field this library reads; every path the manifest
+// names (files keys, graph files, routers, tokenizer, routing) relative, normalised and, symlinks
+// resolved, inside the bundle; each of them listed under files; no file used by two graphs. `where`
+// names the manifest in messages. Opens nothing: only stats and resolves paths under `bundle_dir`.
+Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, const std::string& where);
+
+// Check that every file the manifest lists is a regular file (stat: nothing else is opened) of its
+// recorded size, that every graph's external data is a listed file, and, with `hashes`, that every
+// file has its recorded sha256.
+void check_files(const std::string& bundle_dir, const Manifest& manifest, bool hashes);
+
+// Every external-data `location` the tensors of an ONNX model (its bytes) name, in file order; an Error
+// when the bytes are not a well-formed ONNX protobuf. check_files requires each, taken relative to the
+// graph's folder, to be a file listed under files.
+std::vector<std::string> onnx_external_locations(const std::string& model);
+
+// Hex sha256 of a regular file (anything else is an Error, and a FIFO is never waited on).
 std::string sha256_file(const std::string& path);
 
 // The experts a plan file (`moedge profile --plan`) pins, as (layer, expert).
 std::vector<std::pair<int, int>> read_plan(const std::string& path);
+// The same, each checked against `bundle`: the layer is an MoE layer, the expert one of its experts.
+std::vector<std::pair<int, int>> read_plan(const std::string& path, const Manifest& bundle);
 
 // Load libonnxruntime from `library_path` and bind the C++ API to it (once per process).
 void load_onnxruntime(const std::string& library_path);
