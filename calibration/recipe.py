@@ -24,13 +24,24 @@ from moedge.calibration.calibrator import CalibrationResult
 from moedge.calibration.layers import decoder_layers, head_modules, untie_head
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.model import LoadedModel
-from moedge.paths import atomic_folder, check_new_output
+from moedge.paths import OutputKind, atomic_folder, check_output_folder
 
 RECIPE_FORMAT = 1
 RECIPE_FILE = "recipe.json"
 WEIGHTS_FILE = "weights.safetensors"
 ROUTING_FILE = "routing.json"
 REPORT_FILE = "report.md"
+
+
+def _recipe_files(folder: Path) -> tuple[str, ...] | None:
+    """The files of a previous recipe in ``folder`` (it holds recipe.json)."""
+    if not (folder / RECIPE_FILE).is_file():
+        return None
+    return (RECIPE_FILE, WEIGHTS_FILE, ROUTING_FILE, REPORT_FILE)
+
+
+RECIPE_KIND = OutputKind("moedge recipe", _recipe_files)
+"""A recipe folder: ``--overwrite`` replaces one that holds only the files ``save_recipe`` writes."""
 
 
 def _recipe_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,14 +89,19 @@ def save_recipe(
     out_dir: str | os.PathLike[str],
     *,
     calibration_data: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write the calibrated model's recipe folder atomically (a temporary sibling renamed at the end)."""
+    """Write the calibrated model's recipe folder atomically (a temporary sibling renamed at the end).
+
+    ``out_dir`` must be missing or empty; with ``overwrite`` it may also be a previous recipe holding
+    nothing else, which the new one replaces in one swap.
+    """
     from safetensors.torch import save_file
 
     import moedge
 
-    out = check_new_output(out_dir)
-    with atomic_folder(out) as tmp:
+    out = check_output_folder(out_dir, kind=RECIPE_KIND, overwrite=overwrite)
+    with atomic_folder(out, kind=RECIPE_KIND, replace=overwrite) as tmp:
         tensors: dict[str, torch.Tensor] = {}
         model = loaded.model
         for prefix, unit in _recipe_units(model):
@@ -165,28 +181,144 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+_METHODS = ("rtn", "smoothquant", "gptq", "haq")
+_MODEL_FIELDS = {
+    "model_type": str,
+    "num_layers": int,
+    "hidden_size": int,
+    "vocab_size": int,
+    "embedding_sha256": str,
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_meta(meta: Any, where: str) -> None:
+    """One clear line naming ``where`` and the field for a recipe.json that is not a recipe's."""
+    if not isinstance(meta, dict):
+        raise MoedgeError(f"{where} is not a recipe (a JSON object): run `moedge calibrate`")
+    version = meta.get("format_version")
+    if version != RECIPE_FORMAT:
+        raise MoedgeError(f"{where} has format version {version}; this moedge reads version {RECIPE_FORMAT}")
+    model = meta.get("model")
+    if not isinstance(model, dict):
+        raise MoedgeError(f"{where}: field model is missing or not an object: re-run `moedge calibrate`")
+    for key, kind in _MODEL_FIELDS.items():
+        value: Any = model.get(key)
+        if kind is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        if not ok:
+            want = "a positive integer" if kind is int else "a string"
+            raise MoedgeError(f"{where}: field model.{key} must be {want}, got {value!r}")
+    config = meta.get("config")
+    if not isinstance(config, dict) or config.get("method") not in _METHODS:
+        got = config.get("method") if isinstance(config, dict) else config
+        raise MoedgeError(f"{where}: field config.method must be one of {', '.join(_METHODS)}, got {got!r}")
+    linears = meta.get("linears")
+    if not isinstance(linears, dict):
+        raise MoedgeError(f"{where}: field linears is missing or not an object: re-run `moedge calibrate`")
+    for name, rec in linears.items():
+        field = f"linears[{name!r}]"
+        if not isinstance(rec, dict) or not isinstance(rec.get("quantized"), bool):
+            raise MoedgeError(f"{where}: field {field}.quantized must be true or false")
+        if not rec["quantized"]:
+            continue
+        scale: Any = rec.get("input_scale")
+        if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
+            raise MoedgeError(
+                f"{where}: field {field}.input_scale must be a finite number > 0, got {scale!r}: "
+                "the recipe is damaged; re-run `moedge calibrate`"
+            )
+    kept = meta.get("kept_fp", [])
+    if not isinstance(kept, list) or not all(isinstance(k, str) for k in kept):
+        raise MoedgeError(f"{where}: field kept_fp must be a list of linear names")
+
+
+def _check_weights(path: Path, linears: dict[str, Any]) -> None:
+    """The safetensors header, the int8 linears' tensors (dtypes and shapes) and every weight scale."""
+    from safetensors import SafetensorError, safe_open
+
+    quantized = {name for name, rec in linears.items() if rec["quantized"]}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            shapes = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in keys}
+            for key in sorted(keys):
+                if not key.endswith(".qweight"):
+                    continue
+                name = key[: -len(".qweight")]
+                dtype, shape = shapes[key]
+                if dtype != "I8" or len(shape) != 2:
+                    raise MoedgeError(f"{path}: tensor {key} must be 2-D int8, is {dtype} {shape}")
+                if name not in quantized:
+                    raise MoedgeError(
+                        f"{path}: tensor {key} has int8 weights, but recipe.json does not list {name} as "
+                        "quantized (field linears): the two files are from different recipes"
+                    )
+                scale_key = f"{name}.weight_scale"
+                if scale_key not in keys:
+                    raise MoedgeError(f"{path}: tensor {scale_key} is missing for the int8 weights {key}")
+                if shapes[scale_key][1] != shape[:1]:
+                    raise MoedgeError(
+                        f"{path}: tensor {scale_key} has shape {shapes[scale_key][1]}, the weights {key} "
+                        f"have {shape[0]} rows: it needs shape [{shape[0]}]"
+                    )
+                bias = shapes.get(f"{name}.bias")
+                if bias is not None and bias[1] != shape[:1]:
+                    raise MoedgeError(
+                        f"{path}: tensor {name}.bias has shape {bias[1]}, the weights {key} have "
+                        f"{shape[0]} rows: it needs shape [{shape[0]}]"
+                    )
+                scale = f.get_tensor(scale_key).to(torch.float32)
+                bad = ~(torch.isfinite(scale) & (scale > 0))
+                if bool(bad.any()):
+                    row = int(bad.nonzero()[0, 0])
+                    raise MoedgeError(
+                        f"{path}: tensor {scale_key} row {row} is {float(scale[row])}, not a finite scale > 0: "
+                        "the recipe is damaged; re-run `moedge calibrate`"
+                    )
+    except SafetensorError as exc:
+        raise MoedgeError(
+            f"{path} is truncated or corrupt ({exc}): re-run `moedge calibrate` to write the recipe again"
+        ) from None
+    missing = sorted(n for n in quantized if f"{n}.qweight" not in keys)
+    if missing:
+        raise MoedgeError(
+            f"{path}: recipe.json lists {missing[0]} as quantized (field linears) but its int8 weights "
+            f"{missing[0]}.qweight are missing"
+        )
+
+
 def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Read a recipe folder's ``recipe.json`` (checking it is one and its format is known)."""
-    folder = Path(path)
+    """Read and check a recipe folder: ``recipe.json``'s fields and the int8 tensors of ``weights.safetensors``.
+
+    Refused with one line naming the file and the field: a wrong format version, a missing or mistyped
+    field, an activation or weight scale that is not finite and positive (NaN, 0, negative, inf), int8
+    weights without their scale or with a scale of the wrong shape, and a truncated or corrupt weights file.
+    """
+    from moedge.inputs import check_input_file, read_input_json
+
+    folder = Path(path).expanduser()
     meta_path = folder / RECIPE_FILE
-    if not meta_path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+    if not folder.is_dir() or not meta_path.exists() or not (folder / WEIGHTS_FILE).exists():
         raise MoedgeError(
             f"{folder} is not a recipe folder (needs {RECIPE_FILE} and {WEIGHTS_FILE}): run `moedge calibrate`"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MoedgeError(f"{meta_path} is not valid JSON ({exc})") from None
-    version = meta.get("format_version")
-    if version != RECIPE_FORMAT:
-        raise MoedgeError(
-            f"{meta_path} has format version {version}; this moedge reads version {RECIPE_FORMAT}"
-        )
+    meta = read_input_json(meta_path, "recipe")
+    _check_meta(meta, str(meta_path))
+    weights = folder / WEIGHTS_FILE
+    check_input_file(weights, "recipe weights", limit=2**62)  # a regular file; its size is the model's
+    _check_weights(weights, meta["linears"])
     return Recipe(folder, meta)
 
 
 def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -> LoadedModel:
     """Turn ``loaded`` (the FP model the recipe was made from) into the recipe's fake-quant model, in place."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from moedge.export.configs import get_config
@@ -203,7 +335,12 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
             f"{want.get('num_layers')} layers); this model ({loaded.name}) differs in {', '.join(mismatch)}"
         )
     split_experts(model, get_config(loaded.model_type))
-    tensors = load_file(str(rec.path / WEIGHTS_FILE))
+    try:
+        tensors = load_file(str(rec.path / WEIGHTS_FILE))
+    except SafetensorError as exc:
+        raise MoedgeError(
+            f"{rec.path / WEIGHTS_FILE} is truncated or corrupt ({exc}): re-run `moedge calibrate`"
+        ) from None
     used: set[str] = set()
     scales = {n: r["input_scale"] for n, r in rec.meta["linears"].items() if r["quantized"]}
     if "lm_head.qweight" in tensors:
@@ -216,6 +353,14 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                     if full not in scales:
                         raise MoedgeError(
                             f"recipe {rec.path}: {full} has int8 weights but no activation scale"
+                        )
+                    weight = getattr(module, "weight", None)
+                    rows_cols = list(tensors[f"{full}.qweight"].shape)
+                    if weight is None or list(weight.shape) != rows_cols:
+                        raise MoedgeError(
+                            f"recipe {rec.path / WEIGHTS_FILE}: tensor {full}.qweight has shape {rows_cols}, "
+                            f"the model's linear {full} has weight shape "
+                            f"{list(weight.shape) if weight is not None else 'none'}: the recipe is another model's"
                         )
                     bias = tensors.get(f"{full}.bias")
                     fq = FakeQuantLinear(
@@ -233,7 +378,13 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                         continue
                     if tensors[key].shape != p.shape:
                         raise MoedgeError(
-                            f"recipe {rec.path}: {key} has shape {tuple(tensors[key].shape)}, model has {tuple(p.shape)}"
+                            f"recipe {rec.path / WEIGHTS_FILE}: tensor {key} has shape {list(tensors[key].shape)}, "
+                            f"the model's has {list(p.shape)}: the recipe is another model's"
+                        )
+                    if tensors[key].is_floating_point() and not bool(torch.isfinite(tensors[key]).all()):
+                        raise MoedgeError(
+                            f"recipe {rec.path / WEIGHTS_FILE}: tensor {key} holds NaN or infinite values: "
+                            "the recipe is damaged; re-run `moedge calibrate`"
                         )
                     p.copy_(tensors[key])
                     used.add(key)

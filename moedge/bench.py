@@ -21,11 +21,25 @@ from typing import Any
 
 import numpy as np
 
+from moedge import inputs
 from moedge._errors import MoedgeError
 
 log = logging.getLogger(__name__)
 
 POLICY_ORDER = ("cpu", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "haq")
+
+
+_POSITIVE = inputs.int_range(1)
+_TOKENS = inputs.int_range(16, why=" (a routing trace needs 16 tokens or more)")
+
+
+def _fraction_list(text: str) -> str:
+    """An argparse type: comma-separated fractions in (0, 1] (checked by ``_fractions``), passed on as text."""
+    try:
+        _fractions(text)
+    except MoedgeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,11 +50,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--stats-text", default="c4", help="text the statistics and the haq tuning come from")
     p.add_argument("--eval-text", default="wikitext2", help="text the policies are evaluated on")
-    p.add_argument("--stats-tokens", type=int, default=4096)
-    p.add_argument("--eval-tokens", type=int, default=2048)
-    p.add_argument("--budgets", default="0.1,0.25,0.4,0.6", help="expert-byte fractions")
+    p.add_argument("--stats-tokens", type=_TOKENS, default=4096)
+    p.add_argument("--eval-tokens", type=_TOKENS, default=2048)
+    p.add_argument("--budgets", type=_fraction_list, default="0.1,0.25,0.4,0.6", help="expert-byte fractions")
     p.add_argument(
         "--memory-budgets",
+        type=_fraction_list,
         default="0.05,0.1,0.15,0.2,0.25,0.3,0.4,0.5,0.6",
         help="fractions swept for the smallest budget within 1.25x of all-on-GPU",
     )
@@ -48,9 +63,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--profiles", default="all", help="comma-separated hardware profiles (default: every built-in)"
     )
     p.add_argument(
-        "--tune-tokens", type=int, default=512, help="statistics-text tokens the haq tuner replays"
+        "--tune-tokens", type=_POSITIVE, default=512, help="statistics-text tokens the haq tuner replays"
     )
-    p.add_argument("--context", type=int, default=512, help="KV length when decode starts (the prompt)")
+    p.add_argument("--context", type=_POSITIVE, default=512, help="KV length when decode starts (the prompt)")
     p.add_argument(
         "--parts",
         default="policies",
@@ -67,10 +82,10 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gguf", type=Path, help="llama.cpp Q8_0 GGUF of the dense model (speed; llama-cpp-python)"
     )
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=_POSITIVE, default=512)
+    p.add_argument("--new-tokens", type=_POSITIVE, default=64)
+    p.add_argument("--repeats", type=_POSITIVE, default=3)
+    p.add_argument("--threads", type=inputs.threads, default=2)
 
 
 def _fractions(text: str) -> list[float]:

@@ -12,12 +12,38 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from moedge import inputs
 from moedge._errors import MoedgeError
 from moedge.paths import DATA_ENV
 
 log = logging.getLogger("moedge")
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line: ``moedge: error: <message> (usage: moedge CMD --help)``.
+
+    ``add_subparsers`` makes every subcommand's parser of this class too.
+    """
+
+    def error(self, message: str) -> Any:  # argparse declares NoReturn
+        """Print the one line and exit 2."""
+        text = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"moedge: error: {text} (usage: {self.prog} --help)\n")
+
+
+_POSITIVE = inputs.int_range(1)
+_NONNEG = inputs.int_range(0)
+_SEED = inputs.int_range(0, 2**63 - 1)
+_SEQLEN = inputs.int_range(2, 2**20, why=" (a window needs 2 tokens or more)")
+_WINDOWS = inputs.int_range(1, 65536)
+_BATCH = inputs.int_range(1, 4096)
+MAX_CALIB_TOKENS = 2**26  # --calib-windows x --seqlen: the token windows are held in memory
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -67,12 +93,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export MODEL to an ONNX folder."""
-    from moedge.export.exporter import export_model
+    from moedge.export.exporter import check_export_output, export_model
     from moedge.loading import load_model
-    from moedge.paths import ensure_writable_dir
 
-    out = args.output.expanduser().resolve()
-    ensure_writable_dir(out.parent)  # fail before minutes of loading; export_model checks again for API users
+    # fail before minutes of loading (a bundle, a non-empty folder, not writable); export_model checks again
+    out = check_export_output(args.output, overwrite=args.overwrite)
     recipe = None
     if args.recipe is not None:
         from moedge.calibration.recipe import load_recipe
@@ -83,7 +108,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         from moedge.calibration.recipe import apply_recipe
 
         apply_recipe(loaded, recipe)
-    result = export_model(loaded, out, with_cache=not args.no_cache, opset=args.opset, validate=args.validate)
+    result = export_model(
+        loaded,
+        out,
+        with_cache=not args.no_cache,
+        opset=args.opset,
+        validate=args.validate,
+        overwrite=args.overwrite,
+    )
     experts = (
         f", experts per layer {sorted(set(result.experts_per_layer.values()))}"
         if result.experts_per_layer
@@ -101,9 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from moedge.datasets import load_text
     from moedge.evaluation import ort_logits, perplexity, torch_logits
+    from moedge.loading import check_seqlen
     from moedge.manifest import MANIFEST_FILE
+    from moedge.paths import refuse_inside_bundle, write_text_atomic
     from moedge.runtime.exported import is_exported_folder
 
+    if args.json is not None:
+        refuse_inside_bundle(args.json, flag="--json")
     text = load_text(args.data)
     backend = args.backend
     is_bundle = Path(args.model).is_dir() and (Path(args.model) / MANIFEST_FILE).is_file()
@@ -116,7 +152,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from moedge.tokenizer import load_tokenizer
 
         runner = BundleRunner(args.model, intra_op_threads=args.threads)
-        tokenizer = load_tokenizer(Path(args.model) / "tokenizer.json")
+        check_seqlen(args.seqlen, runner.manifest.model.get("max_position_embeddings"), str(args.model))
+        if runner.manifest.tokenizer is None:
+            raise MoedgeError(
+                f"{args.model} carries no tokenizer: re-split it from an export with tokenizer.json"
+            )
+        tokenizer = load_tokenizer(Path(args.model) / runner.manifest.tokenizer)
         ids = np.asarray(tokenizer.encode(text.text, add_special_tokens=False).ids, dtype=np.int64)
         score, label = ort_logits(runner), f"bundle, onnxruntime cpu {runner.manifest.precision}"
     elif backend == "ort":
@@ -140,6 +181,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.threads)
         loaded = load_model(args.model, cache_dir=args.cache_dir)
+        context = getattr(loaded.model.config, "max_position_embeddings", None)
+        check_seqlen(args.seqlen, context, loaded.name)  # before a long evaluation
         label = "pytorch fp32"
         if args.recipe is not None:
             from moedge.calibration.recipe import apply_recipe, load_recipe
@@ -161,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(result.summary())
     if args.json:
         record = {"model": str(args.model), "text_origin": text.origin, **result.to_dict()}
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
     return EXIT_OK
 
 
@@ -170,10 +213,17 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from moedge.calibration import CalibrationConfig, calibrate, calibration_windows, save_recipe
-    from moedge.loading import load_model
-    from moedge.paths import check_new_output
+    from moedge.calibration.recipe import RECIPE_KIND
+    from moedge.loading import check_seqlen, load_model
+    from moedge.paths import check_output_folder
 
-    check_new_output(args.output)  # before a long calibration, not after
+    check_output_folder(args.output, kind=RECIPE_KIND, overwrite=args.overwrite)  # before calibrating
+    if args.calib_windows * args.seqlen > MAX_CALIB_TOKENS:
+        raise MoedgeError(
+            f"--calib-windows {args.calib_windows} x --seqlen {args.seqlen} is "
+            f"{args.calib_windows * args.seqlen:,} tokens, more than the {MAX_CALIB_TOKENS:,} calibration "
+            "holds in memory: lower either"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     config = CalibrationConfig(
@@ -188,6 +238,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     loaded = load_model(args.model, cache_dir=args.cache_dir)
+    check_seqlen(args.seqlen, getattr(loaded.model.config, "max_position_embeddings", None), loaded.name)
     samples = calibration_windows(
         loaded, dataset=args.calib_data, count=args.calib_windows, seqlen=args.seqlen, seed=args.seed
     )
@@ -199,7 +250,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         args.calib_data,
     )
     result = calibrate(loaded, list(samples), config, progress=not args.quiet)
-    out = save_recipe(loaded, result, args.output, calibration_data=args.calib_data)
+    out = save_recipe(loaded, result, args.output, calibration_data=args.calib_data, overwrite=args.overwrite)
     worst = sorted(((r.rel_error, n) for n, r in result.linears.items() if r.quantized), reverse=True)[:3]
     print(
         f"wrote {out} ({args.method}; {len(result.linears)} linears, {len(result.kept_fp)} kept in FP; "
@@ -216,7 +267,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     """Cut an exported folder into a bundle (stages, one graph per expert, manifest.json)."""
     from moedge.graph_passes.bundle import split_bundle
 
-    manifest = split_bundle(args.export_dir, args.output, validate=args.validate)
+    manifest = split_bundle(args.export_dir, args.output, validate=args.validate, overwrite=args.overwrite)
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     experts = sum(len(layer.moe.experts) for layer in moe if layer.moe is not None)
     print(
@@ -236,17 +287,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _prompts(args: argparse.Namespace) -> list[str | list[int]]:
     prompts: list[str | list[int]] = list(args.prompt or [])
-    if args.prompt_file is not None:
-        try:
-            lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MoedgeError(f"cannot read prompts from {args.prompt_file}: {exc}") from None
+    if args.prompt_file is not None:  # read only when a regular file of at most 64 MiB
+        lines = inputs.read_input_text(args.prompt_file, "--prompt-file").splitlines()
         prompts += [line for line in lines if line.strip()]
     for spec in args.ids or []:
         try:
-            prompts.append([int(t) for t in spec.replace(",", " ").split()])
+            ids = [int(t) for t in spec.replace(",", " ").split()]
         except ValueError:
             raise MoedgeError(f"--ids takes comma-separated integers, got {spec!r}") from None
+        if not ids or min(ids) < 0:
+            raise MoedgeError(f"--ids takes one or more token ids >= 0, got {spec!r}")
+        prompts.append(ids)
     if not prompts:
         raise MoedgeError("give a prompt: --prompt TEXT, --prompt-file FILE or --ids 1,2,3")
     return prompts
@@ -291,23 +342,90 @@ def _stream_one(callback: Callable[[int, int], None], index: int, _batch_index: 
     callback(index, token)
 
 
+def _warn_no_effect(flags: list[str], why: str) -> None:
+    if flags:
+        verb = "has" if len(flags) == 1 else "have"
+        log.warning("warning: %s %s no effect %s", ", ".join(flags), verb, why)
+
+
+def _check_run_inputs(args: argparse.Namespace, prompts: list[str | list[int]], backend: str) -> None:
+    """Before any session starts: the plan, routing and profile files against the bundle, token ids
+    against its vocabulary, and one warning line for flags the chosen backend ignores."""
+    from moedge.manifest import read_manifest
+    from moedge.runtime.placement import bundle_experts, read_plan_file
+    from moedge.runtime.profiles import load_profile
+    from moedge.runtime.routing import read_routing
+
+    manifest = read_manifest(args.bundle)  # the Generator verifies every file's hash next
+    experts = bundle_experts(manifest)
+    if args.plan is not None:
+        read_plan_file(args.plan, experts=experts)
+    if args.routing is not None:
+        read_routing(args.routing, experts=experts)
+    if args.profile is not None:
+        load_profile(args.profile)
+    vocab = manifest.model.get("vocab_size")
+    for ids in (p for p in prompts if isinstance(p, list)):
+        if isinstance(vocab, int) and max(ids) >= vocab:
+            raise MoedgeError(
+                f"--ids: token id {max(ids)} is outside the vocabulary of {args.bundle} (ids 0-{vocab - 1})"
+            )
+    cache_flags = [
+        flag
+        for flag, value in (
+            ("--policy", args.policy),
+            ("--gpu-budget", args.gpu_budget),
+            ("--plan", args.plan),
+            ("--routing", args.routing),
+        )
+        if value is not None
+    ]
+    if args.no_cache:
+        _warn_no_effect(cache_flags, "with --no-cache (every expert runs on the CPU)")
+    elif backend == "ort-cpu":
+        picked = " (what --backend auto picks without a GPU)" if args.backend == "auto" else ""
+        _warn_no_effect(
+            [*cache_flags, *(["--profile"] if args.profile is not None else [])],
+            f"with --backend ort-cpu{picked}: every expert runs on the CPU; --backend simulated models a GPU",
+        )
+    elif not experts:
+        _warn_no_effect(cache_flags, f"on {args.bundle}: a dense bundle has no experts to place")
+    elif args.plan is not None and args.policy is not None:
+        from moedge.runtime.scheduler import POLICIES
+
+        if POLICIES[args.policy].placement in ("none", "all", "last-layers"):
+            _warn_no_effect(["--plan"], f"with --policy {args.policy}, which places experts by its own rule")
+    if not args.temperature:
+        sampling = [
+            flag
+            for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+            if value is not None
+        ]
+        _warn_no_effect(sampling, "with --temperature 0 (greedy decoding)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Generate from a bundle with the CPU+GPU expert cache; stream tokens, then print the metrics."""
+    from moedge.paths import refuse_inside_bundle, write_text_atomic
     from moedge.runtime.generator import Generator
 
+    if args.metrics_json is not None:
+        refuse_inside_bundle(args.metrics_json, flag="--metrics-json")
     prompts = _prompts(args)
     backend = args.backend if args.backend != "auto" else _default_backend()
+    _check_run_inputs(args, prompts, backend)
     gen = Generator(
         args.bundle,
         backend=backend,
-        policy=args.policy,
-        gpu_budget=args.gpu_budget,
-        profile=args.profile,
+        policy=args.policy or "haq",
+        gpu_budget=args.gpu_budget or "auto",
+        profile=args.profile or "rtx4090-pcie4",
         plan=args.plan,
         routing=args.routing,
         intra_op_threads=args.threads,
         cache=not args.no_cache,
         shared_pool=True,  # this process runs only the bundle's sessions
+        engines=args.engines,
     )
     shown: dict[int, str] = {}
     ids: dict[int, list[int]] = {}
@@ -325,8 +443,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     sampling: dict[str, Any] = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
+        "top_k": args.top_k or 0,
+        "top_p": 1.0 if args.top_p is None else args.top_p,
         "seed": args.seed,
         "stop": args.stop or (),
     }
@@ -356,7 +474,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"prompt_ids": r.prompt_ids, "token_ids": r.token_ids, "text": r.text, "stopped_by": r.stopped_by}
             for r in results
         ]
-        Path(args.metrics_json).write_text(json.dumps(metrics, indent=1) + "\n")
+        write_text_atomic(args.metrics_json, json.dumps(metrics, indent=1) + "\n")
     return 130 if metrics["interrupted"] else EXIT_OK
 
 
@@ -364,15 +482,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Record routing statistics (and optionally a tuned placement plan) from a bundle run over text."""
     from moedge.runtime.profiling import profile_bundle
 
+    if args.merge or args.plan is not None:  # the inputs, before minutes of profiling
+        from moedge.manifest import read_manifest
+        from moedge.runtime.placement import bundle_experts
+        from moedge.runtime.profiles import load_profile
+        from moedge.runtime.routing import read_routing
+
+        experts = bundle_experts(read_manifest(args.bundle))
+        for other in args.merge or []:
+            read_routing(other, experts=experts)
+        if args.plan is not None:
+            load_profile(args.profile or "rtx4090-pcie4")
+    if args.plan is None:
+        flags = [
+            f for f, v in (("--gpu-budget", args.gpu_budget), ("--profile", args.profile)) if v is not None
+        ]
+        _warn_no_effect(flags, "without --plan (they tune the placement plan)")
     report = profile_bundle(
         args.bundle,
         text=args.text,
         tokens=args.tokens,
         output=args.output,
+        update_bundle=args.update_bundle,
         merge=args.merge,
         plan=args.plan,
-        gpu_budget=args.gpu_budget,
-        profile=args.profile,
+        gpu_budget=args.gpu_budget or "25%",
+        profile=args.profile or "rtx4090-pcie4",
         trace=args.trace,
         threads=args.threads,
     )
@@ -383,19 +518,22 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build TensorRT engines for every graph of a bundle."""
-    from moedge.runtime.backends.tensorrt import build_bundle_engines
+    from moedge.runtime.backends.tensorrt import build_bundle_engines, default_engine_dir
 
+    engine_dir = args.engines if args.engines is not None else default_engine_dir(args.bundle)
     built = build_bundle_engines(
-        args.bundle, engine_dir=args.engines, max_tokens=args.max_tokens, context=args.context
+        args.bundle, engine_dir=engine_dir, max_tokens=args.max_tokens, context=args.context
     )
-    print(f"{len(built)} engines in {built[0].parent.parent if built else args.engines}")
+    print(f"{len(built)} engines in {engine_dir}")
     return EXIT_OK
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks; ``moedge bench runtime`` compares cache policies on real routing traces."""
     from moedge.bench import run_runtime_bench
+    from moedge.paths import refuse_inside_bundle
 
+    refuse_inside_bundle(args.out, flag="-o")
     for line in run_runtime_bench(args):
         print(line)
     return EXIT_OK
@@ -407,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     from moedge.testbeds import testbed_names
 
     model_help = "model: " + SOURCES_HELP.format(beds=", ".join(testbed_names()))
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moedge",
         description="Take a Hugging Face LLM (dense or MoE) to deployable ONNX / TensorRT engines for NVIDIA edge hardware.",
     )
@@ -421,10 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on the default model (smollm2-135m-moe)")
     demo.add_argument("--model", default="smollm2-135m-moe", help=model_help)
     demo.add_argument("-o", "--output", type=Path, help="export folder (default: in the cache)")
-    demo.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
-    demo.add_argument("--seqlen", type=int, default=512, help="evaluation window length (default 512)")
+    demo.add_argument("--windows", type=_WINDOWS, default=4, help="evaluation windows (default 4)")
+    demo.add_argument("--seqlen", type=_SEQLEN, default=512, help="evaluation window length (default 512)")
     demo.add_argument("--prompt", default="The capital of France is", help="generation prompt")
-    demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    demo.add_argument("--new-tokens", type=_POSITIVE, default=16, help="tokens to generate (default 16)")
     _common(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -432,9 +570,19 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="export MODEL to ONNX (model.onnx + data, config.json, tokenizer.json)"
     )
     export.add_argument("model", metavar="MODEL", help=model_help)
-    export.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    export.add_argument("-o", "--output", type=Path, required=True, help="output folder (missing or empty)")
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace -o when it is a previous moedge export holding nothing else (swapped in at the end)",
+    )
     export.add_argument("--no-cache", action="store_true", help="export without KV-cache inputs/outputs")
-    export.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17, default 18)")
+    export.add_argument(
+        "--opset",
+        type=inputs.opset,
+        default=18,
+        help=f"ONNX opset ({inputs.EXPORT_OPSETS[0]}-{inputs.EXPORT_OPSETS[-1]}, default 18)",
+    )
     export.add_argument(
         "--recipe", type=Path, help="a calibration recipe folder: export the W8A8 QDQ graph it describes"
     )
@@ -451,15 +599,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--seqlen",
-        type=int,
+        type=_SEQLEN,
         default=512,
         help="window length in tokens (default 512; 2048 is the published standard)",
     )
-    ev.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    ev.add_argument("--max-windows", type=_POSITIVE, help="evaluate only the first N windows")
     ev.add_argument(
         "--backend", choices=("auto", "torch", "ort"), default="auto", help="auto: ort for an exported folder"
     )
-    ev.add_argument("--threads", type=int, help="CPU threads (default: the runtime's own choice)")
+    ev.add_argument("--threads", type=inputs.threads, help="CPU threads (default: the runtime's own choice)")
     ev.add_argument("--json", type=Path, help="also write the result as JSON")
     ev.add_argument(
         "--recipe", type=Path, help="evaluate the fake-quant model of this recipe folder (PyTorch)"
@@ -472,7 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("model", metavar="MODEL", help=model_help)
     cal.add_argument(
-        "-o", "--output", type=Path, required=True, help="recipe folder to write (must not exist)"
+        "-o", "--output", type=Path, required=True, help="recipe folder to write (missing or empty)"
+    )
+    cal.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace -o when it is a previous recipe folder holding nothing else (swapped in at the end)",
     )
     cal.add_argument(
         "--method",
@@ -485,19 +638,26 @@ def build_parser() -> argparse.ArgumentParser:
         default="c4",
         help="c4 (documents 0-999, default), wikitext2, ptb, demo, or a text file",
     )
-    cal.add_argument("--calib-windows", type=int, default=128, help="calibration windows (default 128)")
-    cal.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
-    cal.add_argument("--seed", type=int, default=0, help="seed for window sampling and searches (default 0)")
+    cal.add_argument("--calib-windows", type=_WINDOWS, default=128, help="calibration windows (default 128)")
+    cal.add_argument("--seqlen", type=_SEQLEN, default=512, help="calibration window length (default 512)")
+    cal.add_argument(
+        "--seed", type=_SEED, default=0, help="seed for window sampling and searches (default 0)"
+    )
     cal.add_argument(
         "--act-clip",
         choices=("absmax", "percentile", "mse", "output"),
         help="activation range: output error (haq default), input MSE, percentile, or absmax (other methods)",
     )
     cal.add_argument(
-        "--percentile", type=float, default=99.99, help="for --act-clip percentile (default 99.99)"
+        "--percentile",
+        type=inputs.float_range(0, 100, low_open=True),
+        default=99.99,
+        help="for --act-clip percentile, in (0, 100] (default 99.99)",
     )
     cal.add_argument(
-        "--alpha", type=float, help="fixed smoothing strength in [0, 1] (default: searched per group for haq)"
+        "--alpha",
+        type=inputs.float_range(0, 1),
+        help="fixed smoothing strength in [0, 1] (default: searched per group for haq)",
     )
     cal.add_argument(
         "--keep-fp",
@@ -507,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument(
         "--auto-keep-fp",
-        type=float,
+        type=inputs.float_range(0, 1, high_open=True),
         default=0.0,
         metavar="FRACTION",
         help="also keep the most sensitive linears in FP, up to this fraction of linear parameters (e.g. 0.02)",
@@ -518,8 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize lm_head too (W8A8, final norm smoothed into it; a tied head gets its own int8 copy): "
         "a quarter of an FP32 head's bytes and time, as llama.cpp's Q8_0 does",
     )
-    cal.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    cal.add_argument("--threads", type=int, help="CPU threads for PyTorch")
+    cal.add_argument("--batch-size", type=_BATCH, default=8, help="windows per forward pass (default 8)")
+    cal.add_argument("--threads", type=inputs.threads, help="CPU threads for PyTorch")
     _common(cal)
     cal.set_defaults(func=cmd_calibrate)
 
@@ -528,7 +688,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     split.add_argument("export_dir", metavar="EXPORT", type=Path, help="a folder written by moedge export")
     split.add_argument(
-        "-o", "--output", type=Path, required=True, help="bundle folder to write (must not exist)"
+        "-o", "--output", type=Path, required=True, help="bundle folder to write (missing or empty)"
+    )
+    split.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace -o when it is a previous bundle holding only the files its manifest lists",
     )
     split.add_argument("--validate", action="store_true", help="run the ONNX checker on every graph")
     split.set_defaults(func=cmd_split)
@@ -557,7 +722,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run all prompts as one batch (one forward pass per step; completions print at the end)",
     )
     run.add_argument(
-        "-n", "--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)"
+        "-n",
+        "--max-new-tokens",
+        type=_POSITIVE,
+        default=64,
+        help="tokens to generate per prompt (default 64)",
     )
     run.add_argument(
         "--backend",
@@ -567,37 +736,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--policy",
-        default="haq",
         choices=["haq", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "cpu", "full-gpu"],
         help="expert cache policy (default haq)",
     )
     run.add_argument(
         "--gpu-budget",
-        default="auto",
+        type=inputs.gpu_budget,
         help="GPU bytes for experts: 1.5GiB, 800MB, 25%% of the expert bytes, or auto (free device memory minus "
         "stages and KV cache; default)",
     )
     run.add_argument(
         "--profile",
-        default="rtx4090-pcie4",
         help="hardware profile (jetson-orin-nano-8gb, jetson-agx-orin-64gb, rtx4090-pcie4, or a JSON file): the "
         "modeled GPU of --backend simulated, and transfer costs for the latency predictor",
     )
     run.add_argument("--plan", type=Path, help="placement plan from `moedge profile --plan`")
+    run.add_argument(
+        "--engines",
+        type=Path,
+        help="TensorRT engine folder for --backend tensorrt (default: BUNDLE.engines, where moedge build writes)",
+    )
     run.add_argument("--routing", type=Path, help="routing statistics (default: the bundle's routing.json)")
     run.add_argument(
         "--no-cache", action="store_true", help="every expert on the CPU (the exactness reference)"
     )
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples")
-    run.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    run.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    run.add_argument("--seed", type=int, help="sampling seed")
-    run.add_argument("--stop", type=int, action="append", help="stop token id (repeatable; EOS always stops)")
+    run.add_argument(
+        "--temperature", type=inputs.float_range(0), default=0.0, help="0 = greedy (default); >0 samples"
+    )
+    run.add_argument("--top-k", type=_NONNEG, help="sample from the k most likely tokens (default 0 = all)")
+    run.add_argument(
+        "--top-p",
+        type=inputs.float_range(0, 1, low_open=True),
+        help="nucleus sampling mass in (0, 1] (default 1.0)",
+    )
+    run.add_argument("--seed", type=_SEED, help="sampling seed")
+    run.add_argument(
+        "--stop", type=_NONNEG, action="append", help="stop token id (repeatable; EOS always stops)"
+    )
     run.add_argument(
         "--no-stream", action="store_true", help="print each result at the end instead of streaming"
     )
     run.add_argument("--metrics-json", type=Path, help="write the metrics (and the generations) as JSON")
-    run.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    run.add_argument(
+        "--threads", type=inputs.threads, help="ONNX Runtime intra-op threads (default: all cores)"
+    )
     run.set_defaults(func=cmd_run)
 
     prof = sub.add_parser(
@@ -605,28 +787,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prof.add_argument("bundle", type=Path, help="a bundle folder")
     prof.add_argument("--text", default="c4", help="wikitext2, ptb, c4, demo or a text file (default c4)")
-    prof.add_argument("--tokens", type=int, default=4096, help="tokens of the text to run (default 4096)")
-    prof.add_argument("-o", "--output", type=Path, required=True, help="routing.json to write")
+    prof.add_argument(
+        "--tokens",
+        type=inputs.int_range(16, why=" (routing statistics need 16 tokens or more)"),
+        default=4096,
+        help="tokens of the text to run (default 4096)",
+    )
+    prof.add_argument(
+        "-o", "--output", type=Path, help="routing.json to write (outside any bundle; or --update-bundle)"
+    )
+    prof.add_argument(
+        "--update-bundle",
+        action="store_true",
+        help="write routing.json (and a --plan path inside the bundle) into BUNDLE and list them in its "
+        "manifest.json, replaced last; no other command writes inside a bundle",
+    )
     prof.add_argument(
         "--merge", type=Path, action="append", help="routing.json of another workload to merge in"
     )
     prof.add_argument(
         "--plan", type=Path, help="also write a haq placement plan tuned for --gpu-budget on --profile"
     )
-    prof.add_argument("--gpu-budget", default="25%", help="budget of the plan (default 25%% of expert bytes)")
-    prof.add_argument("--profile", default="rtx4090-pcie4", help="hardware profile the plan is tuned for")
+    prof.add_argument(
+        "--gpu-budget",
+        type=inputs.gpu_budget,
+        help="budget of the --plan (default 25%% of expert bytes)",
+    )
+    prof.add_argument("--profile", help="hardware profile the --plan is tuned for (default rtx4090-pcie4)")
     prof.add_argument("--trace", type=Path, help="also save the per-token routing trace (.npz)")
-    prof.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    prof.add_argument("--threads", type=inputs.threads, help="ONNX Runtime intra-op threads")
     _common(prof)
     prof.set_defaults(func=cmd_profile)
 
     build = sub.add_parser("build", help="build TensorRT engines for a bundle (needs TensorRT and a GPU)")
     build.add_argument("bundle", type=Path, help="a bundle folder")
-    build.add_argument("--engines", type=Path, help="engine folder (default: BUNDLE/engines)")
     build.add_argument(
-        "--max-tokens", type=int, default=512, help="largest token count per call (default 512)"
+        "--engines",
+        type=Path,
+        help="engine folder, outside the bundle (default: BUNDLE.engines beside it, where --backend tensorrt "
+        "reads them)",
     )
-    build.add_argument("--context", type=int, help="largest KV length (default: the model's context)")
+    build.add_argument(
+        "--max-tokens", type=_POSITIVE, default=512, help="largest token count per call (default 512)"
+    )
+    build.add_argument("--context", type=_POSITIVE, help="largest KV length (default: the model's context)")
     build.set_defaults(func=cmd_build)
 
     bench = sub.add_parser("bench", help="benchmarks")
@@ -645,7 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="moedge: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="moedge: %(message)s", stream=sys.stderr, force=True)
     for noisy in ("torch", "transformers", "onnxscript", "onnx_ir", "urllib3", "filelock", "huggingface_hub"):
         # dependencies' own warnings (e.g. "torchvision is not installed") are noise to a moedge user
         logging.getLogger(noisy).setLevel(logging.INFO if args.verbose else logging.ERROR)
@@ -653,26 +857,66 @@ def _configure_logging(args: argparse.Namespace) -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: 0 ok, 1 failure (one clear line), 2 usage error."""
+def _interrupted() -> int:
+    try:
+        print("moedge: interrupted", file=sys.stderr, flush=True)
+    except BaseException:  # a second Ctrl-C while printing: still quiet
+        pass
+    return EXIT_INTERRUPTED
+
+
+def _quiet_exit_on_interrupt() -> None:
+    """After main: a Ctrl-C while the interpreter shuts down exits 130 at once, without a traceback."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        os._exit(EXIT_INTERRUPTED)
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) return like every other outcome
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
     _configure_logging(args)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         _apply_data_dir(args)
         return func(args)
     except MoedgeError as exc:
-        print(f"moedge: error: {exc}", file=sys.stderr)
+        print(f"moedge: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("moedge: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:
         if args.verbose:
             raise
-        print(f"moedge: error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"moedge: error: {type(exc).__name__}: {_one_line(exc)} (run with -v for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point (also the console script): 0 ok, 1 failure (one clear line), 2 usage error (one line),
+    130 interrupted (Ctrl-C at any moment, parser construction included: ``moedge: interrupted``)."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
+    finally:
+        if argv is None:  # the console script: the process ends next
+            _quiet_exit_on_interrupt()
 
 
 if __name__ == "__main__":

@@ -59,11 +59,10 @@ def load_text(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> T
     """Resolve ``name`` (wikitext2, ptb, c4, demo, or a path to a text file) to its evaluation text."""
     path = Path(name).expanduser()
     if name not in DATASET_NAMES:
-        if path.is_file():
-            try:
-                return Text(path.name, path.read_text(encoding="utf-8"), str(path))
-            except UnicodeDecodeError:
-                raise MoedgeError(f"{path} is not UTF-8 text") from None
+        if os.path.lexists(path):  # a text file: read only when regular and at most 64 MiB
+            from moedge.inputs import read_input_text
+
+            return Text(path.name, read_input_text(path, "text file"), str(path))
         raise MoedgeError(
             f"dataset not found: '{name}' is neither one of {', '.join(DATASET_NAMES)} nor an existing text file"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,19 +25,35 @@ def _permute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def load_llama2c(path: str | Path) -> LlamaForCausalLM:
     """Convert a llama2.c legacy checkpoint into an FP32 ``LlamaForCausalLM`` in eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from moedge.loading import MAX_CONTEXT, MAX_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, check_header_value
 
     path = Path(path)
-    raw = path.read_bytes()
-    if len(raw) < _HEADER.size:
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            header = f.read(_HEADER.size)
+    except OSError as exc:
+        raise MoedgeError(f"cannot read llama2.c checkpoint {path}: {exc.strerror or exc}") from None
+    if len(header) < _HEADER.size:
         raise MoedgeError(f"{path} is not a llama2.c checkpoint: file too short for its header")
-    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack_from(raw)
+    dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len = _HEADER.unpack_from(header)
     shared = vocab > 0
     vocab = abs(vocab)
-    if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq_len) <= 0 or dim % n_heads or n_heads % n_kv:
+    where = f"llama2.c checkpoint {path}"
+    for field, value, bound in (
+        ("dim", dim, MAX_DIM),
+        ("hidden_dim", hidden, MAX_DIM),
+        ("n_layers", n_layers, MAX_LAYERS),
+        ("n_heads", n_heads, MAX_HEADS),
+        ("n_kv_heads", n_kv, MAX_HEADS),
+        ("vocab_size", vocab, MAX_VOCAB),
+        ("seq_len", seq_len, MAX_CONTEXT),
+    ):
+        check_header_value(where, f"header field {field}", value, bound, required=True)
+    if dim % n_heads or n_heads % n_kv:
         raise MoedgeError(
-            f"{path} is not a llama2.c checkpoint: implausible header {_HEADER.unpack_from(raw)}"
+            f"{path} is not a llama2.c checkpoint: implausible header {_HEADER.unpack_from(header)} "
+            "(dim must split into n_heads heads, n_heads into n_kv_heads groups)"
         )
     head = dim // n_heads
     kv_dim = n_kv * head
@@ -57,9 +74,17 @@ def load_llama2c(path: str | Path) -> LlamaForCausalLM:
     ]
     if not shared:
         shapes.append(("wcls", (vocab, dim)))
-    expected = _HEADER.size + 4 * sum(int(np.prod(s)) for _, s in shapes)
+    expected = _HEADER.size + 4 * sum(math.prod(s) for _, s in shapes)  # Python ints: no overflow
+    if size != expected:
+        raise MoedgeError(f"{path} is corrupt or truncated: {size} bytes, the header implies {expected}")
+    if (dim // n_heads) % 2:
+        raise MoedgeError(f"{path}: head size {dim // n_heads} is odd; rotary embeddings need an even one")
+    raw = path.read_bytes()
     if len(raw) != expected:
-        raise MoedgeError(f"{path} is corrupt or truncated: {len(raw)} bytes, the header implies {expected}")
+        raise MoedgeError(f"{path} changed while being read: {len(raw)} bytes, the header implies {expected}")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tensors: dict[str, np.ndarray] = {}
     offset = _HEADER.size
     for name, shape in shapes:

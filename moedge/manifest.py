@@ -177,6 +177,7 @@ class _Reader:
 
     def __init__(self, where: str) -> None:
         self.where = where
+        self.graph_files: set[str] = set()  # a file serves one graph: checked as graphs are read
 
     def fail(self, field_path: str, description: str, value: Any) -> NoReturn:
         raise MoedgeError(f"{self.where}: {field_path} must be {description}, got {_show(value)}")
@@ -258,8 +259,12 @@ def _graph(r: _Reader, d: Any, f: str) -> GraphSpec:
     d = r.obj(d, f)
     inputs = r.array(r.get(d, "inputs", f + ".inputs"), f + ".inputs")
     outputs = r.array(r.get(d, "outputs", f + ".outputs"), f + ".outputs")
+    file = relative_path(r.get(d, "file", f + ".file"), f + ".file", r.where)
+    if file in r.graph_files:
+        raise MoedgeError(f"{r.where}: {f} {_show(file)} is used by two graphs")
+    r.graph_files.add(file)
     return GraphSpec(
-        file=relative_path(r.get(d, "file", f + ".file"), f + ".file", r.where),
+        file=file,
         inputs=[_tensor(r, t, f"{f}.inputs[{i}]") for i, t in enumerate(inputs)],
         outputs=[_tensor(r, t, f"{f}.outputs[{i}]") for i, t in enumerate(outputs)],
         bytes=r.integer(r.get(d, "bytes", f + ".bytes"), f + ".bytes", 0, MAX_FILE_BYTES),
@@ -376,11 +381,6 @@ def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest
     for field_path, rel in manifest.named_paths():
         if rel not in files:
             raise MoedgeError(f"{where}: {field_path} {_show(rel)} is not listed under files")
-    seen: dict[str, str] = {}
-    for field_path, graph in manifest.named_graphs():
-        if graph.file in seen:
-            raise MoedgeError(f"{where}: {field_path} {_show(graph.file)} is used by two graphs")
-        seen[graph.file] = field_path
     for rel in files:
         _confine(root, rel, f"files[{json.dumps(rel)}]", where)
     return manifest
