@@ -424,7 +424,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         routing=args.routing,
         intra_op_threads=args.threads,
         cache=not args.no_cache,
-        shared_pool=True,  # this process runs only the bundle's sessions
+        # this process runs only the bundle's sessions; MOEDGE_ORT_SHARED_POOL=0 keeps per-session pools
+        # for a process that also creates ONNX Runtime sessions of its own (main() called in-process)
+        shared_pool=os.environ.get("MOEDGE_ORT_SHARED_POOL", "1") != "0",
         engines=args.engines,
     )
     shown: dict[int, str] = {}

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The CLI runs in-process in many tests, beside the tests' own ONNX Runtime sessions: no process-wide pool.
+os.environ["MOEDGE_ORT_SHARED_POOL"] = "0"
+
 TINY_KINDS = ("llama", "mistral", "opt", "mixtral", "qwen2-moe", "olmoe")
 
 

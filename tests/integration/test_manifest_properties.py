@@ -138,7 +138,13 @@ def _example(corpus: Any, path: tuple[Any, ...], doc: dict[str, Any], must_fail:
     problems = _check(code, err, must_fail=must_fail)
     cases.append(
         {"strategy": label, "path": list(map(str, path)), "manifest": text, "must_fail": must_fail}
-        | {"python": {"exit_code": code, "line": err.strip()[:300], "ok": not problems}}
+        | {
+            "python": {
+                "exit_code": code,
+                "line": err.strip()[:300].replace(str(bundle.parent), "<tmp>"),
+                "ok": not problems,
+            }
+        }
     )
     assert not problems, f"{label} at {path}: {problems}: {err.strip()[:400]}"
 
@@ -192,7 +198,8 @@ def test_the_same_corpus_through_moedge_run(corpus, tool):
             env=env,
         )
         problems = _check(proc.returncode, proc.stderr, must_fail=case["must_fail"])
-        case[tool] = {"exit_code": proc.returncode, "line": proc.stderr.strip()[:300], "ok": not problems}
+        line = proc.stderr.strip()[:300].replace(str(bundle.parent), "<tmp>")
+        case[tool] = {"exit_code": proc.returncode, "line": line, "ok": not problems}
         if problems:
             failures.append(f"{case['strategy']} at {case['path']}: {problems}: {proc.stderr.strip()[:300]}")
     _write_summary(cases)
