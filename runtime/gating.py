@@ -8,6 +8,12 @@ from moedge._errors import MoedgeError
 from moedge.manifest import GatingRule
 
 
+def _sum_in_order(x: np.ndarray) -> np.ndarray:
+    """Row sums added left to right (``cumsum`` is sequential; ``sum`` is pairwise past 8 terms), as the
+    C++ runner adds them."""
+    return np.cumsum(x, axis=-1)[..., -1:]
+
+
 def route(logits: np.ndarray, rule: GatingRule) -> tuple[np.ndarray, np.ndarray]:
     """Chosen experts (tokens x top_k, int64, best first) and their weights (float32) for ``logits``.
 
@@ -21,9 +27,9 @@ def route(logits: np.ndarray, rule: GatingRule) -> tuple[np.ndarray, np.ndarray]
     x = np.asarray(logits, dtype=np.float32).astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     probs = np.exp(x)
-    probs /= probs.sum(axis=-1, keepdims=True)
+    probs /= _sum_in_order(probs)
     index = np.argsort(-probs, axis=-1, kind="stable")[:, : rule.top_k]
     weights = np.take_along_axis(probs, index, axis=-1)
     if rule.normalize_top_k:
-        weights = weights / weights.sum(axis=-1, keepdims=True)
+        weights = weights / _sum_in_order(weights)
     return index.astype(np.int64), weights.astype(np.float32)
