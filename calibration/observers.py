@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -101,7 +102,7 @@ class InputObserver:
 
     @property
     def hessian(self) -> torch.Tensor:
-        """E[x xᵀ] over every token seen (identity when the input saw no token)."""
+        """E[x xᵀ] over every token seen; refused when it was not collected or no token reached the input."""
         if self._xtx is None or self.tokens == 0:
             raise MoedgeError(f"no Hessian was collected for {self.key}")
         return self._xtx / self.tokens
@@ -180,3 +181,26 @@ def observe(
     finally:
         for h in handles:
             h.remove()
+
+
+def observe_layer(
+    layer: nn.Module,
+    modules: dict[str, nn.Module],
+    inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+    *,
+    hessian_keys: set[str],
+    sample_tokens: int,
+    seed: int,
+    histogram: bool,
+) -> dict[str, InputObserver]:
+    """Run ``layer`` on every captured (hidden states, keyword arguments) input and return the statistics.
+
+    One observer per input key of ``modules`` (see ``observe``); the layer's outputs are discarded and
+    its modules are left untouched.
+    """
+    with observe(
+        modules, hessian_keys=hessian_keys, sample_tokens=sample_tokens, seed=seed, histogram=histogram
+    ) as observers:
+        for hidden, kwargs in inputs:
+            layer(hidden, **kwargs)
+    return observers

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-from moedge.calibration.calibrator import CalibrationResult
+from moedge.calibration.config import METHODS
 from moedge.calibration.layers import decoder_layers, head_modules, untie_head
 from moedge.calibration.quant import FakeQuantLinear
+from moedge.calibration.result import CalibrationResult
 from moedge.model import LoadedModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
 
@@ -181,7 +182,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-_METHODS = ("rtn", "smoothquant", "gptq", "haq")
 _MODEL_FIELDS = {
     "model_type": str,
     "num_layers": int,
@@ -215,9 +215,9 @@ def _check_meta(meta: Any, where: str) -> None:
             want = "a positive integer" if kind is int else "a string"
             raise MoedgeError(f"{where}: field model.{key} must be {want}, got {value!r}")
     config = meta.get("config")
-    if not isinstance(config, dict) or config.get("method") not in _METHODS:
+    if not isinstance(config, dict) or config.get("method") not in METHODS:
         got = config.get("method") if isinstance(config, dict) else config
-        raise MoedgeError(f"{where}: field config.method must be one of {', '.join(_METHODS)}, got {got!r}")
+        raise MoedgeError(f"{where}: field config.method must be one of {', '.join(METHODS)}, got {got!r}")
     linears = meta.get("linears")
     if not isinstance(linears, dict):
         raise MoedgeError(f"{where}: field linears is missing or not an object: re-run `moedge calibrate`")

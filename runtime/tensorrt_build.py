@@ -2,15 +2,21 @@
 
 The network is created STRONGLY_TYPED: every int8 tensor comes from the graph's
 QuantizeLinear/DequantizeLinear nodes, so there is no calibrator and no INT8/FP16 builder flag (TensorRT
-rejects precision flags on strongly typed networks). ``tensorrt`` is imported only inside
-:func:`build_engine`; run ``moedge.graph_passes.check_tensorrt`` first for readable diagnostics.
+rejects precision flags on strongly typed networks). ``tensorrt`` is imported only inside the functions
+here; run ``moedge.graph_passes.check_tensorrt`` first for readable diagnostics.
+
+Whether the quantized layers really run in INT8 is up to TensorRT's fusions (a DequantizeLinear it
+cannot fuse into the MatMul leaves that MatMul in FP32). An engine built with ``detailed=True`` records
+its layers with their tensor formats; :func:`engine_layers` reads them back through TensorRT's engine
+inspector and :func:`int8_compute_layers` names the MatMul/GEMM/convolution layers that take INT8 data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moedge._errors import MoedgeError
 from moedge.paths import atomic_file
@@ -20,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ShapeRange", "build_engine"]
+__all__ = ["ShapeRange", "build_engine", "engine_layers", "int8_compute_layers"]
 
 ShapeRange = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 """(min, opt, max) shapes of one dynamic input, for the engine's optimization profile."""
@@ -38,14 +44,17 @@ def build_engine(
     profiles: dict[str, ShapeRange],
     timing_cache: Path | None = None,
     workspace_bytes: int | None = None,
+    detailed: bool = False,
 ) -> Path:
     """Parse ``onnx_file`` and write a serialized engine to ``engine_file``; returns ``engine_file``.
 
     ``profiles`` gives (min, opt, max) shapes for every input with dynamic dims (one optimization
     profile; ``moedge.graph_passes.check_tensorrt.profile_inputs`` lists them). ``timing_cache`` is
     loaded when the file exists and saved after the build, so rebuilds on the same device are fast.
-    ``workspace_bytes`` caps the builder's workspace memory pool. External weights next to the model
-    are found because the parser reads the file itself.
+    ``workspace_bytes`` caps the builder's workspace memory pool. ``detailed`` builds with
+    ``ProfilingVerbosity.DETAILED``: the engine then records every layer's type, tensor formats and tactic
+    for :func:`engine_layers` (a slightly larger file; the kernels are the same). External weights next
+    to the model are found because the parser reads the file itself.
     """
     try:
         import tensorrt as trt
@@ -88,6 +97,8 @@ def build_engine(
         raise MoedgeError(f"TensorRT cannot parse {onnx_file} ({len(lines)} errors):\n" + "\n".join(lines))
 
     config = builder.create_builder_config()
+    if detailed:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if workspace_bytes is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
 
@@ -120,6 +131,56 @@ def build_engine(
     _write_atomically(engine_file, serialized)
     log.info("wrote %s", engine_file)
     return engine_file
+
+
+def engine_layers(engine_file: Path) -> list[dict[str, Any]]:
+    """The layers of a serialized engine as TensorRT's engine inspector reports them (its JSON format).
+
+    Engines built with ``build_engine(..., detailed=True)`` give each layer's ``Name``, ``LayerType``,
+    ``Inputs``/``Outputs`` (with ``Format/Datatype``), ``Metadata`` (the ONNX nodes it came from) and
+    ``TacticName``; other engines give names only (returned as ``{"Name": ...}``). Needs a GPU: the
+    engine is deserialized.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MoedgeError(_INSTALL) from None
+    if not hasattr(trt, "Builder"):  # only the type stubs (an empty namespace package) are installed
+        raise MoedgeError(_INSTALL)
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(Path(engine_file).read_bytes())
+    if engine is None:
+        raise MoedgeError(
+            f"TensorRT cannot deserialize {engine_file}: it was built by another TensorRT or for another GPU"
+        )
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", []) if isinstance(info, dict) else []
+    return [layer if isinstance(layer, dict) else {"Name": str(layer)} for layer in layers]
+
+
+_PRODUCT_WORDS = ("matmul", "matrixmultiply", "matrix_multiply", "gemm", "convolution")
+
+
+def int8_compute_layers(layers: list[dict[str, Any]]) -> list[str]:
+    """Names of the layers that multiply INT8 data: a MatMul/GEMM/convolution layer (by its type, name,
+    ONNX metadata or tactic) with an INT8 input tensor or INT8 weights. A DequantizeLinear left unfused
+    takes INT8 too but is not a product layer, so it does not count."""
+    names = []
+    for layer in layers:
+        text = " ".join(
+            str(layer.get(k, "")) for k in ("LayerType", "ParameterType", "Name", "Metadata", "TacticName")
+        )
+        if not any(word in text.lower() for word in _PRODUCT_WORDS):
+            continue
+        inputs = [t for t in layer.get("Inputs", []) if isinstance(t, dict)]
+        weights = layer.get("Weights")
+        weight_type = str(weights.get("Type", "")) if isinstance(weights, dict) else ""
+        if (
+            any("int8" in str(t.get("Format/Datatype", "")).lower() for t in inputs)
+            or weight_type.lower() == "int8"
+        ):
+            names.append(str(layer.get("Name", "")))
+    return names
 
 
 def _check_profiles(inputs: dict[str, tuple[int, ...]], profiles: dict[str, ShapeRange]) -> None:

@@ -237,6 +237,7 @@ struct Runner::Impl {
       }
       so->SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
     }
+    provider_options.AddConfigEntry("session.record_ep_graph_assignment_info", "1");  // for check_placement
     add_provider();
     if (opt.policy != "lru" && opt.policy != "static") throw Error("unknown policy '" + opt.policy + "': use lru or static");
     if (!opt.plan.empty() && opt.expert_budget < 0)
@@ -301,11 +302,39 @@ struct Runner::Impl {
 
   std::unique_ptr<Ort::Session> open(const GraphSpec& g, const Ort::SessionOptions& so) {
     const std::string path = dir + "/" + g.file;
+    std::unique_ptr<Ort::Session> session;
     try {
-      return std::make_unique<Ort::Session>(*env, path.c_str(), so);
+      session = std::make_unique<Ort::Session>(*env, path.c_str(), so);
+      if (&so == &provider_options) check_placement(*session, g);
     } catch (const Ort::Exception& e) {
       throw Error("ONNX Runtime cannot load " + path + ": " + ort_error_text(e.what()));
     }
+    return session;
+  }
+
+  // The asked provider's EP must hold nodes of every graph opened on it. The C API has no silent fallback
+  // (a CUDA or TensorRT EP that cannot start fails AppendExecutionProvider_*_V2 or session creation, and
+  // Ort:: throws), but ORT's partitioner gives the CPU EP every node the asked EP has no kernel for,
+  // possibly all of them. What this proves: ORT assigned nodes of the graph to that EP, whose kernels run
+  // on the device. Not proven: how much of the graph that is (the count is in the error only).
+  // Session_GetEpGraphAssignmentInfo (API 24) is used because SessionGetEpDeviceForInputs answers only for
+  // EPs registered as OrtEpDevice (SessionOptionsAppendExecutionProvider_V2), not through the *_V2 options.
+  void check_placement(const Ort::Session& session, const GraphSpec& g) const {
+    const std::string ep = opt.provider == "cuda"       ? "CUDAExecutionProvider"
+                           : opt.provider == "tensorrt" ? "TensorrtExecutionProvider"
+                                                        : "CPUExecutionProvider";
+    std::map<std::string, size_t> nodes;
+    size_t total = 0;
+    for (const auto& subgraph : session.GetEpGraphAssignmentInfo()) {
+      const size_t n = subgraph.GetNodes().size();
+      nodes[subgraph.GetEpName()] += n;
+      total += n;
+    }
+    if (total == 0 || nodes.count(ep) > 0) return;
+    std::string where;
+    for (const auto& [name, n] : nodes) where += (where.empty() ? "" : ", ") + name + ": " + std::to_string(n);
+    throw Error(g.file + ": ONNX Runtime assigned none of its " + std::to_string(total) + " nodes to " + ep + " (" +
+                where + "): the provider would do nothing for this graph; check ONNX Runtime's warnings above");
   }
 
   // Run `g` with inputs taken from `values` by name; returns its outputs in graph order.

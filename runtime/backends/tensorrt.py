@@ -5,6 +5,11 @@ Engines live outside the bundle (whose files its manifest lists by sha256): by d
 look. Engines are strongly typed explicit-INT8 builds of the bundle's QDQ graphs with one optimization
 profile over token counts (``moedge.runtime.tensorrt_build``); a timing cache on disk makes rebuilds
 on the same device fast. ``tensorrt`` and ``polygraphy`` are imported only when the backend starts.
+
+What proves an engine ran: polygraphy's ``TrtRunner.infer`` returns only after TensorRT's
+``execute_async_v3`` returned success and the stream synchronized, and the outputs it returns are copied
+from the device buffers TensorRT wrote (its output allocator); any failure raises. Each runner counts
+those calls (``TensorRtBackend.executions()``): there is no CPU fallback on this path.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ class TensorRtRunner(Runner):
         super().__init__(engine_path(engine_dir, graph), graph)
         self._runner: Any = None
         self._stale = stale
+        self.executions = 0  # completed TensorRT executions of this engine
 
     def activate(self) -> None:
         """Deserialize the engine onto the device."""
@@ -107,7 +113,8 @@ class TensorRtRunner(Runner):
         """Run the engine on host arrays."""
         if self._runner is None:
             self.activate()
-        outs = self._runner.infer(feed_dict=feeds, copy_outputs_to_host=True)
+        outs = self._runner.infer(feed_dict=feeds, copy_outputs_to_host=True)  # raises unless TensorRT ran
+        self.executions += 1
         return {name: np.asarray(outs[name]) for name in self.graph.output_names}
 
     def release(self) -> None:
@@ -149,18 +156,33 @@ class TensorRtBackend(Backend):
             folder, graph, engine_dir, stale=current is not None and graph.file not in current
         )
 
+    def executions(self) -> dict[str, int]:
+        """Graph file -> how many times its engine ran (TensorRT execute calls that completed)."""
+        return {
+            f: r.executions
+            for f, r in self._runners.items()
+            if isinstance(r, TensorRtRunner) and r.executions
+        }
+
     def free_memory(self) -> int | None:
         """Free device memory from the CUDA runtime."""
         return cuda_free_memory()
 
 
 def shape_ranges(graph: GraphSpec, *, max_tokens: int, context: int) -> dict[str, ShapeRange]:
-    """(min, opt, max) shapes for a graph's dynamic inputs: one sequence, decode-optimal, up to ``max_tokens``."""
+    """(min, opt, max) shapes for a graph's dynamic inputs: one sequence, decode-optimal, up to ``max_tokens``.
+
+    The opt shapes agree with each other (a decode step of one token after ``context // 2``: total
+    ``context // 2 + 1``), so TensorRT tunes for shapes that can occur together. A dim written as a sum
+    or product of named dims (``past_sequence + sequence``, ``batch*sequence``) gets the sum or product
+    of their ranges; any other unknown name gets (1, 1, max_tokens).
+    """
+    half = context // 2
     ranges = {
         "batch": (1, 1, 1),
         "sequence": (1, 1, max_tokens),
-        "past_sequence": (0, context // 2, context),
-        "total_sequence": (1, context // 2, context),
+        "past_sequence": (0, half, context),
+        "total_sequence": (1, min(half + 1, context), context),
     }
     out: dict[str, ShapeRange] = {}
     for spec in graph.inputs:
@@ -168,12 +190,32 @@ def shape_ranges(graph: GraphSpec, *, max_tokens: int, context: int) -> dict[str
             continue
         low, opt, high = [], [], []
         for d in spec.shape:
-            lo, op, hi = (d, d, d) if isinstance(d, int) else ranges.get(str(d), (1, 1, max_tokens))
+            lo, op, hi = (d, d, d) if isinstance(d, int) else _dim_range(str(d), ranges, max_tokens)
             low.append(lo)
             opt.append(op)
             high.append(hi)
         out[spec.name] = (tuple(low), tuple(opt), tuple(high))
     return out
+
+
+def _dim_range(dim: str, ranges: dict[str, tuple[int, int, int]], max_tokens: int) -> tuple[int, int, int]:
+    """(min, opt, max) of a named dim, or of a sum of products of named dims and integers."""
+    if dim in ranges:
+        return ranges[dim]
+    total = [0, 0, 0]
+    for term in dim.split("+"):
+        product = [1, 1, 1]
+        for factor in term.split("*"):
+            factor = factor.strip()
+            if factor.isdigit():
+                values: tuple[int, int, int] = (int(factor),) * 3
+            elif factor in ranges:
+                values = ranges[factor]
+            else:
+                return (1, 1, max_tokens)
+            product = [p * v for p, v in zip(product, values, strict=True)]
+        total = [t + p for t, p in zip(total, product, strict=True)]
+    return (total[0], total[1], total[2])
 
 
 def build_bundle_engines(
@@ -200,7 +242,13 @@ def build_bundle_engines(
     manifest: Manifest = read_manifest(folder, verify=True)
     context = context or int(manifest.model.get("max_position_embeddings") or 2048)
     cache = out_dir / "timing.cache"
-    wanted = {"graphs": graphs_fingerprint(manifest), "max_tokens": max_tokens, "context": context}
+    # shape_rules: the version of shape_ranges' rules (2: expression dims, consistent opt shapes)
+    wanted = {
+        "graphs": graphs_fingerprint(manifest),
+        "max_tokens": max_tokens,
+        "context": context,
+        "shape_rules": 2,
+    }
     index = read_engine_index(out_dir)
     done: set[str] = (
         set(index.get("built", [])) if all(index.get(k) == v for k, v in wanted.items()) else set()

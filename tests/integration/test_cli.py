@@ -153,3 +153,22 @@ def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
         capsys, "-q", "export", "tiny-llama", "--recipe", str(recipe), "-o", str(tmp_path / "x")
     )
     assert code == 1 and "recipe" in err and not (tmp_path / "x").exists()
+
+
+def test_choices_come_from_the_registries(capsys):
+    from moedge.calibration.config import ACT_CLIPS, METHODS
+    from moedge.cli import calibrate
+    from moedge.runtime.backends import BACKENDS
+    from moedge.runtime.scheduler import POLICIES
+
+    # moedge.cli.calibrate spells these out (the calibrator imports torch; `moedge --help` must not)
+    assert calibrate.METHODS == METHODS and calibrate.ACT_CLIPS == ACT_CLIPS
+    for flag, names in (("--policy", list(POLICIES)), ("--backend", ["auto", *BACKENDS])):
+        code, _, err = _run(capsys, "run", "B", flag, "nope")
+        assert code == 2 and f"(choose from {', '.join(map(repr, names))})" in err
+
+
+def test_bench_is_not_a_subcommand(capsys):
+    # benchmarks live in benchmarks/ of the repository (python benchmarks/runtime_bench.py)
+    code, _, err = _run(capsys, "bench", "runtime", "--bundle", "B")
+    assert code == 2 and "invalid choice: 'bench'" in err and len(err.strip().splitlines()) == 1

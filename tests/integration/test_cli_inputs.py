@@ -116,11 +116,6 @@ BAD_FLAGS = [
     (["profile", "B", "-o", "r.json", "--threads", "100000"], "--threads"),
     (["build", "B", "--max-tokens", "0"], "--max-tokens"),
     (["build", "B", "--context", "0"], "--context"),
-    (["bench", "runtime", "--bundle", "B", "--budgets", "0,2"], "--budgets"),
-    (["bench", "runtime", "--bundle", "B", "--threads", "0"], "--threads"),
-    (["bench", "runtime", "--bundle", "B", "--repeats", "0"], "--repeats"),
-    (["bench", "runtime", "--bundle", "B", "--new-tokens", "0"], "--new-tokens"),
-    (["bench", "runtime", "--bundle", "B", "--stats-tokens", "1"], "--stats-tokens"),
 ]
 
 
@@ -131,6 +126,27 @@ def test_bad_flag_value_is_one_usage_line(argv, flag, summary, capsys):
     line = _check(summary, "flags", " ".join(argv), code, err, want=2, text=flag)
     assert line.startswith("moedge: error: argument ") and out == ""
     assert time.perf_counter() - start < 5  # --threads 100000 is refused, never tried
+
+
+# The runtime bench left the device CLI (`moedge bench runtime`): it is benchmarks/runtime_bench.py.
+BAD_BENCH_FLAGS = [
+    (["--budgets", "0,2"], "--budgets"),
+    (["--threads", "0"], "--threads"),
+    (["--repeats", "0"], "--repeats"),
+    (["--new-tokens", "0"], "--new-tokens"),
+    (["--stats-tokens", "1"], "--stats-tokens"),
+]
+
+
+@pytest.mark.parametrize(("argv", "flag"), BAD_BENCH_FLAGS, ids=[" ".join(a) for a, _ in BAD_BENCH_FLAGS])
+def test_bad_bench_flag_value_is_one_usage_line(argv, flag, summary):
+    bench = REPO / "benchmarks" / "runtime_bench.py"
+    result = subprocess.run(
+        [sys.executable, str(bench), "--bundle", "B", *argv], capture_output=True, text=True, timeout=60
+    )
+    case = " ".join(["benchmarks/runtime_bench.py", "--bundle", "B", *argv])
+    line = _check(summary, "flags", case, result.returncode, result.stderr, want=2, text=flag)
+    assert line.startswith("runtime_bench.py: error: argument ") and result.stdout == ""
 
 
 def test_missing_arguments_are_one_usage_line(summary, capsys):
@@ -485,9 +501,14 @@ def _interrupt(*args, **kwargs):
 @pytest.mark.parametrize("moment", ["parser construction", "argument parsing", "command"])
 def test_ctrl_c_at_any_moment_exits_130_quietly(moment, monkeypatch, summary, capsys):
     import moedge.cli as cli
+    import moedge.cli.eval as cli_eval
 
-    target = {"parser construction": "build_parser", "argument parsing": "_SEQLEN", "command": "cmd_eval"}
-    monkeypatch.setattr(cli, target[moment], _interrupt)
+    target = {
+        "parser construction": (cli, "build_parser"),
+        "argument parsing": (cli_eval, "SEQLEN"),
+        "command": (cli_eval, "execute"),
+    }
+    monkeypatch.setattr(*target[moment], _interrupt)
     code, _, err = _run(capsys, "eval", "tiny-llama", "--seqlen", "64")
     summary.append({"surface": "interrupt", "case": moment, "exit_code": code, "line": err.strip()})
     assert code == 130 and err == "moedge: interrupted\n"

@@ -1,11 +1,17 @@
-"""``moedge bench runtime``: the runtime protocol of BENCHMARKS.md.
+"""The runtime protocol of BENCHMARKS.md (formerly ``moedge bench runtime``).
 
 Part 1 (modeled): real routing traces of an MoE bundle (statistics from one text, evaluation on
 another) replayed through every cache policy at each budget on each hardware profile; ``haq`` is
 tuned on the statistics text only. Writes ``runtime_policies.json`` and ``runtime_policies.png``.
-Part 2 (measured, ``--parts speed``): ORT CPU wall clock of bundles (W8A8 against FP32, a dense W8A8
-bundle) against PyTorch eager FP32 and llama.cpp, prompt and decode separately, interleaved repeats,
-medians. Writes ``runtime_speed.json``. Timing never gates a test.
+Part 2 (measured, ``--parts speed``; runtime_speed.py): ORT CPU wall clock of bundles (W8A8 against
+FP32, a dense W8A8 bundle) against PyTorch eager FP32 and llama.cpp, prompt and decode separately,
+interleaved repeats, medians. Writes ``runtime_speed.json``. Timing never gates a test.
+
+    MOEDGE_DATA=../shared/data .venv/bin/python benchmarks/runtime_bench.py --bundle W8A8_MOE_BUNDLE \\
+        [-o benchmarks/results/runtime] [--parts policies,speed --fp32-bundle B --dense-bundle B ...]
+
+Exit codes as ``moedge``'s: 0 ok, 1 one ``runtime_bench.py: error: ...`` line, 2 one usage line,
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -14,36 +20,56 @@ import argparse
 import hashlib
 import json
 import logging
-import statistics
+import os
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from moedge import inputs
 from moedge._errors import MoedgeError
+from moedge.cli.common import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OneLineParser,
+    add_environment_flags,
+    one_line,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("runtime_bench")
 
+PROG = "runtime_bench.py"
 POLICY_ORDER = ("cpu", "lru", "lfu", "static", "n-cpu-moe", "fate", "moe-infinity", "haq")
-
 
 _POSITIVE = inputs.int_range(1)
 _TOKENS = inputs.int_range(16, why=" (a routing trace needs 16 tokens or more)")
 
 
-def _fraction_list(text: str) -> str:
-    """An argparse type: comma-separated fractions in (0, 1] (checked by ``_fractions``), passed on as text."""
+def fractions(text: str) -> list[float]:
+    """Comma-separated budget fractions, each in (0, 1]; one ``MoedgeError`` otherwise."""
     try:
-        _fractions(text)
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MoedgeError(f"budgets must be comma-separated fractions, got {text!r}") from None
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise MoedgeError(f"budgets must lie in (0, 1], got {text!r}")
+    return values
+
+
+def _fraction_list(text: str) -> str:
+    """An argparse type: comma-separated fractions in (0, 1] (checked by ``fractions``), passed on as text."""
+    try:
+        fractions(text)
     except MoedgeError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``moedge bench runtime``."""
+    """The bench's own flags (the ones ``moedge bench runtime`` had)."""
     p.add_argument("--bundle", type=Path, required=True, help="the W8A8 MoE bundle (smollm2-135m-moe)")
     p.add_argument(
         "-o", "--out", type=Path, default=Path("benchmarks/results/runtime"), help="results folder"
@@ -88,14 +114,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=inputs.threads, default=2)
 
 
-def _fractions(text: str) -> list[float]:
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise MoedgeError(f"budgets must be comma-separated fractions, got {text!r}") from None
-    if not values or any(not 0 < v <= 1 for v in values):
-        raise MoedgeError(f"budgets must lie in (0, 1], got {text!r}")
-    return values
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's parser: its flags, ``-v``/``-q``, ``--data-dir`` and ``--cache-dir``."""
+    parser = OneLineParser(
+        prog=PROG,
+        description="cache policies x budgets x hardware profiles on real routing traces, and ORT CPU speed "
+        "(the runtime protocol of BENCHMARKS.md)",
+    )
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    add_bench_arguments(parser)
+    add_environment_flags(parser)
+    return parser
 
 
 def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> Any:
@@ -120,6 +151,7 @@ def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> A
 def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     """Part 1: every policy x budget x profile on the evaluation trace (modeled)."""
     from moedge.manifest import read_manifest
+    from moedge.paths import cache_dir
     from moedge.runtime.profiles import BUILTIN, load_profile
     from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
     from moedge.runtime.simulate import replay, tune_haq
@@ -130,9 +162,8 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     costs = ModelCosts.from_manifest(manifest)
     names = list(BUILTIN) if args.profiles == "all" else [p.strip() for p in args.profiles.split(",")]
     profiles = [load_profile(n) for n in names]
-    from moedge.paths import cache_dir
-
-    cache = cache_dir() / "bench" / "runtime" / "traces"  # derived data: regenerated, never committed
+    # derived data: regenerated, never committed
+    cache = cache_dir(args.cache_dir) / "bench" / "runtime" / "traces"
     stats_trace = _trace(args.bundle, args.stats_text, args.stats_tokens, cache, args.threads)
     eval_trace = _trace(args.bundle, args.eval_text, args.eval_tokens, cache, args.threads)
     stats = stats_trace.stats()
@@ -143,7 +174,7 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     for hw in profiles:
         full = replay(eval_trace, costs, POLICIES["full-gpu"], total, hw, stats=stats, context=args.context)
         reference[hw.name] = full
-        for fraction in _fractions(args.budgets):
+        for fraction in fractions(args.budgets):
             budget = parse_budget(fraction, costs)
             tuned, tuning = tune_haq(
                 stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens
@@ -196,6 +227,8 @@ def _memory_sweep(
     stats: Any,
     full: dict[str, Any],
 ) -> dict[str, Any]:
+    """The --memory-budgets sweep of tuned haq on one profile: the smallest budget within 1.25x of
+    all-on-GPU, and its device bytes against the FP16 footprint."""
     from moedge.runtime.scheduler import POLICIES, parse_budget
     from moedge.runtime.simulate import replay, tune_haq
 
@@ -203,7 +236,7 @@ def _memory_sweep(
     context = args.context + eval_trace.chosen.shape[0]
     fp16 = costs.fp16_footprint(context)
     rows = []
-    for fraction in _fractions(args.memory_budgets):
+    for fraction in fractions(args.memory_budgets):
         budget = parse_budget(fraction, costs)
         tuned, tuning = tune_haq(
             stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens
@@ -301,173 +334,6 @@ def plot_policies(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _time_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> Any:
-    from moedge.runtime.bundle_runner import BundleRunner
-
-    runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
-    runner.forward(np.asarray([prompt[:8]], dtype=np.int64))  # create sessions before timing
-
-    def once() -> tuple[float, float]:
-        start = time.perf_counter()
-        logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
-        prompt_s = time.perf_counter() - start
-        token = int(np.argmax(logits[0, -1]))
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
-            token = int(np.argmax(logits[0, -1]))
-        return prompt_s, time.perf_counter() - start
-
-    return once
-
-
-def decode_breakdown(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
-    """Where a decode step of a bundle goes: ms per token in embedding, layer stages, experts, head, and
-    the rest (numpy gating and combine, Python), after ``prompt``."""
-    from moedge.runtime.bundle_runner import BundleRunner
-
-    runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
-    logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
-    spent: dict[str, float] = {"embedding": 0.0, "stages": 0.0, "experts": 0.0, "head": 0.0}
-    run_graph = runner._run
-
-    def timed(graph: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        out = run_graph(graph, values)
-        kind = (
-            "embedding"
-            if graph is runner.manifest.embedding
-            else "head"
-            if graph is runner.manifest.head
-            else "stages"
-        )
-        spent[kind] += time.perf_counter() - start
-        return out
-
-    def timed_expert(layer: int, expert: int, x: np.ndarray, backend: Any = None) -> np.ndarray:
-        start = time.perf_counter()
-        out = BundleRunner.run_expert(runner, layer, expert, x, backend)
-        spent["experts"] += time.perf_counter() - start
-        return out
-
-    runner._run = timed  # type: ignore[method-assign]
-    runner.run_expert = timed_expert  # type: ignore[method-assign]
-    token = int(np.argmax(logits[0, -1]))
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
-        token = int(np.argmax(logits[0, -1]))
-    total = time.perf_counter() - start
-    out = {k: v / new_tokens * 1e3 for k, v in spent.items()}
-    out["other"] = total / new_tokens * 1e3 - sum(out.values())
-    out["total"] = total / new_tokens * 1e3
-    return out
-
-
-def _time_torch(model_name: str, prompt: list[int], new_tokens: int, threads: int) -> Any:
-    import torch
-
-    from moedge.loading import load_model
-
-    torch.set_num_threads(threads)
-    model = load_model(model_name).model
-
-    def once() -> tuple[float, float]:
-        with torch.inference_mode():
-            start = time.perf_counter()
-            out = model(torch.tensor([prompt]), use_cache=True)
-            prompt_s = time.perf_counter() - start
-            past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
-                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            return prompt_s, time.perf_counter() - start
-
-    return once
-
-
-def _time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> Any:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise MoedgeError("--gguf needs llama-cpp-python (see BENCHMARKS.md for the build flags)") from None
-    n_ctx = len(prompt) + new_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
-    llm = Llama(
-        model_path=str(gguf),
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
-
-    def once() -> tuple[float, float]:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_s = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-            llm.eval([token])
-        return prompt_s, time.perf_counter() - start
-
-    return once
-
-
-def _dense_labels(bundles: list[Path] | None) -> dict[str, Path]:
-    """Variant names of the dense bundles: the first is "dense w8a8 bundle", the others add their folder."""
-    out: dict[str, Path] = {}
-    for i, bundle in enumerate(bundles or []):
-        out["dense w8a8 bundle" if i == 0 else f"dense w8a8 bundle ({bundle.name})"] = bundle
-    return out
-
-
-def speed_table(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 2: ORT CPU wall clock, interleaved repeats, medians (measured, this machine)."""
-    from moedge.runtime.profiling import text_token_ids
-
-    prompt = text_token_ids(args.bundle, args.eval_text, args.prompt_tokens)
-    variants: dict[str, Any] = {
-        "w8a8 bundle": _time_bundle(args.bundle, prompt, args.new_tokens, args.threads)
-    }
-    if args.fp32_bundle:
-        variants["fp32 bundle"] = _time_bundle(args.fp32_bundle, prompt, args.new_tokens, args.threads)
-    dense = _dense_labels(args.dense_bundle)
-    for label, bundle in dense.items():
-        variants[label] = _time_bundle(bundle, prompt, args.new_tokens, args.threads)
-    if args.torch_model:
-        variants["pytorch eager fp32"] = _time_torch(args.torch_model, prompt, args.new_tokens, args.threads)
-    if args.gguf:
-        variants["llama.cpp"] = _time_llama_cpp(args.gguf, prompt, args.new_tokens, args.threads)
-    runs: dict[str, list[tuple[float, float]]] = {k: [] for k in variants}
-    for _ in range(args.repeats):
-        for name, once in variants.items():
-            runs[name].append(once())
-    rows = {}
-    for name, values in runs.items():
-        prompt_s = statistics.median(v[0] for v in values)
-        decode_s = statistics.median(v[1] for v in values)
-        rows[name] = {
-            "prompt_tokens_per_s": len(prompt) / prompt_s,
-            "decode_tokens_per_s": args.new_tokens / decode_s,
-            "runs": values,
-        }
-    breakdown = {"w8a8 bundle": decode_breakdown(args.bundle, prompt, args.new_tokens, args.threads)}
-    for label, bundle in dense.items():
-        breakdown[label] = decode_breakdown(bundle, prompt, args.new_tokens, args.threads)
-    return {
-        "measured": True,
-        "decode_ms_per_token_by_graph": breakdown,
-        "threads": args.threads,
-        "prompt_tokens": len(prompt),
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "variants": rows,
-    }
-
-
 def run_runtime_bench(args: argparse.Namespace) -> list[str]:
     """Run the bench, write its files, return a printable summary."""
     parts = {p.strip() for p in args.parts.split(",")}
@@ -514,6 +380,8 @@ def _policies_part(args: argparse.Namespace) -> list[str]:
 
 
 def _speed_part(args: argparse.Namespace) -> list[str]:
+    from runtime_speed import speed_table  # the sibling module in benchmarks/
+
     speed = speed_table(args)
     (args.out / "runtime_speed.json").write_text(json.dumps(speed, indent=1) + "\n")
     lines = [
@@ -527,3 +395,32 @@ def _speed_part(args: argparse.Namespace) -> list[str]:
     for name, parts in speed["decode_ms_per_token_by_graph"].items():
         lines.append(f"  {name} decode ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
     return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the flags, run the bench, print its summary; the exit code as ``moedge``'s."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr, force=True)
+    try:
+        from moedge.paths import DATA_ENV, data_dir, refuse_inside_bundle
+
+        if args.data_dir is not None:
+            os.environ[DATA_ENV] = str(data_dir(args.data_dir))
+        refuse_inside_bundle(args.out, flag="-o")
+        for line in run_runtime_bench(args):
+            print(line)
+    except MoedgeError as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""One linear's W8A8 decision, computed from its weight and observed input without changing anything.
+
+``quantize_linear`` is the solver: weight codes (GPTQ on the observed Hessian, or round-to-nearest),
+the activation range (the config's range mode), and the measurements the report records. Swapping
+the linear for its fake-quant form is the caller's business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from moedge.calibration.config import CalibrationConfig
+from moedge.calibration.observers import InputObserver
+from moedge.calibration.quant import QMAX_ACT, act_scale, gptq, rtn_weight
+from moedge.calibration.ranges import RangeChoice, RangeSample
+from moedge.calibration.search import output_error
+from moedge.calibration.smoothing import LinearSmoothing
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearDecision:
+    """What calibration decided and measured for one linear."""
+
+    name: str  # qualified module name
+    kept_fp: bool  # left in full precision (no codes, no scales)
+    group: str | None  # smoothing group (qualified), if any
+    alpha: float | None  # smoothing strength folded into the input (None: not smoothed)
+    qweight: torch.Tensor | None = field(repr=False)  # int8 codes [out, in]
+    weight_scale: torch.Tensor | None = field(repr=False)  # float32 per-output-channel scales [out]
+    input_scale: float | None  # per-tensor activation scale
+    clip_ratio: float | None  # clip / input absmax (None: no token reached the input)
+    input_absmax: float  # of the smoothed input
+    outlier_ratio_before: float  # channel absmax max / median, before smoothing
+    outlier_ratio_after: float  # the same after smoothing
+    rel_error: float  # ||Y_q - Y||² / ||Y||² on the calibration sample, W8A8 vs FP
+    params: int
+    tokens: int
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the linear runs in W8A8."""
+        return not self.kept_fp
+
+
+def quantize_linear(
+    name: str,
+    weight: torch.Tensor,
+    stats: InputObserver,
+    config: CalibrationConfig,
+    *,
+    smoothing: LinearSmoothing | None = None,
+    keep_fp: bool = False,
+    idle_clip: float | None = None,
+) -> LinearDecision:
+    """Decide one linear: ``weight`` [out, in] (already smoothed) whose input ``stats`` observed.
+
+    ``smoothing`` says how the input was smoothed (its column scale divides the observed rows and
+    the Hessian); ``keep_fp`` keeps the linear in FP with its measurements only. ``idle_clip`` is the
+    range used when no token reached the input (else 1.0). Nothing passed in is modified.
+    """
+    sm = smoothing or LinearSmoothing()
+    absmax = stats.absmax if stats.absmax is not None else torch.zeros(weight.shape[1])
+    if sm.cols is not None:
+        absmax = absmax / sm.cols
+    amax = float(absmax.max())
+    kept = LinearDecision(
+        name=name,
+        kept_fp=True,
+        group=sm.group,
+        alpha=sm.alpha,
+        qweight=None,
+        weight_scale=None,
+        input_scale=None,
+        clip_ratio=None,
+        input_absmax=amax,
+        outlier_ratio_before=stats.outlier_ratio(),
+        outlier_ratio_after=amax / max(float(absmax.median()), 1e-12) if stats.tokens else math.nan,
+        rel_error=0.0,
+        params=weight.numel(),
+        tokens=stats.tokens,
+    )
+    if keep_fp:
+        return kept
+    w = weight.detach().to(torch.float32)
+    q, sc = _weight_codes(w, stats, sm.cols, config)
+    w_deq = q.to(torch.float32) * sc[:, None]
+    if stats.tokens == 0:
+        choice, rel = RangeChoice(idle_clip or 1.0, None), math.nan
+    else:
+        choice, rel = _input_range(w, w_deq, stats, sm.cols, amax, config)
+    return replace(
+        kept,
+        kept_fp=False,
+        qweight=q,
+        weight_scale=sc,
+        input_scale=act_scale(choice.clip),
+        clip_ratio=choice.ratio,
+        rel_error=rel,
+    )
+
+
+def _weight_codes(
+    w: torch.Tensor, stats: InputObserver, cols: torch.Tensor | None, config: CalibrationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes and per-row scales of ``w``.
+
+    GPTQ on the observed Hessian (divided by the smoothing scale on both sides) when the method is
+    Hessian-aware and tokens were seen; round-to-nearest otherwise.
+    """
+    if config.hessian_weights and stats.tokens > 0:
+        h = stats.hessian
+        if cols is not None:
+            h = h / (cols[:, None] * cols[None, :])
+        return gptq(w, h, damp=config.gptq_damp, block_size=config.gptq_block, act_order=config.act_order)
+    return rtn_weight(w)
+
+
+def _input_range(
+    w: torch.Tensor,
+    w_deq: torch.Tensor,
+    stats: InputObserver,
+    cols: torch.Tensor | None,
+    amax: float,
+    config: CalibrationConfig,
+) -> tuple[RangeChoice, float]:
+    """The range mode's choice on the sampled rows, and the relative output error it leaves."""
+    x, rw = stats.rows()
+    if cols is not None:
+        x = x / cols
+    y_ref = x @ w.T
+    sample = RangeSample(stats, x, rw, amax, cols is not None, w_deq, y_ref)
+    choice = config.range_mode.choose(sample)
+    denom = float((y_ref.square().sum(dim=1) * rw).sum())
+    rel = output_error(x, w_deq, y_ref, choice.clip, rw) / denom if denom > 0 else 0.0
+    return choice, rel
+
+
+def peer_clip(decisions: Iterable[LinearDecision], name: str) -> float | None:
+    """The widest activation range among the ``decisions`` of experts in ``name``'s layer with its role.
+
+    For an expert no calibration token reached: its range comes from its calibrated peers.
+    """
+    head, _, leaf = name.rpartition(".")
+    layer_prefix = head.rsplit(".experts.", 1)[0]
+    peers = [
+        d.input_scale * QMAX_ACT
+        for d in decisions
+        if d.name.startswith(layer_prefix + ".experts.")
+        and d.name.endswith("." + leaf)
+        and d.input_scale is not None
+    ]
+    return max(peers) if peers else None
