@@ -67,8 +67,8 @@ def _expert_models(hidden: int, inter: int, seed: int = 0) -> tuple[bytes, bytes
     """A SwiGLU expert as an FP32 graph and its QDQ twin (per-channel RTN weights, per-tensor inputs)."""
     import onnx_ir as ir
 
+    from moedge.formats.graph_names import MODULE_KEY
     from moedge.graph_passes.insert_qdq import InsertQDQPass, LinearQuant
-    from moedge.module_names import MODULE_KEY
 
     rng = np.random.default_rng(seed)
     quant: dict[str, LinearQuant] = {}

@@ -28,8 +28,9 @@ def main() -> None:
     """Greedy and spread-searched plans, replayed on both texts, against LRU."""
     from moedge.manifest import read_manifest
     from moedge.paths import cache_dir
+    from moedge.runtime.costs import ModelCosts, parse_budget
+    from moedge.runtime.policies import POLICIES
     from moedge.runtime.profiles import load_profile
-    from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
     from moedge.runtime.simulate import DecodeTrace, replay
 
     parser = argparse.ArgumentParser(

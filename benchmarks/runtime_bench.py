@@ -152,8 +152,9 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     """Part 1: every policy x budget x profile on the evaluation trace (modeled)."""
     from moedge.manifest import read_manifest
     from moedge.paths import cache_dir
+    from moedge.runtime.costs import ModelCosts, parse_budget
+    from moedge.runtime.policies import POLICIES
     from moedge.runtime.profiles import BUILTIN, load_profile
-    from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
     from moedge.runtime.simulate import replay, tune_haq
 
     manifest = read_manifest(args.bundle, verify=True)
@@ -229,7 +230,8 @@ def _memory_sweep(
 ) -> dict[str, Any]:
     """The --memory-budgets sweep of tuned haq on one profile: the smallest budget within 1.25x of
     all-on-GPU, and its device bytes against the FP16 footprint."""
-    from moedge.runtime.scheduler import POLICIES, parse_budget
+    from moedge.runtime.costs import parse_budget
+    from moedge.runtime.policies import POLICIES
     from moedge.runtime.simulate import replay, tune_haq
 
     target = 1.25 * full["modeled_decode_ms"]["mean"]

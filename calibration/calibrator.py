@@ -85,8 +85,8 @@ def calibrate(
     copy). The model's fused experts are split per expert for good. ``retain_fp`` keeps the smoothed
     FP weights so ``keep_most_sensitive`` can run later (the automatic mode does it here).
     """
-    from moedge.export.configs import get_config
-    from moedge.export.patchers import split_experts
+    from moedge.arch import get_config
+    from moedge.arch.per_expert import split_experts
 
     cfg = config or CalibrationConfig()
     model = loaded.model

@@ -321,8 +321,8 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from moedge.export.configs import get_config
-    from moedge.export.patchers import split_experts
+    from moedge.arch import get_config
+    from moedge.arch.per_expert import split_experts
 
     rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     model = loaded.model

@@ -1,6 +1,9 @@
-"""PyTorch -> ONNX: per-architecture configs, export-time patchers, KV-cache I/O, external data."""
+"""PyTorch -> ONNX: export-time patchers, the traced wrapper with KV-cache I/O, ``export_model``.
 
-from moedge.export.configs import ArchitectureConfig, get_config, supported_model_types
+The per-architecture configs live in ``moedge.arch``; they are re-exported here for convenience.
+"""
+
+from moedge.arch import ArchitectureConfig, get_config, supported_model_types
 
 __all__ = ["ArchitectureConfig", "export_model", "get_config", "supported_model_types"]
 

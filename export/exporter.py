@@ -13,20 +13,34 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moedge._errors import MoedgeError
-from moedge.export.configs import ArchitectureConfig, get_config
+from moedge.arch import ArchitectureConfig, get_config
+from moedge.formats.export_folder import (
+    MODEL_FILE,
+    ROUTING_FILE,
+    TOKENIZER_FILE,
+    previous_export_files,
+    write_export_config,
+)
+from moedge.formats.graph_names import (
+    CLASS_KEY,
+    INPUT_NAMES,
+    MODULE_KEY,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    experts_per_layer,
+    kv_names,
+)
 from moedge.model import LoadedModel
-from moedge.module_names import CLASS_KEY, MODULE_KEY, experts_per_layer
 from moedge.paths import OutputKind, atomic_folder, check_output_folder, ensure_writable_dir
+
+if TYPE_CHECKING:
+    from moedge.calibration.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMAT_VERSION = 1
-MODEL_FILE = "model.onnx"
-EXPORT_FILES = ("config.json", MODEL_FILE, MODEL_FILE + ".data", "tokenizer.json", "routing.json")
-"""Every file ``export_model`` writes (``routing.json`` only for a recipe that has one)."""
 DEFAULT_OPSET = 18
 _SLICE = re.compile(r"\.slice\([^)]*\)")
 
@@ -40,37 +54,6 @@ class ExportResult:
     num_nodes: int
     seconds: float
     experts_per_layer: dict[int, int]
-
-
-def _example_inputs(model: Any, arch: ArchitectureConfig, with_cache: bool) -> tuple[Any, ...]:
-    import torch
-
-    cfg = model.config
-    batch, seq, past = 2, 3, 4  # distinct sizes so no dynamic axis is specialized or merged
-    ids = torch.randint(0, int(cfg.vocab_size), (batch, seq), generator=torch.Generator().manual_seed(0))
-    total = seq + (past if with_cache else 0)
-    mask = torch.ones(batch, total, dtype=torch.int64)
-    start = past if with_cache else 0
-    pos = torch.arange(start, start + seq, dtype=torch.int64)[None].expand(batch, seq).contiguous()
-    kv: list[torch.Tensor] = []
-    if with_cache:
-        shape = (batch, arch.num_kv_heads(cfg), past, arch.head_dim(cfg))
-        kv = [torch.zeros(shape) for _ in range(2 * int(cfg.num_hidden_layers))]
-    return (ids, mask, pos, *kv)
-
-
-def _dynamic_shapes(num_layers: int, with_cache: bool) -> dict[str, Any]:
-    from torch.export import Dim
-
-    batch, seq, total, past = Dim("batch"), Dim("sequence"), Dim("total_sequence"), Dim("past_sequence")
-    shapes: dict[str, Any] = {
-        "input_ids": {0: batch, 1: seq},
-        "attention_mask": {0: batch, 1: total if with_cache else seq},
-        "position_ids": {0: batch, 1: seq},
-    }
-    if with_cache:
-        shapes["past"] = tuple({0: batch, 2: past} for _ in range(2 * num_layers))
-    return shapes
 
 
 def _annotate_modules(ir_model: Any) -> dict[int, int]:
@@ -119,14 +102,36 @@ def _quiet_exporter() -> Iterator[None]:
         log_.removeFilter(notice)
 
 
-def _quant_summary(loaded: LoadedModel, report: Any) -> dict[str, Any]:
-    recipe = loaded.provenance.get("recipe")
+@dataclass(frozen=True)
+class _RecipeFacts:
+    """What an export records of the recipe a fake-quant model was built from."""
+
+    path: str | None
+    method: str | None
+    routing: Path | None
+
+
+def _recipe_facts(loaded: LoadedModel, recipe: Recipe | None) -> _RecipeFacts:
+    """The recipe given to ``export_model``; else the one ``apply_recipe`` recorded in the provenance."""
+    if recipe is not None:
+        routing = recipe.path / ROUTING_FILE
+        return _RecipeFacts(str(recipe.path), recipe.method, routing if routing.is_file() else None)
+    from moedge.calibration.recipe import RECIPE_FILE
+
+    folder = loaded.provenance.get("recipe")
+    if not folder:
+        return _RecipeFacts(None, None, None)
     method = None
-    if recipe and (Path(recipe) / "recipe.json").is_file():
-        method = json.loads((Path(recipe) / "recipe.json").read_text())["config"]["method"]
+    if (Path(folder) / RECIPE_FILE).is_file():
+        method = json.loads((Path(folder) / RECIPE_FILE).read_text())["config"]["method"]
+    routing = Path(folder) / ROUTING_FILE
+    return _RecipeFacts(folder, method, routing if routing.is_file() else None)
+
+
+def _quant_summary(recipe: _RecipeFacts, report: Any) -> dict[str, Any]:
     return {
-        "recipe": recipe,
-        "method": method,
+        "recipe": recipe.path,
+        "method": recipe.method,
         "weights": "int8, per output channel, symmetric (DequantizeLinear axis 1, zero point 0)",
         "activations": "int8, per tensor, static, symmetric (QuantizeLinear/DequantizeLinear, zero point 0)",
         "quantized_linears": len(report.quantized),
@@ -134,18 +139,7 @@ def _quant_summary(loaded: LoadedModel, report: Any) -> dict[str, Any]:
     }
 
 
-def _export_files(folder: Path) -> tuple[str, ...] | None:
-    """The files of a previous export in ``folder`` (config.json with a ``moedge`` key and model.onnx)."""
-    try:
-        config = json.loads((folder / "config.json").read_text() or "{}")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or "moedge" not in config or not (folder / MODEL_FILE).is_file():
-        return None
-    return EXPORT_FILES
-
-
-EXPORT_KIND = OutputKind("moedge export", _export_files)
+EXPORT_KIND = OutputKind("moedge export", previous_export_files)
 """An export folder: ``--overwrite`` replaces one that holds only the files an export writes."""
 
 
@@ -164,6 +158,7 @@ def export_model(
     loaded: LoadedModel,
     out_dir: str | Path,
     *,
+    recipe: Recipe | None = None,
     with_cache: bool = True,
     opset: int = DEFAULT_OPSET,
     validate: bool = False,
@@ -175,100 +170,35 @@ def export_model(
     carries ``moedge.module`` metadata, so later passes can cut the graph by module. A model with a
     recipe applied (``apply_recipe``) exports as a W8A8 QDQ graph (``InsertQDQPass``) whose float math
     is the fake-quant model's, and the recipe's ``routing.json`` travels with it (``validate`` runs the
-    ONNX checker after each graph pass). The folder is
-    written to a temporary sibling and moved into place, so a failure leaves nothing half-written.
-    ``out_dir`` must be missing or empty; with ``overwrite`` it may also be a previous export holding
-    nothing else, which the new one replaces in one swap (``check_export_output``).
+    ONNX checker after each graph pass). Pass that ``recipe``; without it, the one ``apply_recipe``
+    recorded in ``loaded.provenance`` is used. The folder is written to a temporary sibling and moved
+    into place, so a failure leaves nothing half-written. ``out_dir`` must be missing or empty; with
+    ``overwrite`` it may also be a previous export holding nothing else, which the new one replaces in
+    one swap (``check_export_output``).
     """
-    import torch
-    import transformers
-
-    from moedge.export.patchers import fake_quant_as_linear, grouped_attention, per_expert_modules
-    from moedge.export.wrapper import CausalLMExport, kv_names
-    from moedge.graph_passes.insert_qdq import InsertQDQPass
-    from moedge.graph_passes.pipeline import run_passes
-
     if opset < 17:
         raise MoedgeError(f"opset {opset} is too old: moedge exports opset 17 or newer")
     arch = get_config(loaded.model_type)
     out_dir = check_export_output(out_dir, overwrite=overwrite)
-    model = loaded.model
-    num_layers = int(model.config.num_hidden_layers)
-    input_names = ["input_ids", "attention_mask", "position_ids"]
-    output_names = ["logits"]
-    if with_cache:
-        input_names += kv_names(num_layers, "past_key_values")
-        output_names += kv_names(num_layers, "present")
-
+    num_layers = int(loaded.model.config.num_hidden_layers)
     start = time.perf_counter()
     with atomic_folder(out_dir, kind=EXPORT_KIND, replace=overwrite) as tmp:
-        with (
-            per_expert_modules(model, arch),
-            fake_quant_as_linear(model) as quant,
-            grouped_attention(model),
-            _quiet_exporter(),
-            torch.no_grad(),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            wrapper = CausalLMExport(model, with_cache=with_cache).eval()
-            log.info("tracing %s (%s, %d layers) with torch.export", loaded.name, arch.name, num_layers)
-            program = torch.onnx.export(
-                wrapper,
-                _example_inputs(model, arch, with_cache),
-                dynamo=True,
-                dynamic_shapes=_dynamic_shapes(num_layers, with_cache),
-                input_names=input_names,
-                output_names=output_names,
-                opset_version=opset,
-                verbose=False,
-                optimize=False,  # onnxscript's rewriter takes hours on a 240-expert graph; ORT optimizes at load
-            )
-        if program is None:
-            raise MoedgeError("torch.onnx.export returned no program")
+        program, quant = _trace(loaded, arch, with_cache=with_cache, opset=opset)
         experts = _annotate_modules(program.model)
-        if arch.is_moe:
-            want = arch.num_experts(model.config)
-            short = {layer: n for layer, n in experts.items() if n != want}
-            if short or not experts:
-                raise MoedgeError(
-                    f"export lost experts: found {experts or 'none'}, expected {want} per layer"
-                )
-        qdq = None
-        if quant:
-            qdq = InsertQDQPass(quant)
-            run_passes(program.model, [qdq], debug=validate)
+        _check_experts(arch, loaded.model.config, experts)
+        qdq = _insert_qdq(program.model, quant, validate)
         program.model.producer_name = "moedge"
         log.info("writing %s", out_dir / MODEL_FILE)
         program.save(str(tmp / MODEL_FILE), external_data=True)
-        hf_config = model.config.to_dict()
-        hf_config["moedge"] = {
-            "format_version": EXPORT_FORMAT_VERSION,
-            "kind": "monolithic",
-            "architecture": arch.name,
-            "with_cache": with_cache,
-            "opset": opset,
-            "inputs": input_names,
-            "outputs": output_names,
-            "num_layers": num_layers,
-            "num_kv_heads": arch.num_kv_heads(model.config),
-            "head_dim": arch.head_dim(model.config),
-            "num_experts": arch.num_experts(model.config),
-            "experts_per_layer": {str(k): v for k, v in experts.items()},
-            "bos_token_id": loaded.bos_token_id,
-            "eos_token_id": loaded.eos_token_id,
-            "name": loaded.name,
-            "source": loaded.source,
-            "provenance": loaded.provenance,
-            "precision": "w8a8" if qdq else "fp32",
-            "quantization": None if qdq is None else _quant_summary(loaded, qdq.report),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-        }
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, default=str))
-        loaded.tokenizer.save(str(tmp / "tokenizer.json"))
-        recipe = loaded.provenance.get("recipe")
-        if qdq is not None and recipe and (Path(recipe) / "routing.json").is_file():
-            shutil.copyfile(Path(recipe) / "routing.json", tmp / "routing.json")
+        facts = _recipe_facts(loaded, recipe) if qdq is not None else None
+        meta = _export_meta(loaded, arch, num_layers, with_cache=with_cache, opset=opset, experts=experts)
+        meta["precision"] = "w8a8" if qdq is not None else "fp32"
+        meta["quantization"] = None if qdq is None or facts is None else _quant_summary(facts, qdq.report)
+        meta["versions"] = _versions()
+        write_export_config(tmp, loaded.model.config.to_dict(), meta)
+        loaded.tokenizer.save(str(tmp / TOKENIZER_FILE))
+        if facts is not None and facts.routing is not None:
+            shutil.copyfile(facts.routing, tmp / ROUTING_FILE)
     seconds = time.perf_counter() - start
     log.info("exported %s in %.1f s", out_dir, seconds)
     return ExportResult(
@@ -278,3 +208,115 @@ def export_model(
         seconds=seconds,
         experts_per_layer=experts,
     )
+
+
+def _io_names(num_layers: int, with_cache: bool) -> tuple[list[str], list[str]]:
+    """The exported graph's input and output names, in order."""
+    input_names = list(INPUT_NAMES)
+    output_names = ["logits"]
+    if with_cache:
+        input_names += kv_names(num_layers, PAST_PREFIX)
+        output_names += kv_names(num_layers, PRESENT_PREFIX)
+    return input_names, output_names
+
+
+def _trace(
+    loaded: LoadedModel, arch: ArchitectureConfig, *, with_cache: bool, opset: int
+) -> tuple[Any, dict[str, Any]]:
+    """``torch.onnx.export`` (dynamo) of the patched model; returns the ONNX program and the int8 decisions."""
+    import torch
+
+    from moedge.arch.dummy_inputs import dynamic_shapes, example_inputs
+    from moedge.arch.per_expert import per_expert_modules
+    from moedge.export.patchers import fake_quant_as_linear, grouped_attention
+    from moedge.export.wrapper import CausalLMExport
+
+    model = loaded.model
+    num_layers = int(model.config.num_hidden_layers)
+    input_names, output_names = _io_names(num_layers, with_cache)
+    with (
+        per_expert_modules(model, arch),
+        fake_quant_as_linear(model) as quant,
+        grouped_attention(model),
+        _quiet_exporter(),
+        torch.no_grad(),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        wrapper = CausalLMExport(model, with_cache=with_cache).eval()
+        log.info("tracing %s (%s, %d layers) with torch.export", loaded.name, arch.name, num_layers)
+        program = torch.onnx.export(
+            wrapper,
+            example_inputs(model.config, arch, with_cache),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes(num_layers, with_cache),
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            verbose=False,
+            optimize=False,  # onnxscript's rewriter takes hours on a 240-expert graph; ORT optimizes at load
+        )
+    if program is None:
+        raise MoedgeError("torch.onnx.export returned no program")
+    return program, quant
+
+
+def _check_experts(arch: ArchitectureConfig, hf_config: Any, experts: dict[int, int]) -> None:
+    """Refuse an MoE graph where some layer lost experts in the trace."""
+    if not arch.is_moe:
+        return
+    want = arch.num_experts(hf_config)
+    short = {layer: n for layer, n in experts.items() if n != want}
+    if short or not experts:
+        raise MoedgeError(f"export lost experts: found {experts or 'none'}, expected {want} per layer")
+
+
+def _insert_qdq(ir_model: Any, quant: dict[str, Any], validate: bool) -> Any:
+    """Turn the recipe's int8 decisions back into Q/DQ nodes; returns the pass (None for an FP model)."""
+    if not quant:
+        return None
+    from moedge.graph_passes.insert_qdq import InsertQDQPass
+    from moedge.graph_passes.pipeline import run_passes
+
+    qdq = InsertQDQPass(quant)
+    run_passes(ir_model, [qdq], debug=validate)
+    return qdq
+
+
+def _export_meta(
+    loaded: LoadedModel,
+    arch: ArchitectureConfig,
+    num_layers: int,
+    *,
+    with_cache: bool,
+    opset: int,
+    experts: dict[int, int],
+) -> dict[str, Any]:
+    """The ``moedge`` section of ``config.json``, up to precision, quantization and versions."""
+    cfg = loaded.model.config
+    input_names, output_names = _io_names(num_layers, with_cache)
+    return {
+        "kind": "monolithic",
+        "architecture": arch.name,
+        "with_cache": with_cache,
+        "opset": opset,
+        "inputs": input_names,
+        "outputs": output_names,
+        "num_layers": num_layers,
+        "num_kv_heads": arch.num_kv_heads(cfg),
+        "head_dim": arch.head_dim(cfg),
+        "num_experts": arch.num_experts(cfg),
+        "experts_per_layer": {str(k): v for k, v in experts.items()},
+        "bos_token_id": loaded.bos_token_id,
+        "eos_token_id": loaded.eos_token_id,
+        "name": loaded.name,
+        "source": loaded.source,
+        "provenance": loaded.provenance,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}

@@ -9,11 +9,6 @@ from transformers import DynamicCache, PreTrainedModel
 MODULE_PREFIX = "hf"  # attribute holding the HF model; stripped from node module names
 
 
-def kv_names(num_layers: int, prefix: str) -> list[str]:
-    """``{prefix}.{i}.key`` / ``.value`` for every layer, in graph order."""
-    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
 class CausalLMExport(nn.Module):
     """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)`` around an HF causal LM."""
 

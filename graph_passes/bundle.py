@@ -7,7 +7,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,14 @@ import onnx_ir.passes.common as common_passes
 from tqdm import tqdm
 
 from moedge._errors import MoedgeError
+from moedge.arch import get_config
 from moedge.external_data import check_external_data
+from moedge.formats.export_folder import ROUTING_FILE, TOKENIZER_FILE, ExportInfo, read_export_info
 from moedge.graph_passes.pipeline import run_passes
-from moedge.graph_passes.split_experts import SplitExpertsPass
+from moedge.graph_passes.split_experts import SplitExpertsPass, SplitLayer, SplitModel
 from moedge.manifest import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
-    GatingRule,
     GraphSpec,
     LayerSpec,
     Manifest,
@@ -31,7 +31,6 @@ from moedge.manifest import (
     sha256_file,
 )
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
-from moedge.runtime.exported import read_export_info
 
 log = logging.getLogger(__name__)
 
@@ -172,104 +171,24 @@ def split_bundle(
     be a previous bundle holding nothing but its listed files, which the new one replaces in one swap.
     Nothing is written inside another bundle.
     """
-    from moedge.export.configs import get_config
-
     info = read_export_info(export_dir)
     out = Path(out_dir).expanduser().resolve()
     check_output_folder(out, kind=BUNDLE_KIND, overwrite=overwrite)
     if not info.with_cache:
         raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
-    raw = json.loads((info.folder / "config.json").read_text())
-    meta = raw["moedge"]
-    arch = get_config(str(raw["model_type"]))
-    gating = arch.gating_rule(SimpleNamespace(**raw))
     start = time.perf_counter()
-    log.info("loading %s", info.model_file)
-    check_external_data(info.model_file)  # an export is read only from its own folder
-    try:
-        model = ir.load(info.model_file)
-    except Exception as exc:  # protobuf and onnx-ir raise several types for a damaged file
-        raise MoedgeError(f"{info.model_file} is not a readable ONNX model ({exc}): re-export it") from None
-    splitter = SplitExpertsPass(
-        experts_path=arch.experts_path,
-        router_path=arch.router_path,
-        gating=None if gating is None else GatingRule(**gating),
-    )
-    split = splitter(model)
+    split = _split(info)
     with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
-        files: list[str] = []
-        total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
-        bar = tqdm(total=total, desc="writing bundle", unit="graph", disable=not progress)
-
-        def save(graph: ir.Model, rel: str) -> GraphSpec:
-            spec, written = _save(graph, tmp, rel, validate)
-            files.extend(written)
-            bar.update(1)
-            return spec
-
-        embedding = save(split.embedding, "stages/embedding.onnx")
-        layers: list[LayerSpec] = []
-        for layer in split.layers:
-            stage = save(layer.stage, f"stages/layer_{layer.index:03d}.onnx")
-            moe = None
-            if layer.gating is not None:
-                experts = [
-                    save(g, f"experts/layer_{layer.index:03d}_expert_{e:03d}.onnx")
-                    for e, g in enumerate(layer.experts)
-                ]
-                router = None
-                if layer.router_weight is not None:
-                    router = f"stages/layer_{layer.index:03d}.router.npy"
-                    np.save(tmp / router, layer.router_weight)
-                    files.append(router)
-                moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts, router=router)
-            layers.append(LayerSpec(index=layer.index, stage=stage, moe=moe))
-        head = save(split.head, "stages/head.onnx")
-        bar.close()
-        dropped = _share_tensors(tmp, embedding.file, head.file)
-        if dropped is not None:  # a tied lm_head now reads the embedding's stored weight
-            if dropped:
-                files.remove(dropped)
-            size = sum((tmp / f).stat().st_size for f in files if f.startswith(head.file))
-            head = GraphSpec(file=head.file, inputs=head.inputs, outputs=head.outputs, bytes=size)
-        shutil.copyfile(info.tokenizer_file, tmp / "tokenizer.json")
-        files.append("tokenizer.json")
+        writer = _BundleWriter(tmp, validate=validate, progress=progress)
+        embedding, layers, head = writer.write_graphs(split)
+        shutil.copyfile(info.tokenizer_file, tmp / TOKENIZER_FILE)
+        writer.files.append(TOKENIZER_FILE)
         routing = None
-        if (info.folder / "routing.json").is_file():
-            shutil.copyfile(info.folder / "routing.json", tmp / "routing.json")
-            files.append("routing.json")
-            routing = "routing.json"
-        model_info: dict[str, Any] = {
-            k: meta.get(k)
-            for k in (
-                "name",
-                "architecture",
-                "num_layers",
-                "num_kv_heads",
-                "head_dim",
-                "bos_token_id",
-                "eos_token_id",
-            )
-        }
-        model_info.update(
-            model_type=raw["model_type"],
-            hidden_size=raw.get("hidden_size"),
-            vocab_size=raw.get("vocab_size"),
-            max_position_embeddings=raw.get("max_position_embeddings"),
-            num_experts=meta.get("num_experts", 0),
-            source=meta.get("source"),
-        )
-        manifest = Manifest(
-            model=model_info,
-            precision=str(meta.get("precision", "fp32")),
-            embedding=embedding,
-            layers=layers,
-            head=head,
-            files={f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
-            quantization=meta.get("quantization"),
-            routing=routing,
-            extra={"split_from": str(info.folder), "opset": meta.get("opset")},
-        )
+        if info.routing_file is not None:
+            shutil.copyfile(info.routing_file, tmp / ROUTING_FILE)
+            writer.files.append(ROUTING_FILE)
+            routing = ROUTING_FILE
+        manifest = _manifest(info, tmp, writer.files, embedding, layers, head, routing)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     log.info(
         "bundle %s: %d graphs, experts %.1f MiB, in %.1f s",
@@ -279,3 +198,111 @@ def split_bundle(
         time.perf_counter() - start,
     )
     return manifest
+
+
+def _split(info: ExportInfo) -> SplitModel:
+    """Load the export's graph and cut it by its family's experts/router paths and gating rule."""
+    arch = get_config(str(info.config["model_type"]))
+    log.info("loading %s", info.model_file)
+    check_external_data(info.model_file)  # an export is read only from its own folder
+    try:
+        model = ir.load(info.model_file)
+    except Exception as exc:  # protobuf and onnx-ir raise several types for a damaged file
+        raise MoedgeError(f"{info.model_file} is not a readable ONNX model ({exc}): re-export it") from None
+    splitter = SplitExpertsPass(
+        experts_path=arch.experts_path, router_path=arch.router_path, gating=arch.gating_rule(info.config)
+    )
+    return splitter(model)
+
+
+class _BundleWriter:
+    """Writes a ``SplitModel``'s graphs under a bundle folder, recording every file it writes."""
+
+    def __init__(self, folder: Path, *, validate: bool, progress: bool) -> None:
+        self.folder = folder
+        self.validate = validate
+        self.progress = progress
+        self.files: list[str] = []
+        self._bar: Any = None  # the progress bar while write_graphs runs
+
+    def write_graphs(self, split: SplitModel) -> tuple[GraphSpec, list[LayerSpec], GraphSpec]:
+        """Write embedding, layer stages, experts, router weights and head; a tied head shares weights."""
+        total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
+        with tqdm(total=total, desc="writing bundle", unit="graph", disable=not self.progress) as bar:
+            self._bar = bar
+            embedding = self._save(split.embedding, "stages/embedding.onnx")
+            layers = [self._layer(layer) for layer in split.layers]
+            head = self._save(split.head, "stages/head.onnx")
+        dropped = _share_tensors(self.folder, embedding.file, head.file)
+        if dropped is not None:  # a tied lm_head now reads the embedding's stored weight
+            if dropped:
+                self.files.remove(dropped)
+            size = sum((self.folder / f).stat().st_size for f in self.files if f.startswith(head.file))
+            head = GraphSpec(file=head.file, inputs=head.inputs, outputs=head.outputs, bytes=size)
+        return embedding, layers, head
+
+    def _save(self, graph: ir.Model, rel: str) -> GraphSpec:
+        spec, written = _save(graph, self.folder, rel, self.validate)
+        self.files.extend(written)
+        self._bar.update(1)
+        return spec
+
+    def _layer(self, layer: SplitLayer) -> LayerSpec:
+        stage = self._save(layer.stage, f"stages/layer_{layer.index:03d}.onnx")
+        if layer.gating is None:
+            return LayerSpec(index=layer.index, stage=stage, moe=None)
+        experts = [
+            self._save(g, f"experts/layer_{layer.index:03d}_expert_{e:03d}.onnx")
+            for e, g in enumerate(layer.experts)
+        ]
+        router = None
+        if layer.router_weight is not None:
+            router = f"stages/layer_{layer.index:03d}.router.npy"
+            np.save(self.folder / router, layer.router_weight)
+            self.files.append(router)
+        moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts, router=router)
+        return LayerSpec(index=layer.index, stage=stage, moe=moe)
+
+
+_MODEL_META_KEYS = (
+    "name",
+    "architecture",
+    "num_layers",
+    "num_kv_heads",
+    "head_dim",
+    "bos_token_id",
+    "eos_token_id",
+)
+
+
+def _manifest(
+    info: ExportInfo,
+    folder: Path,
+    files: list[str],
+    embedding: GraphSpec,
+    layers: list[LayerSpec],
+    head: GraphSpec,
+    routing: str | None,
+) -> Manifest:
+    """The bundle's manifest: the model facts from the export's ``config.json``, the graphs, every file's hash."""
+    raw, meta = info.config, info.raw
+    model_info: dict[str, Any] = {k: meta.get(k) for k in _MODEL_META_KEYS}
+    model_info.update(
+        model_type=raw["model_type"],
+        hidden_size=raw.get("hidden_size"),
+        vocab_size=raw.get("vocab_size"),
+        max_position_embeddings=raw.get("max_position_embeddings"),
+        num_experts=meta.get("num_experts", 0),
+        source=meta.get("source"),
+    )
+    return Manifest(
+        model=model_info,
+        precision=str(meta.get("precision", "fp32")),
+        embedding=embedding,
+        layers=layers,
+        head=head,
+        files={f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in files},
+        quantization=meta.get("quantization"),
+        routing=routing,
+        extra={"split_from": str(info.folder), "opset": meta.get("opset")},
+    )

@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from moedge._errors import MoedgeError
-from moedge.module_names import MODULE_KEY
+from moedge.formats.graph_names import MODULE_KEY
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from moedge._errors import MoedgeError
 from moedge.external_data import check_external_data
-from moedge.module_names import MODULE_KEY, experts_per_layer
+from moedge.formats.graph_names import MODULE_KEY, experts_per_layer
 
 
 @dataclass

@@ -12,21 +12,38 @@ the ``moedge.module`` metadata every exported node carries:
 - each routed expert is its own graph, ``y = expert(x)`` on the routed tokens' rows;
 - the head stage is the final norm and lm_head.
 
-Every stage takes the graph inputs it needs (``input_ids``, ``attention_mask``, ``position_ids``, the
-layer's ``past_key_values``), so masks and rotary tables are recomputed per stage from the same inputs.
+Model-level tensors the layers read (the attention mask, rotary tables; see ``shared_values``) are
+computed once, by the embedding stage, which outputs them as ``shared.<name>``; every layer stage
+takes the ones it uses as inputs, plus the graph inputs it still reaches (its own
+``past_key_values`` among them).
+The graph walking itself is ``moedge.graph_passes.graph_walk``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from moedge._errors import MoedgeError
+from moedge.formats.graph_names import PAST_PREFIX, PRESENT_PREFIX
+from moedge.graph_passes.graph_walk import (
+    LAYER,
+    PASS_THROUGH,
+    ancestors,
+    boundary,
+    consumed,
+    descendants,
+    is_shape_math,
+    layer_index,
+    module_of,
+    router_weight,
+    shared_values,
+)
 from moedge.manifest import (
     EXPERT_INPUT,
     EXPERT_OUTPUT,
@@ -39,12 +56,8 @@ from moedge.manifest import (
     SHARED_OUTPUT,
     GatingRule,
 )
-from moedge.module_names import MODULE_KEY
 
 log = logging.getLogger(__name__)
-
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<index>\d+)(?:\.|$)")
-_PASS_THROUGH = frozenset({"Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze", "View"})
 
 
 @dataclass
@@ -65,188 +78,6 @@ class SplitModel:
     embedding: ir.Model
     layers: list[SplitLayer]
     head: ir.Model
-
-
-def _module(node: ir.Node) -> str:
-    return node.metadata_props.get(MODULE_KEY, "")
-
-
-def _layer_index(node: ir.Node) -> int | None:
-    match = _LAYER.match(_module(node))
-    return int(match.group("index")) if match else None
-
-
-def _ancestors(values: Iterable[ir.Value], stop: set[ir.Value]) -> tuple[set[ir.Node], set[ir.Value]]:
-    """Nodes needed to compute ``values`` when ``stop`` values are given, and the graph inputs reached."""
-    nodes: set[ir.Node] = set()
-    inputs: set[ir.Value] = set()
-    todo = list(values)
-    seen: set[ir.Value] = set()
-    while todo:
-        value = todo.pop()
-        if value in seen or value in stop:
-            continue
-        seen.add(value)
-        producer = value.producer()
-        if producer is None:
-            if value.is_graph_input():
-                inputs.add(value)
-            continue
-        if producer in nodes:
-            continue
-        nodes.add(producer)
-        todo += [v for v in producer.inputs if v is not None]
-        for attr in producer.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                raise MoedgeError(f"node {producer.name} has a subgraph; the split pass needs a flat graph")
-    return nodes, inputs
-
-
-def _descendants(nodes: set[ir.Node]) -> set[ir.Value]:
-    """Every value computed from the outputs of ``nodes``."""
-    out: set[ir.Value] = set()
-    todo = [v for n in nodes for v in n.outputs]
-    while todo:
-        value = todo.pop()
-        if value in out:
-            continue
-        out.add(value)
-        for user, _ in value.uses():
-            todo += list(user.outputs)
-    return out
-
-
-def _consumed(nodes: Iterable[ir.Node]) -> set[ir.Value]:
-    """Every value ``nodes`` read."""
-    return {v for n in nodes for v in n.inputs if v is not None}
-
-
-def _shared_values(by_layer: dict[int, list[ir.Node]], hidden: ir.Value) -> list[ir.Value]:
-    """Model-level tensors the decoder layers read (attention mask, rotary tables): computed once.
-
-    A value qualifies when a non-trivial node outside every layer makes it from graph inputs only
-    (never from a layer's output), so the embedding stage can compute it and hand it to every stage.
-    """
-    found: list[ir.Value] = []
-    seen: set[ir.Value] = set()
-    for index in sorted(by_layer):
-        for value in _consumed(by_layer[index]):
-            producer = value.producer()
-            if value in seen or value is hidden or producer is None or value.is_initializer():
-                continue
-            seen.add(value)
-            if (
-                _layer_index(producer) is not None
-                or _is_shape_math(producer)
-                or producer.op_type == "Identity"
-            ):
-                continue  # a layer's own value, shape arithmetic, or an alias (of a cache input)
-            needed, _ = _ancestors([value], set())
-            if any(_layer_index(n) is not None and not _is_shape_math(n) for n in needed):
-                continue
-            if any(n.outputs and hidden in n.outputs for n in needed):
-                continue  # derived from the hidden state: stays in the stage
-            found.append(value)
-    return sorted(found, key=lambda v: v.name or "")
-
-
-def _const_array(value: ir.Value | None) -> np.ndarray | None:
-    """A constant input's array (initializer or Constant node), else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return np.asarray(value.const_value.numpy())
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        tensor = producer.attributes["value"].as_tensor()
-        return np.asarray(tensor.numpy())
-    return None
-
-
-def _router_weight(node: ir.Node) -> np.ndarray | None:
-    """The router's weight as experts x hidden float32, when it is a bias-free constant linear."""
-    if node.op_type == "Gemm":
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            return None
-        weight = _const_array(node.inputs[1])
-        attrs = {
-            name: node.attributes[name].value
-            for name in ("transA", "transB", "alpha")
-            if name in node.attributes
-        }
-        if weight is None or attrs.get("transA", 0):
-            return None
-        weight = weight if attrs.get("transB", 0) else weight.T
-        weight = weight * float(attrs.get("alpha", 1.0))
-        return np.ascontiguousarray(weight, dtype=np.float32)
-    weight = _const_array(node.inputs[1])
-    if weight is not None:
-        return np.ascontiguousarray(weight.T, dtype=np.float32)
-    producer = node.inputs[1].producer() if node.inputs[1] is not None else None
-    if producer is not None and producer.op_type == "Transpose":
-        weight = _const_array(producer.inputs[0])
-        if weight is not None and weight.ndim == 2:
-            return np.ascontiguousarray(weight, dtype=np.float32)
-    return None
-
-
-_SHAPE_OPS = frozenset(
-    {
-        "Constant",
-        "Shape",
-        "Size",
-        "Gather",
-        "Squeeze",
-        "Unsqueeze",
-        "Concat",
-        "Mul",
-        "Add",
-        "Sub",
-        "Div",
-        "Cast",
-        "CastLike",
-        "Reshape",
-        "Slice",
-        "Identity",
-    }
-)
-
-
-def _is_shape_math(node: ir.Node) -> bool:
-    """A constant, or integer shape arithmetic (torch.export shares one symbolic size across layers).
-
-    Such a node may be tagged with another layer's module and still be copied into a stage: its inputs
-    are graph inputs, constants or other shape math, and whatever it reads of a layer's tensors is
-    caught by that tensor's own producer.
-    """
-    if node.op_type == "Constant":
-        return True
-    return node.op_type in _SHAPE_OPS and all(
-        v.dtype in (ir.DataType.INT64, ir.DataType.INT32) and (v.shape is None or len(v.shape) <= 1)
-        for v in node.outputs
-    )
-
-
-def _is_const(value: ir.Value) -> bool:
-    producer = value.producer()
-    return value.const_value is not None or (producer is not None and producer.op_type == "Constant")
-
-
-def _boundary(nodes: set[ir.Node]) -> tuple[list[ir.Value], list[ir.Value]]:
-    """Non-constant values ``nodes`` read from outside, and values they produce that outside reads."""
-    ins: list[ir.Value] = []
-    outs: list[ir.Value] = []
-    for node in nodes:
-        for value in node.inputs:
-            if value is None or _is_const(value) or value in ins:
-                continue
-            producer = value.producer()
-            if producer is None or producer not in nodes:
-                ins.append(value)
-        for value in node.outputs:
-            if value.is_graph_output() or any(user not in nodes for user, _ in value.uses()):
-                outs.append(value)
-    return ins, outs
 
 
 class SplitExpertsPass:
@@ -278,7 +109,7 @@ class SplitExpertsPass:
         by_layer: dict[int, list[ir.Node]] = {}
         prefixes: set[str] = set()
         for node in graph:
-            match = _LAYER.match(_module(node))
+            match = LAYER.match(module_of(node))
             if match:
                 by_layer.setdefault(int(match.group("index")), []).append(node)
                 prefixes.add(match.group("prefix"))
@@ -293,13 +124,13 @@ class SplitExpertsPass:
         first_input = self._layer_input(by_layer[0], f"{prefix}.0")
         logits = next((v for v in graph.outputs if v.name == LOGITS), graph.outputs[0])
 
-        shared = _shared_values(by_layer, first_input)
+        shared = shared_values(by_layer, first_input)
         names = {v: f"shared.{v.name}" for v in shared}
         embedding = self._extract(model, [], {first_input: HIDDEN, **names}, "embedding")
         layers: list[SplitLayer] = []
         for i in range(num_layers):
             hidden_in = first_input if i == 0 else outputs_of[i - 1]
-            self._shared = {v: names[v] for v in shared if v in _consumed(by_layer[i])}
+            self._shared = {v: names[v] for v in shared if v in consumed(by_layer[i])}
             layers.append(self._split_layer(model, i, f"{prefix}.{i}", by_layer[i], hidden_in, outputs_of[i]))
         self._shared = {}
         head = self._extract(
@@ -311,7 +142,7 @@ class SplitExpertsPass:
 
     @staticmethod
     def _layer_adds(nodes: list[ir.Node], scope: str) -> list[ir.Node]:
-        adds = [n for n in nodes if n.op_type == "Add" and _module(n) == scope]
+        adds = [n for n in nodes if n.op_type == "Add" and module_of(n) == scope]
         if not adds:
             raise MoedgeError(f"{scope}: no residual Add at decoder-layer level; cannot find the layer's cut")
         return adds
@@ -324,7 +155,7 @@ class SplitExpertsPass:
             users = [u for u, _ in value.uses() if u.op_type != "Shape"]
             if any(u not in inside for u in users) or value.is_graph_output():
                 return value
-            follow = [u for u in users if u.op_type in _PASS_THROUGH]
+            follow = [u for u in users if u.op_type in PASS_THROUGH]
             if len(follow) != 1:
                 raise MoedgeError(f"{scope}: cannot find the hidden state the layer hands on")
             value = follow[0].outputs[0]
@@ -346,70 +177,87 @@ class SplitExpertsPass:
         hidden_in: ir.Value,
         hidden_out: ir.Value,
     ) -> SplitLayer:
-        kv = [v for v in model.graph.outputs if _layer_index_of_value(v) == index]
+        """One decoder layer: its stage graph and, for an MoE layer, one graph per routed expert."""
+        kv = {v: str(v.name) for v in model.graph.outputs if _layer_index_of_value(v) == index}
         experts_scope = f"{scope}.{self.experts_path}" if self.experts_path else None
-        block = {n for n in nodes if experts_scope and _module(n).startswith(experts_scope)}
+        block = {n for n in nodes if experts_scope and module_of(n).startswith(experts_scope)}
         if not block:
             stage = self._extract(
                 model,
                 [hidden_in],
-                {hidden_out: HIDDEN_OUT, **{v: str(v.name) for v in kv}},
+                {hidden_out: HIDDEN_OUT, **kv},
                 f"layer {index}",
                 rename={hidden_in: HIDDEN},
                 layer=index,
             )
             return SplitLayer(index=index, stage=stage)
-
         assert experts_scope is not None and self.gating is not None
+        router = self._router(nodes, scope)
+        outputs = self._moe_cut(nodes, scope, block, router, hidden_in)
+        stage = self._extract(
+            model, [hidden_in], {**outputs, **kv}, f"layer {index}", rename={hidden_in: HIDDEN}, layer=index
+        )
+        experts = self._expert_graphs(model, block, experts_scope, scope)
+        gating = dataclasses.replace(self.gating, shared_expert=SHARED_OUTPUT in outputs.values())
+        return SplitLayer(
+            index=index, stage=stage, experts=experts, gating=gating, router_weight=router_weight(router)
+        )
+
+    def _router(self, nodes: list[ir.Node], scope: str) -> ir.Node:
+        """The layer's router: the one MatMul/Gemm under ``router_path``."""
         router = [
             n
             for n in nodes
-            if _module(n) == f"{scope}.{self.router_path}" and n.op_type in ("MatMul", "Gemm")
+            if module_of(n) == f"{scope}.{self.router_path}" and n.op_type in ("MatMul", "Gemm")
         ]
         if len(router) != 1:
             raise MoedgeError(
                 f"{scope}: expected one router MatMul/Gemm under {self.router_path}, found {len(router)}"
             )
-        router_logits = router[0].outputs[0]
-        after = _descendants(block)
-        router_needs, _ = _ancestors([router_logits], {hidden_in})
-        block_ins, _ = _boundary(block)
-        moe_inputs = [v for v in block_ins if v.producer() in router_needs or v is router[0].inputs[0]]
+        return router[0]
+
+    def _moe_cut(
+        self, nodes: list[ir.Node], scope: str, block: set[ir.Node], router: ir.Node, hidden_in: ir.Value
+    ) -> dict[ir.Value, str]:
+        """The values an MoE layer stage outputs: residual, MoE input, router logits, shared output."""
+        router_logits = router.outputs[0]
+        after = descendants(block)
+        router_needs, _ = ancestors([router_logits], {hidden_in})
+        block_ins, _ = boundary(block)
+        moe_inputs = [v for v in block_ins if v.producer() in router_needs or v is router.inputs[0]]
         moe_inputs = [v for v in moe_inputs if v.dtype == ir.DataType.FLOAT and v not in after]
         if len(moe_inputs) != 1:
             raise MoedgeError(f"{scope}: cannot tell which experts input is the tokens' hidden state")
-        moe_input = moe_inputs[0]
-
         final_add = self._layer_adds(nodes, scope)[-1]
         residual = [v for v in final_add.inputs if v is not None and v not in after]
         moe_out = [v for v in final_add.inputs if v is not None and v in after]
         if len(residual) != 1 or len(moe_out) != 1:
             raise MoedgeError(f"{scope}: the layer's last Add is not residual + MoE output")
         shared = self._shared_output(moe_out[0], block, after, scope)
-
         outputs: dict[ir.Value, str] = {
             residual[0]: RESIDUAL,
-            moe_input: MOE_INPUT,
+            moe_inputs[0]: MOE_INPUT,
             router_logits: ROUTER_LOGITS,
         }
         if shared is not None:
             outputs[shared] = SHARED_OUTPUT
-        outputs.update({v: str(v.name) for v in kv})
-        stage = self._extract(
-            model, [hidden_in], outputs, f"layer {index}", rename={hidden_in: HIDDEN}, layer=index
-        )
+        return outputs
 
-        experts: list[ir.Model] = []
+    def _expert_graphs(
+        self, model: ir.Model, block: set[ir.Node], experts_scope: str, scope: str
+    ) -> list[ir.Model]:
+        """One graph per routed expert, ``y = expert(x)``, in expert order."""
         by_expert: dict[int, set[ir.Node]] = {}
         expert_re = re.compile(rf"^{re.escape(experts_scope)}\.(\d+)(?:\.|$)")
         for node in block:
-            m = expert_re.match(_module(node))
+            m = expert_re.match(module_of(node))
             if m:
                 by_expert.setdefault(int(m.group(1)), set()).add(node)
         if sorted(by_expert) != list(range(len(by_expert))):
             raise MoedgeError(f"{scope}: experts {sorted(by_expert)} are not numbered 0..E-1")
+        experts: list[ir.Model] = []
         for e in range(len(by_expert)):
-            ins, outs = _boundary(by_expert[e])
+            ins, outs = boundary(by_expert[e])
             if len(ins) != 1 or len(outs) != 1:
                 raise MoedgeError(
                     f"{experts_scope}.{e}: an expert must read one tensor and produce one "
@@ -424,15 +272,7 @@ class SplitExpertsPass:
                     rename={ins[0]: EXPERT_INPUT},
                 )
             )
-        gating = GatingRule(
-            scoring=self.gating.scoring,
-            top_k=self.gating.top_k,
-            normalize_top_k=self.gating.normalize_top_k,
-            shared_expert=shared is not None,
-        )
-        return SplitLayer(
-            index=index, stage=stage, experts=experts, gating=gating, router_weight=_router_weight(router[0])
-        )
+        return experts
 
     @staticmethod
     def _shared_output(
@@ -450,7 +290,7 @@ class SplitExpertsPass:
                 if len(ours) != 1 or len(other) != 1 or shared is not None:
                     raise MoedgeError(f"{scope}: unexpected combine of the experts' output ({node.name})")
                 shared, value = other[0], ours[0]
-            elif node.op_type in _PASS_THROUGH:
+            elif node.op_type in PASS_THROUGH:
                 value = node.inputs[0]  # type: ignore[assignment]
             else:
                 raise MoedgeError(
@@ -486,8 +326,8 @@ class SplitExpertsPass:
         if layer is not None and self._shared:
             inputs = list(inputs) + list(self._shared)
             rename = {**(rename or {}), **self._shared}
-        needed, graph_inputs = _ancestors(outputs, set(inputs))
-        stray = sorted({i for n in needed if not _is_shape_math(n) and (i := _layer_index(n)) is not None})
+        needed, graph_inputs = ancestors(outputs, set(inputs))
+        stray = sorted({i for n in needed if not is_shape_math(n) and (i := layer_index(n)) is not None})
         if layer is not None and stray != [layer]:
             raise MoedgeError(f"{what}: its graph would pull in nodes of layers {stray}; cannot cut here")
         ordered_inputs = list(inputs) + [
@@ -530,14 +370,14 @@ def _own_cache_shapes(graph: ir.Graph, index: int) -> None:
     """
     own = {v.name: v for v in graph.inputs}
     for value in list(graph.inputs):
-        match = re.match(r"^past_key_values\.(\d+)\.(key|value)$", value.name or "")
+        match = re.match(rf"^{PAST_PREFIX}\.(\d+)\.(key|value)$", value.name or "")
         if not match or int(match.group(1)) == index:
             continue
         if any(user.op_type != "Shape" for user, _ in value.uses()):
             raise MoedgeError(f"layer {index} reads another layer's cache ({value.name}) beyond its shape")
-        mine = own.get(f"past_key_values.{index}.{match.group(2)}")
+        mine = own.get(f"{PAST_PREFIX}.{index}.{match.group(2)}")
         if mine is None:
-            value.name = f"past_key_values.{index}.{match.group(2)}"
+            value.name = f"{PAST_PREFIX}.{index}.{match.group(2)}"
             own[value.name] = value
             continue
         value.replace_all_uses_with(mine)
@@ -551,5 +391,5 @@ def _model(graph: ir.Graph, like: ir.Model) -> ir.Model:
 
 def _layer_index_of_value(value: ir.Value) -> int | None:
     """Layer of a ``present.{i}.key``-style graph output."""
-    match = re.match(r"^present\.(\d+)\.", value.name or "")
+    match = re.match(rf"^{PRESENT_PREFIX}\.(\d+)\.", value.name or "")
     return int(match.group(1)) if match else None

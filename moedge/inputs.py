@@ -115,7 +115,7 @@ def parse_budget_spec(spec: str) -> tuple[str, float]:
 
     Accepts ``auto``; bytes with a unit (``1.5GiB``, ``800MB``, ``64KiB``, ``100b``); ``N%`` with
     0 <= N <= 100; a bare number, which is a share when it lies in [0, 1] and bytes above (the rule of
-    ``moedge.runtime.scheduler.parse_budget``, which turns the text into bytes for a bundle).
+    ``moedge.runtime.costs.parse_budget``, which turns the text into bytes for a bundle).
     """
     text = spec.strip().lower()
     hint = "give auto, bytes (1.5GiB, 800MB, 4096) or a share of the expert bytes (25%)"

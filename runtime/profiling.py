@@ -8,15 +8,17 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from moedge._errors import MoedgeError
 from moedge.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
 from moedge.paths import atomic_file, bundle_root, new_temp_file, refuse_inside_bundle, remove_stale_temps
 from moedge.runtime.bundle_runner import BundleRunner
+from moedge.runtime.costs import ModelCosts, parse_budget
 from moedge.runtime.placement import write_plan
+from moedge.runtime.policies import POLICIES
 from moedge.runtime.profiles import load_profile
-from moedge.runtime.routing import read_routing
-from moedge.runtime.scheduler import POLICIES, ModelCosts, parse_budget
+from moedge.runtime.routing import RoutingStats, read_routing
 from moedge.runtime.simulate import DecodeTrace, record_trace, tune_haq
 
 log = logging.getLogger(__name__)
@@ -137,42 +139,13 @@ def profile_bundle(
     its manifest, which is replaced last), and so does ``plan`` when it names a path inside the
     bundle. Every output path is checked before the (minutes-long) run.
     """
-    from tqdm import tqdm
-
     folder = Path(bundle)
-    if output is None and not update_bundle:
-        raise MoedgeError(
-            "give -o FILE for the routing statistics, or --update-bundle to write them into the bundle"
-        )
-    if output is not None:
-        refuse_inside_bundle(output, flag="-o")
-    trace_path = None if trace is None else _npz_path(trace)
-    if trace_path is not None:
-        refuse_inside_bundle(trace_path, flag="--trace")
     root = folder.expanduser().resolve()
-    plan_rel: str | None = None
-    if plan is not None:
-        if update_bundle and bundle_root(plan) == root:
-            plan_rel = Path(plan).expanduser().resolve().relative_to(root).as_posix()
-            if plan_rel == ROUTING_FILE:
-                raise MoedgeError(
-                    f"--plan {plan} is where --update-bundle writes routing.json: name the plan otherwise"
-                )
-            check_bundle_target(root, plan_rel)
-        else:
-            refuse_inside_bundle(plan, flag="--plan")
-    if update_bundle and not os.access(root, os.W_OK):
-        raise MoedgeError(f"bundle {root} is not writable: --update-bundle needs write access to it")
+    trace_path = None if trace is None else _npz_path(trace)
+    plan_rel = _check_outputs(root, output, update_bundle, plan, trace_path)
     runner = BundleRunner(folder, intra_op_threads=threads)
     ids = text_token_ids(folder, text, tokens)
-    bar = tqdm(desc="profiling routing", unit="window", disable=None)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
-
-    recorded: DecodeTrace = record_trace(runner, ids, progress=progress)
-    bar.close()
+    recorded = _record(runner, ids)
     stats = recorded.stats()
     for other in merge or []:
         stats = stats.merge(read_routing(other))
@@ -200,34 +173,95 @@ def profile_bundle(
 
         writers[ROUTING_FILE] = routing_writer
     if plan is not None:
-        costs = ModelCosts.from_manifest(runner.manifest)
-        budget = parse_budget(gpu_budget, costs)
-        hw = load_profile(profile)
-        policy, summary = tune_haq(recorded, costs, budget, hw, base=POLICIES["haq"], stats=stats)
-        pinned = [(int(a), int(b)) for a, b in summary["plan"]]
-        settings = {
-            "static_fraction": policy.static_fraction,
-            "prefetch": policy.prefetch,
-            "prefetch_share": policy.prefetch_share,
-            "path_fraction": policy.path_fraction,
-            "topup": policy.topup,
-        }
-        source = {"bundle": str(folder), "text": text, "tokens": len(ids), "profile": hw.name}
-
-        def plan_writer(path: Path) -> None:
-            write_plan(path, pinned, budget=budget, policy="haq", settings=settings, source=source)
-
+        source = {"bundle": str(folder), "text": text, "tokens": len(ids)}
+        plan_writer, line = _tuned_plan(runner, recorded, stats, gpu_budget, profile, source, plan)
         if plan_rel is not None:
             writers[plan_rel] = plan_writer
         else:
             with atomic_file(plan) as tmp:
                 plan_writer(tmp)
-        report.append(
-            f"plan -> {plan}: {len(pinned)} experts pinned of a {budget / 2**20:.1f} MiB budget on {hw.name}, "
-            f"settings {settings}; modeled on the profiling text: {summary['modeled_decode_ms']['mean']:.3f} "
-            f"ms/token, hit rate {summary['hit_rate']:.3f}"
-        )
+        report.append(line)
     if update_bundle:
         update_bundle_files(root, writers, routing=ROUTING_FILE, plan=plan_rel)
         report.append(f"bundle {root}: manifest.json lists {', '.join(writers)}")
     return report
+
+
+def _check_outputs(
+    root: Path, output: str | Path | None, update_bundle: bool, plan: str | Path | None, trace: Path | None
+) -> str | None:
+    """Refuse, before the run, every output path a profile may not write; the plan's path inside the
+    bundle (with ``update_bundle``), else None."""
+    if output is None and not update_bundle:
+        raise MoedgeError(
+            "give -o FILE for the routing statistics, or --update-bundle to write them into the bundle"
+        )
+    if output is not None:
+        refuse_inside_bundle(output, flag="-o")
+    if trace is not None:
+        refuse_inside_bundle(trace, flag="--trace")
+    plan_rel: str | None = None
+    if plan is not None:
+        if update_bundle and bundle_root(plan) == root:
+            plan_rel = Path(plan).expanduser().resolve().relative_to(root).as_posix()
+            if plan_rel == ROUTING_FILE:
+                raise MoedgeError(
+                    f"--plan {plan} is where --update-bundle writes routing.json: name the plan otherwise"
+                )
+            check_bundle_target(root, plan_rel)
+        else:
+            refuse_inside_bundle(plan, flag="--plan")
+    if update_bundle and not os.access(root, os.W_OK):
+        raise MoedgeError(f"bundle {root} is not writable: --update-bundle needs write access to it")
+    return plan_rel
+
+
+def _record(runner: BundleRunner, ids: list[int]) -> DecodeTrace:
+    """The routing trace of ``ids`` decoded through ``runner``, with a progress bar."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc="profiling routing", unit="window", disable=None)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    try:
+        return record_trace(runner, ids, progress=progress)
+    finally:
+        bar.close()
+
+
+def _tuned_plan(
+    runner: BundleRunner,
+    recorded: DecodeTrace,
+    stats: RoutingStats,
+    gpu_budget: str | float | None,
+    profile: str,
+    source: dict[str, Any],
+    plan: str | Path,
+) -> tuple[Callable[[Path], None], str]:
+    """A haq placement tuned on the recorded trace: its writer and the report line."""
+    costs = ModelCosts.from_manifest(runner.manifest)
+    budget = parse_budget(gpu_budget, costs)
+    hw = load_profile(profile)
+    policy, summary = tune_haq(recorded, costs, budget, hw, base=POLICIES["haq"], stats=stats)
+    pinned = [(int(a), int(b)) for a, b in summary["plan"]]
+    settings = {
+        "static_fraction": policy.static_fraction,
+        "prefetch": policy.prefetch,
+        "prefetch_share": policy.prefetch_share,
+        "path_fraction": policy.path_fraction,
+        "topup": policy.topup,
+    }
+    source = {**source, "profile": hw.name}
+
+    def plan_writer(path: Path) -> None:
+        write_plan(path, pinned, budget=budget, policy="haq", settings=settings, source=source)
+
+    line = (
+        f"plan -> {plan}: {len(pinned)} experts pinned of a {budget / 2**20:.1f} MiB budget on {hw.name}, "
+        f"settings {settings}; modeled on the profiling text: {summary['modeled_decode_ms']['mean']:.3f} "
+        f"ms/token, hit rate {summary['hit_rate']:.3f}"
+    )
+    return plan_writer, line

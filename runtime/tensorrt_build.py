@@ -22,6 +22,7 @@ from moedge._errors import MoedgeError
 from moedge.paths import atomic_file
 
 if TYPE_CHECKING:
+    import tensorrt as trt
     from typing_extensions import Buffer
 
 log = logging.getLogger(__name__)
@@ -56,21 +57,52 @@ def build_engine(
     for :func:`engine_layers` (a slightly larger file; the kernels are the same). External weights next
     to the model are found because the parser reads the file itself.
     """
+    _check_tensorrt()
+    import tensorrt as trt
+
+    onnx_file, engine_file = Path(onnx_file), Path(engine_file)
+    if not onnx_file.is_file():
+        raise MoedgeError(f"{onnx_file} does not exist: export the model to ONNX first")
+    builder_errors: list[str] = []
+    logger = _logger(builder_errors)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    _parse(network, logger, onnx_file)
+    config = builder.create_builder_config()
+    if detailed:
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    if workspace_bytes is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    _add_profile(builder, network, config, profiles)
+    _load_timing_cache(config, timing_cache)
+
+    log.info("building the TensorRT engine (minutes on a Jetson)")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:  # the bindings return None when the build fails
+        detail = "\n".join(f"  {m}" for m in builder_errors) or "  (no message; see the log)"
+        raise MoedgeError(f"TensorRT could not build an engine from {onnx_file}:\n{detail}")
+    if timing_cache is not None:
+        _write_atomically(timing_cache, config.get_timing_cache().serialize())
+    _write_atomically(engine_file, serialized)
+    log.info("wrote %s", engine_file)
+    return engine_file
+
+
+def _check_tensorrt() -> None:
+    """One error naming the install command when TensorRT itself is not installed."""
     try:
         import tensorrt as trt
     except ImportError:
         raise MoedgeError(_INSTALL) from None
     if not hasattr(trt, "Builder"):  # only the type stubs (an empty namespace package) are installed
         raise MoedgeError(_INSTALL)
-    onnx_file, engine_file = Path(onnx_file), Path(engine_file)
-    if not onnx_file.is_file():
-        raise MoedgeError(f"{onnx_file} does not exist: export the model to ONNX first")
 
-    builder_errors: list[str] = []
+
+def _logger(builder_errors: list[str]) -> trt.ILogger:
+    """A TensorRT logger that routes messages to Python logging and keeps the errors."""
+    import tensorrt as trt
 
     class _Logger(trt.ILogger):
-        """Route TensorRT's messages to Python logging; keep the errors for the exception."""
-
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
@@ -83,9 +115,13 @@ def build_engine(
             else:
                 log.debug("TensorRT: %s", msg)
 
-    logger = _Logger()
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    return _Logger()
+
+
+def _parse(network: trt.INetworkDefinition, logger: trt.ILogger, onnx_file: Path) -> None:
+    """Parse ``onnx_file`` into ``network``, or one error listing the parser's findings."""
+    import tensorrt as trt
+
     parser = trt.OnnxParser(network, logger)
     log.info("parsing %s", onnx_file)
     if not parser.parse_from_file(str(onnx_file)):
@@ -96,11 +132,15 @@ def build_engine(
             lines.append(f"  {where if error.node() >= 0 else 'graph'}: {error.desc()}")
         raise MoedgeError(f"TensorRT cannot parse {onnx_file} ({len(lines)} errors):\n" + "\n".join(lines))
 
-    config = builder.create_builder_config()
-    if detailed:
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-    if workspace_bytes is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+
+def _add_profile(
+    builder: trt.Builder,
+    network: trt.INetworkDefinition,
+    config: trt.IBuilderConfig,
+    profiles: dict[str, ShapeRange],
+) -> None:
+    """One optimization profile with the (min, opt, max) shapes of every dynamic input."""
+    import tensorrt as trt
 
     inputs: dict[str, tuple[int, ...]] = {}
     for i in range(network.num_inputs):
@@ -113,6 +153,9 @@ def build_engine(
             profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
         config.add_optimization_profile(profile)
 
+
+def _load_timing_cache(config: trt.IBuilderConfig, timing_cache: Path | None) -> None:
+    """Start from the timing cache on disk when it fits this device and TensorRT, else a new one."""
     cache_data = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_data)
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -120,17 +163,6 @@ def build_engine(
             "timing cache %s was made for another device or TensorRT; starting a new one", timing_cache
         )
         config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-
-    log.info("building the TensorRT engine (minutes on a Jetson)")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:  # the bindings return None when the build fails
-        detail = "\n".join(f"  {m}" for m in builder_errors) or "  (no message; see the log)"
-        raise MoedgeError(f"TensorRT could not build an engine from {onnx_file}:\n{detail}")
-    if timing_cache is not None:
-        _write_atomically(timing_cache, config.get_timing_cache().serialize())
-    _write_atomically(engine_file, serialized)
-    log.info("wrote %s", engine_file)
-    return engine_file
 
 
 def engine_layers(engine_file: Path) -> list[dict[str, Any]]:

@@ -16,9 +16,19 @@ TINY_KINDS = ("llama", "mistral", "opt", "mixtral", "qwen2-moe", "olmoe")
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    value = os.environ.get("MOEDGE_DATA")
-    if not value or not Path(value).is_dir():
-        pytest.skip("MOEDGE_DATA is not set to a shared/data folder (make test sets it)")
+    """The shared/data folder named by MOEDGE_DATA.
+
+    Unset or empty: the real-data tests skip (``make test`` and ``.ci/run`` set it only when
+    ../shared/data exists). Set to something that is not a folder: they fail, so a wrong path cannot
+    turn every real-data test into a skip.
+    """
+    value = os.environ.get("MOEDGE_DATA", "")
+    if not value:
+        pytest.skip("MOEDGE_DATA is not set: real-data tests need a folder laid out like shared/data")
+    if not Path(value).is_dir():
+        pytest.fail(
+            f"MOEDGE_DATA={value} is not a folder: point it at shared/data or unset it", pytrace=False
+        )
     return Path(value)
 
 

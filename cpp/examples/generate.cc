@@ -7,6 +7,14 @@
 
 #include "moedge/runtime.h"
 
+// A Runner is movable, so a function can open and return one.
+moedge::Runner open_bundle(const std::string& dir) {
+  moedge::load_onnxruntime(moedge::default_onnxruntime_path());  // $MOEDGE_ORT_LIB or the SDK's
+  moedge::RunnerOptions options;
+  options.intra_op_threads = 2;  // on the CPU; options.provider = moedge::Provider::Cuda for a GPU build
+  return moedge::Runner(dir, options);  // checks every file's sha256
+}
+
 int main(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: %s BUNDLE IDS(1,2,3) [new_tokens]\n", argv[0]);
@@ -17,10 +25,7 @@ int main(int argc, char** argv) {
     std::stringstream ids(argv[2]);
     for (std::string id; std::getline(ids, id, ',');) prompt.push_back(std::stoll(id));
     const int new_tokens = argc > 3 ? std::stoi(argv[3]) : 16;
-    moedge::load_onnxruntime(moedge::default_onnxruntime_path());  // $MOEDGE_ORT_LIB or the SDK's
-    moedge::RunnerOptions options;
-    options.intra_op_threads = 2;
-    moedge::Runner runner(argv[1], options);  // checks every file's sha256
+    moedge::Runner runner = open_bundle(argv[1]);
     for (int64_t token : runner.generate(prompt, new_tokens)) std::printf("%lld ", static_cast<long long>(token));
     std::printf("\n");
   } catch (const std::exception& e) {

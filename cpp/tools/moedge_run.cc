@@ -1,7 +1,6 @@
 // moedge-run: greedy generation from token ids with a moedge bundle, through ONNX Runtime.
 #include <algorithm>
 #include <climits>
-#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -20,17 +19,26 @@ namespace {
 
 constexpr const char* kUsage =
     "usage: moedge-run BUNDLE --ids 1,2,3 [--ids ...] [-n 16] [--threads N] [--shared-pool]\n"
-    "                  [--provider cpu|cuda|tensorrt] [--gpu-budget BYTES|N%|NMiB|NGiB] [--policy lru|static]\n"
+    "                  [--provider cpu|cuda|tensorrt] [--gpu-budget 800MB|1.5GiB|25%|0.25] [--policy lru|pinned]\n"
     "                  [--plan PLAN.json] [--ort-lib PATH] [--no-verify] [--logits-out FILE] [--json FILE]\n"
     "                  [--warmup] [--repeats R]\n"
     "\n"
     "Greedy continuation of each prompt (token ids) with the bundle's sessions; prints the new ids, then\n"
-    "prompt and decode tokens/s and the expert cache's counts. --gpu-budget keeps that many expert bytes on\n"
-    "the provider (misses run on the CPU; N% of the bundle's expert bytes); --plan pins a `moedge profile\n"
-    "--plan` placement. --logits-out writes each prompt's last-position logits (float32, prompts x vocab).\n"
-    "--warmup opens every session and runs the first prompt once untimed; --repeats R generates each\n"
-    "prompt R times and reports the median prompt and decode tokens/s. --threads N (1 to 4x the cores)\n"
-    "sets each session's intra-op threads; without it ONNX Runtime chooses.\n"
+    "prompt and decode tokens/s and the expert cache's counts. --logits-out writes each prompt's\n"
+    "last-position logits (float32, prompts x vocab). --warmup opens every session and runs the first\n"
+    "prompt once untimed; --repeats R generates each prompt R times and reports the median prompt and\n"
+    "decode tokens/s. --threads N (1 to 4x the cores) sets each session's intra-op threads; without it\n"
+    "ONNX Runtime chooses.\n"
+    "\n"
+    "--gpu-budget keeps that many expert bytes on the provider; misses run on the CPU. It reads as in\n"
+    "`moedge run`: bytes with a unit (b; KB, MB, GB = 10^3, 10^6, 10^9; KiB, MiB, GiB = 2^10, 2^20, 2^30),\n"
+    "N% of the bundle's expert bytes, or a bare number (a share of them when at most 1, else bytes).\n"
+    "`auto` is refused: it needs the free device memory, which only the Python runtime measures.\n"
+    "--policy lru (the default): a missed expert is loaded after its CPU run, evicting the least recently\n"
+    "used (one LRU over all layers); --policy pinned: only the --plan experts stay, nothing is loaded on a\n"
+    "miss (the default with --plan and no --gpu-budget). --plan pins a `moedge profile --plan` placement.\n"
+    "The Python runtime's policy `static` (Fiddler's popularity placement, misses placed by a latency\n"
+    "predictor) has no C++ counterpart.\n"
     "The ONNX Runtime library: --ort-lib, else $MOEDGE_ORT_LIB, else the SDK this was built with.\n";
 
 struct UsageError : std::runtime_error {
@@ -88,31 +96,20 @@ double median(std::vector<double> values) {
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
-double unit_scale(const std::string& unit) {
-  return unit == "KiB" ? 1024.0 : unit == "MiB" ? 1048576.0 : unit == "GiB" ? 1073741824.0 : 1.0;
+moedge::Provider parse_provider(const std::string& text) {
+  if (text == "cpu") return moedge::Provider::Cpu;
+  if (text == "cuda") return moedge::Provider::Cuda;
+  if (text == "tensorrt") return moedge::Provider::TensorRt;
+  throw UsageError("--provider takes cpu, cuda or tensorrt, got " + shown_arg(text));
 }
 
-// --gpu-budget as (value, unit): bytes, KiB, MiB, GiB (at most kMaxBytes in all) or % of the bundle's
-// expert bytes (at most 100).
-std::pair<double, std::string> parse_budget(const std::string& text) {
-  try {
-    size_t used = 0;
-    const std::string t = trim(text);
-    const double value = std::stod(t, &used);
-    const std::string unit = trim(t.substr(used));
-    const bool known = unit.empty() || unit == "B" || unit == "KiB" || unit == "MiB" || unit == "GiB" || unit == "%";
-    const double limit = unit == "%" ? 100.0 : static_cast<double>(moedge::kMaxBytes) / unit_scale(unit);
-    if (known && std::isfinite(value) && value >= 0 && value <= limit) return {value, unit};
-  } catch (const std::exception&) {
-  }
-  throw UsageError("--gpu-budget takes bytes, N%, NKiB, NMiB or NGiB (N% at most 100, at most 2^62 bytes), got " +
-                   shown_arg(text));
-}
-
-int64_t budget_bytes(const std::pair<double, std::string>& budget, int64_t expert_bytes) {
-  const auto& [value, unit] = budget;
-  const double bytes = unit == "%" ? value / 100.0 * static_cast<double>(expert_bytes) : value * unit_scale(unit);
-  return static_cast<int64_t>(std::min(bytes, static_cast<double>(moedge::kMaxBytes)));  // both within int64
+moedge::CachePolicy parse_policy(const std::string& text) {
+  if (text == "lru") return moedge::CachePolicy::Lru;
+  if (text == "pinned") return moedge::CachePolicy::Pinned;
+  if (text == "static")
+    throw UsageError("--policy static is the Python runtime's popularity placement (Fiddler), which moedge-run "
+                     "does not have: use --policy pinned with a --plan from `moedge profile --plan`, or lru");
+  throw UsageError("--policy takes lru or pinned, got " + shown_arg(text));
 }
 
 // An error message on one line.
@@ -127,7 +124,8 @@ std::string one_line(std::string text) {
 int main(int argc, char** argv) {
   std::vector<std::string> args(argv + 1, argv + argc);
   std::string bundle, ort_lib = moedge::default_onnxruntime_path(), plan, logits_out, json_out;
-  std::optional<std::pair<double, std::string>> budget;
+  std::optional<moedge::Budget> budget;
+  bool print_budget = false;
   std::vector<std::vector<int64_t>> prompts;
   int new_tokens = 16;
   int repeats = 1;
@@ -157,11 +155,17 @@ int main(int argc, char** argv) {
       } else if (a == "--shared-pool") {
         options.shared_thread_pool = true;
       } else if (a == "--provider") {
-        options.provider = value();
+        options.provider = parse_provider(value());
       } else if (a == "--gpu-budget") {
-        budget = parse_budget(value());
+        try {
+          budget = moedge::parse_budget(value());
+        } catch (const moedge::Error& e) {
+          throw UsageError(e.what());
+        }
+      } else if (a == "--print-budget") {  // for tests: print --gpu-budget in bytes for the bundle, then exit
+        print_budget = true;
       } else if (a == "--policy") {
-        options.policy = value();
+        options.policy = parse_policy(value());
       } else if (a == "--plan") {
         plan = value();
       } else if (a == "--ort-lib") {
@@ -185,11 +189,8 @@ int main(int argc, char** argv) {
       }
     }
     if (bundle.empty()) throw UsageError("give the bundle folder");
-    if (prompts.empty()) throw UsageError("give at least one prompt: --ids 1,2,3");
-    if (options.provider != "cpu" && options.provider != "cuda" && options.provider != "tensorrt")
-      throw UsageError("--provider takes cpu, cuda or tensorrt, got " + shown_arg(options.provider));
-    if (options.policy != "lru" && options.policy != "static")
-      throw UsageError("--policy takes lru or static, got " + shown_arg(options.policy));
+    if (print_budget && !budget) throw UsageError("--print-budget needs --gpu-budget");
+    if (prompts.empty() && !print_budget) throw UsageError("give at least one prompt: --ids 1,2,3");
   } catch (const UsageError& e) {
     std::cerr << "moedge-run: error: " << one_line(e.what()) << " (moedge-run --help shows the usage)\n";
     return 2;
@@ -198,12 +199,16 @@ int main(int argc, char** argv) {
   try {
     // The bundle and the plan are checked before ONNX Runtime is loaded or any session opened.
     const auto manifest = moedge::read_manifest(bundle, false);
+    if (print_budget) {
+      std::cout << budget->bytes(manifest.expert_bytes()) << '\n';
+      return 0;
+    }
     if (!plan.empty()) {
       options.plan = moedge::read_plan(plan, manifest);
-      options.policy = budget ? options.policy : "static";
+      if (!budget) options.policy = moedge::CachePolicy::Pinned;
     }
     if (budget || !plan.empty())
-      options.expert_budget = budget ? budget_bytes(*budget, manifest.expert_bytes()) : manifest.expert_bytes();
+      options.expert_budget = budget ? budget->bytes(manifest.expert_bytes()) : manifest.expert_bytes();
     moedge::load_onnxruntime(ort_lib);
     moedge::Runner runner(bundle, options);
     nlohmann::json generations = nlohmann::json::array();
@@ -248,7 +253,8 @@ int main(int argc, char** argv) {
     s.evictions -= before.evictions;
     const double prompt_tps = median(prompt_rates);
     const double decode_tps = median(decode_rates);
-    std::printf("onnxruntime %s, provider %s\n", moedge::onnxruntime_version().c_str(), options.provider.c_str());
+    std::printf("onnxruntime %s, provider %s\n", moedge::onnxruntime_version().c_str(),
+                moedge::provider_name(options.provider));
     std::printf("prompt %lld tokens, %.1f tok/s; decode %lld tokens, %.1f tok/s (medians over prompts and repeats)\n", static_cast<long long>(s.prompt_tokens),
                 prompt_tps, static_cast<long long>(s.decode_tokens), decode_tps);
     std::printf("experts: %lld runs, %lld on the provider, %lld on the CPU, %lld evictions, peak %lld bytes resident\n",
@@ -256,7 +262,7 @@ int main(int argc, char** argv) {
                 static_cast<long long>(s.evictions), static_cast<long long>(s.peak_expert_bytes));
     if (!json_out.empty()) {
       nlohmann::json doc = {{"onnxruntime", moedge::onnxruntime_version()},
-                            {"provider", options.provider},
+                            {"provider", moedge::provider_name(options.provider)},
                             {"generations", generations},
                             {"prompt_tokens", s.prompt_tokens},
                             {"prompt_tokens_per_s", prompt_tps},

@@ -69,9 +69,9 @@ def execute(opts: EvalOptions) -> int:
     """Perplexity of MODEL (PyTorch), of an exported folder or of a bundle (ONNX Runtime)."""
     from moedge.datasets import load_text
     from moedge.evaluation import perplexity
+    from moedge.formats.export_folder import is_exported_folder
     from moedge.manifest import MANIFEST_FILE
     from moedge.paths import refuse_inside_bundle, write_text_atomic
-    from moedge.runtime.exported import is_exported_folder
 
     if opts.json is not None:
         refuse_inside_bundle(opts.json, flag="--json")
@@ -129,7 +129,7 @@ def _exported_scorer(opts: EvalOptions, text: str) -> tuple[Any, Any, str]:
     import numpy as np
 
     from moedge.evaluation import ort_logits
-    from moedge.runtime.exported import is_exported_folder
+    from moedge.formats.export_folder import is_exported_folder
     from moedge.runtime.ort_causal_lm import OrtCausalLM
     from moedge.tokenizer import load_tokenizer
 

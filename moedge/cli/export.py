@@ -71,6 +71,7 @@ def execute(opts: ExportOptions) -> int:
     result = export_model(
         loaded,
         out,
+        recipe=recipe,
         with_cache=not opts.no_cache,
         opset=opts.opset,
         validate=opts.validate,

@@ -95,8 +95,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _add_cache_flags(run: argparse.ArgumentParser) -> None:
     """The backend and the expert cache: choices and profile names come from the runtime's registries."""
     from moedge.runtime.backends import BACKENDS
+    from moedge.runtime.policies import POLICIES
     from moedge.runtime.profiles import BUILTIN
-    from moedge.runtime.scheduler import POLICIES
 
     run.add_argument(
         "--backend",
@@ -198,7 +198,7 @@ def check_inputs(opts: RunOptions, prompts: Sequence[Prompt], backend: str) -> N
 
 def _warn_unused_flags(opts: RunOptions, backend: str, *, has_experts: bool) -> None:
     """One warning line for the cache flags the backend or bundle ignores, one for sampling when greedy."""
-    from moedge.runtime.scheduler import get_policy
+    from moedge.runtime.policies import get_policy
 
     cache_flags = given(
         [

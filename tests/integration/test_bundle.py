@@ -219,8 +219,8 @@ def test_bundle_bad_input_is_one_clear_error(bundles, tmp_path, tiny_exports):
 def test_split_refuses_damaged_or_foreign_graphs_and_writes_nothing(tiny_exports, tmp_path):
     import onnx_ir as ir
 
+    from moedge.formats.graph_names import MODULE_KEY
     from moedge.graph_passes.split_experts import SplitExpertsPass
-    from moedge.module_names import MODULE_KEY
 
     truncated = tmp_path / "truncated"
     shutil.copytree(tiny_exports("llama"), truncated)

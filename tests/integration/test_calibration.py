@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from moedge._errors import MoedgeError
+from moedge.arch import get_config
+from moedge.arch.per_expert import split_experts
 from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, load_recipe, save_recipe
 from moedge.calibration.layers import decoder_layers, layer_spec
-from moedge.export.configs import get_config
-from moedge.export.patchers import split_experts
 from moedge.testbeds import build_tiny
 from tests.conftest import TINY_KINDS
 

@@ -159,7 +159,7 @@ def test_choices_come_from_the_registries(capsys):
     from moedge.calibration.config import ACT_CLIPS, METHODS
     from moedge.cli import calibrate
     from moedge.runtime.backends import BACKENDS
-    from moedge.runtime.scheduler import POLICIES
+    from moedge.runtime.policies import POLICIES
 
     # moedge.cli.calibrate spells these out (the calibrator imports torch; `moedge --help` must not)
     assert calibrate.METHODS == METHODS and calibrate.ACT_CLIPS == ACT_CLIPS

@@ -85,7 +85,7 @@ def test_parity_under_address_sanitizer(bundles, qdq_bundle, tmp_path):
 
 @pytest.mark.parametrize(
     ("budget", "policy", "evicts"),
-    [("0", "static", False), ("0", "lru", False), ("30%", "lru", True), ("100%", "lru", False)],
+    [("0", "pinned", False), ("0", "lru", False), ("30%", "lru", True), ("100%", "lru", False)],
 )
 def test_expert_cache_keeps_the_tokens_and_the_budget(bundles, tmp_path, budget, policy, evicts):
     bundle = bundles("mixtral")
@@ -125,7 +125,7 @@ def test_plan_from_moedge_profile_pins_experts(bundles, tmp_path):
     assert [g["token_ids"] for g in doc["generations"]] == [
         runner.generate(p, max_new_tokens=12, eos_token_id=eos) for p in PROMPTS
     ]
-    assert pinned and doc["hits"] > 0 and doc["evictions"] == 0  # static: pinned experts only
+    assert pinned and doc["hits"] > 0 and doc["evictions"] == 0  # --plan alone: policy pinned
 
 
 def test_example_app_generates_what_the_runner_does(bundles):
@@ -137,6 +137,13 @@ def test_example_app_generates_what_the_runner_does(bundles):
         PROMPTS[0], max_new_tokens=16, eos_token_id=runner.manifest.model.get("eos_token_id")
     )
     assert [int(t) for t in result.stdout.split()] == want
+
+
+def test_runner_api_moves_and_shares_one_environment(bundles):
+    # cpp/tests/api_test.cc: moves, one Ort::Env per process, option errors (both builds)
+    for build in (RELEASE, ASAN):
+        result = _run([str(bundles("mixtral"))], build, tool="moedge-api-test")
+        assert (result.returncode, result.stdout) == (0, "ok\n"), result.stdout + result.stderr
 
 
 def test_bad_input_is_one_clear_error_and_no_crash(bundles, tmp_path):
@@ -181,3 +188,8 @@ def test_bad_input_is_one_clear_error_and_no_crash(bundles, tmp_path):
     assert usage.returncode == 2 and "comma-separated integers" in usage.stderr
     for args in ([], ["--ids", "1,2,"], ["--ids", "1", "--gpu-budget", "nan"], ["--ids", "1", "-n", "16x"]):
         assert _run([str(src), *args]).returncode == 2, args
+    # `static` is the Python runtime's popularity placement (Fiddler): moedge-run says so instead of
+    # running something else under that name; its plan-only cache is `pinned`
+    static = _run([str(src), "--ids", "1", "--policy", "static"])
+    assert static.returncode == 2 and "popularity placement (Fiddler)" in static.stderr
+    assert "--policy pinned" in static.stderr and static.stderr.count("\n") == 1

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from moedge.export.configs import get_config, supported_model_types
+from moedge.arch import get_config, supported_model_types
 from moedge.graph_passes.inspect import inspect_model
 from moedge.runtime import OrtCausalLM
 from tests.conftest import TINY_KINDS

@@ -112,5 +112,12 @@ def test_stories260k_with_an_int8_head_keeps_its_embedding_and_runs_the_head_in_
     assert sum(n for op, n in census.items() if op in INT8_KERNELS) == 1
     assert not {"MatMul", "Gemm", "FusedMatMul"} & set(census)
     got = BundleRunner(tmp_path / "bundle").forward(ids)[0]
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.8
-    assert np.abs(got - want).max() < 0.5
+    # The int8 head's integer matmul is exact, so the bundle matches the fake-quant model up to float32
+    # rounding elsewhere: measured max |diff| 5.7e-6 on logits of magnitude up to 18 (x86, 2 cores); 1e-4,
+    # the FP32 parity bound of test_bundle.py, leaves a 17x margin.
+    tol = 1e-4
+    assert np.abs(got - want).max() < tol
+    # every position's top-1/top-2 gap (0.51 at least on this prompt) exceeds 2 * tol: argmax is settled
+    top2 = np.sort(want[0], axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 2 * tol
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))

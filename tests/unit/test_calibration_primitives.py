@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moedge._errors import MoedgeError
-from moedge.calibration.observers import InputObserver
+from moedge.calibration.observers import HIST_PER_OCTAVE, InputObserver
 from moedge.calibration.quant import FakeQuantLinear, fake_quant_act, gptq, rtn_weight
 
 
@@ -87,8 +87,16 @@ def test_observer_streams_exact_statistics():
     for b in batches:
         again.update(b)
     assert torch.equal(again.rows()[0], rows)
-    p50 = obs.percentile(50.0)
-    assert 0.5 < p50 / float(np.percentile(flat.abs().numpy(), 50)) < 1.2
+    # percentile(q) is the upper edge of the histogram bin holding the q-th percentile of |x| (capped at
+    # the absmax): bins are 2^(1/HIST_PER_OCTAVE) wide, so it lies in [x_q, x_q * 2^(1/8)] with x_q the exact
+    # value (numpy's inverted-CDF percentile: the smallest |x| with at least q% of the values at or below);
+    # 1e-5 of slack either side covers a float32 log2 that puts a value at a bin edge one bin off
+    values = flat.abs().numpy().ravel()
+    width = 2.0 ** (1 / HIST_PER_OCTAVE)
+    for q in (1.0, 10.0, 50.0, 90.0, 99.0, 100.0):
+        exact = float(np.percentile(values, q, method="inverted_cdf"))
+        assert exact * (1 - 1e-5) <= obs.percentile(q) <= exact * width * (1 + 1e-5), q
+    assert obs.percentile(100.0) == float(flat.abs().max())
 
 
 def test_observer_refuses_non_finite_activations():

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from moedge._errors import MoedgeError
 from moedge.runtime.cache import ExpertCache
+from moedge.runtime.costs import GraphCost, ModelCosts, parse_budget
 from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity, read_plan_file, write_plan
+from moedge.runtime.policies import POLICIES
 from moedge.runtime.profiles import BUILTIN, load_profile
 from moedge.runtime.routing import RoutingRecorder, RoutingStats
-from moedge.runtime.scheduler import POLICIES, ExpertScheduler, GraphCost, ModelCosts, parse_budget
+from moedge.runtime.scheduler import ExpertScheduler
 from moedge.runtime.simulate import DecodeTrace, replay
 
 LAYERS, EXPERTS, TOP_K = 4, 8, 2
@@ -74,6 +76,23 @@ def test_cache_counts_transfers_in_flight_against_the_budget():
     assert not cache.admit((0, 2), 6.0, now=1.0, protect=set())
     assert cache.admit((0, 2), 9.0, now=5.0, protect={(0, 1)})
     assert (0, 0) not in cache and cache.used == 20
+
+
+def test_peak_is_the_most_bytes_ever_resident_on_a_hand_made_trace():
+    """Every (used, peak) below is worked out by hand from the sizes; the peak (85) is neither the final
+    residency (80) nor any residency seen before an admission adds its bytes (at most 50)."""
+    sizes = {(0, 0): 40, (0, 1): 35, (0, 2): 20, (1, 0): 50, (1, 1): 10}
+    cache = ExpertCache(100, sizes, pinned=[(1, 1)], eviction="lru")
+    assert (cache.used, cache.peak) == (10, 10)  # the pinned 10
+    steps = [
+        ((0, 0), {(1, 1), (0, 0)}, 50, 50),  # 10 + 40
+        ((0, 1), {(1, 1), (0, 0), (0, 1)}, 85, 85),  # 50 + 35: the peak
+        ((0, 2), {(1, 1), (0, 1), (0, 2)}, 65, 85),  # 85 + 20 > 100: LRU (0, 0) out (45), then 45 + 20
+        ((1, 0), {(1, 1), (0, 2), (1, 0)}, 80, 85),  # 65 + 50 > 100: (0, 1) out (30), then 30 + 50
+    ]
+    for key, resident, used, peak in steps:
+        assert cache.admit(key, 0.0, now=0.0, protect=set())
+        assert set(cache.ready) == resident and (cache.used, cache.peak) == (used, peak), key
 
 
 def test_lfu_evicts_the_least_used():
@@ -187,7 +206,25 @@ def test_scheduler_invariants_on_random_traces(seed, fraction, policy, profile, 
     costs = _costs()
     trace = _trace(rng, 40, skew=float(rng.uniform(0.1, 2.0)))
     budget = max(int(fraction * costs.expert_bytes()), 1070)
-    sched = _Checked(costs, POLICIES[policy], budget, BUILTIN[profile], stats=trace.stats())
+    # the resident set as the admit/evict callbacks report it, and the most bytes it ever held
+    sizes = {k: c.bytes for k, c in costs.experts.items()}
+    resident: set[tuple[int, int]] = set()
+    true_peak = 0
+
+    def admitted(key: tuple[int, int]) -> None:
+        nonlocal true_peak
+        resident.add(key)
+        true_peak = max(true_peak, sum(sizes[k] for k in resident))
+
+    sched = _Checked(
+        costs,
+        POLICIES[policy],
+        budget,
+        BUILTIN[profile],
+        stats=trace.stats(),
+        on_admit=admitted,
+        on_evict=resident.remove,
+    )
     for t in range(trace.chosen.shape[0]):
         tokens = prompt if t == 0 else 1
         sched.begin_step(tokens, t)
@@ -197,7 +234,7 @@ def test_scheduler_invariants_on_random_traces(seed, fraction, policy, profile, 
             nxt = [int(e) for e in trace.speculative[t, layer + 1]] if layer + 1 < LAYERS else None
             sched.dispatch(layer, experts, nxt)
         assert sched.end_step() > 0
-    assert sched.cache.peak <= max(budget, costs.expert_bytes() if policy == "full-gpu" else 0)
+    assert sched.cache.peak == true_peak <= max(budget, costs.expert_bytes() if policy == "full-gpu" else 0)
     summary = sched.summary()
     assert 0.0 <= summary["hit_rate"] <= 1.0
     if policy == "full-gpu":

@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 
 from moedge._errors import MoedgeError
+from moedge.formats.graph_names import MODULE_KEY
 from moedge.graph_passes.insert_qdq import InsertQDQPass, LinearQuant
 from moedge.graph_passes.pipeline import run_passes
-from moedge.module_names import MODULE_KEY
 
 IN, OUT = 8, 6
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moedge.module_names import expert_of, experts_per_layer
+from moedge.formats.graph_names import expert_of, experts_per_layer
 
 
 def test_expert_of_reads_layer_and_expert():

@@ -8,14 +8,11 @@
 #pragma once
 
 #include <cstdint>
-#include <list>
 #include <map>
 #include <memory>
 #include <optional>
-#include <set>
 #include <stdexcept>
 #include <string>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -128,45 +125,43 @@ std::string default_onnxruntime_path();
 // "1.32.0": the loaded library's version.
 std::string onnxruntime_version();
 
-// Expert residency on the accelerator under a byte budget: pinned experts stay, the rest LRU.
-class ExpertCache {
- public:
-  using Key = std::pair<int, int>;  // (layer, expert)
-  ExpertCache(int64_t budget_bytes, bool admit_on_miss);
-  // Pin `key` (a plan entry); throws when the pinned set outgrows the budget.
-  void pin(const Key& key, int64_t bytes);
-  // True (and marks it most recent) when `key` is resident.
-  bool lookup(const Key& key);
-  // Make `key` resident after a miss when the policy admits; returns the experts evicted for it.
-  std::vector<Key> admit(const Key& key, int64_t bytes);
-  // Drop a dynamic entry from the books (its session failed to load); pinned entries stay.
-  void forget(const Key& key);
-  bool resident(const Key& key) const { return bytes_.count(key) > 0; }
-  int64_t budget() const { return budget_; }
-  int64_t used() const { return used_; }
-  int64_t peak() const { return peak_; }
-
- private:
-  int64_t budget_;
-  bool admit_on_miss_;
-  int64_t used_ = 0;
-  int64_t peak_ = 0;
-  int64_t pinned_bytes_ = 0;
-  std::set<Key> pinned_;
-  std::list<Key> lru_;  // front: least recent
-  std::map<Key, std::list<Key>::iterator> where_;
-  std::map<Key, int64_t> bytes_;
+// An expert budget as text, in the grammar of the Python runtime's --gpu-budget
+// (moedge.inputs.parse_budget_spec, moedge.runtime.scheduler.parse_budget): bytes with a unit (b; KB, MB,
+// GB = 10^3, 10^6, 10^9; KiB, MiB, GiB = 2^10, 2^20, 2^30; any case), N% of the bundle's expert bytes
+// (0 to 100), or a bare number: a share of the expert bytes when it is at most 1, else bytes. Numbers
+// are what Python's float() reads (1.5, 1e9, 1_000, surrounding spaces). `auto` (90% of the free device
+// memory) is refused: only the Python runtime measures free memory. Each refusal is one Error line.
+// tests/data/budget_grammar.json lists inputs both runtimes are tested against.
+struct Budget {
+  bool share = false;  // value is a fraction of the expert bytes; else bytes
+  double value = 0.0;
+  // Bytes for a bundle with `expert_bytes` of routed experts: truncated as Python's int(), at most
+  // kMaxBytes (a larger budget holds every expert anyway).
+  int64_t bytes(int64_t expert_bytes) const;
 };
+Budget parse_budget(const std::string& text);
+
+// Where a Runner runs the stage graphs and the experts it keeps resident.
+enum class Provider { Cpu, Cuda, TensorRt };
+// "cpu", "cuda" or "tensorrt", as moedge-run's --provider names it.
+const char* provider_name(Provider provider);
+
+// Which experts stay on the provider under RunnerOptions::expert_budget; a miss always runs on the CPU.
+//   Lru:    the plan's experts stay; a missed expert is then loaded, evicting the least recently used
+//           of the rest (one LRU over all layers).
+//   Pinned: only the plan's experts stay; nothing is admitted. (The Python runtime's policy `static`
+//           is another thing, Fiddler's popularity placement with predicted misses; moedge_rt has none.)
+enum class CachePolicy { Lru, Pinned };
 
 struct RunnerOptions {
-  int intra_op_threads = 0;      // 0: ONNX Runtime's default
+  int intra_op_threads = 0;         // 0: ONNX Runtime's default
   bool shared_thread_pool = false;  // one process-wide pool for every session (many small graphs)
-  std::string provider = "cpu";  // cpu | cuda | tensorrt: where stages and resident experts run
-  // Experts kept on the provider: -1 keeps every expert there (no cache); otherwise a byte budget and
-  // misses run on the CPU. "lru" admits missed experts (evicting least recent), "static" only pins.
-  int64_t expert_budget = -1;
-  std::string policy = "lru";
-  std::vector<std::pair<int, int>> plan;  // pinned experts (layer, expert)
+  Provider provider = Provider::Cpu;
+  // Expert bytes kept on the provider. None: every expert lives there (no cache). A budget (>= 0, at
+  // least the largest expert unless 0) caches experts by `policy`; misses run on the CPU.
+  std::optional<int64_t> expert_budget;
+  CachePolicy policy = CachePolicy::Lru;
+  std::vector<std::pair<int, int>> plan;  // pinned experts (layer, expert); needs an expert_budget
   bool verify = true;                     // check every file's sha256 before loading
 };
 
@@ -182,10 +177,16 @@ struct RunStats {
   double decode_seconds = 0.0;
 };
 
+// A bundle loaded into ONNX Runtime sessions, one sequence at a time. Movable, not copyable: a moved-from
+// Runner may only be destroyed or assigned to. The Runners alive in a process share one ONNX Runtime
+// environment (Ort::Env), made by the first and released with the last, so they must agree on
+// shared_thread_pool and, with a shared pool, on intra_op_threads (else the constructor throws).
 class Runner {
  public:
   explicit Runner(const std::string& bundle_dir, RunnerOptions options = {});
   ~Runner();
+  Runner(Runner&&) noexcept;
+  Runner& operator=(Runner&&) noexcept;
   Runner(const Runner&) = delete;
   Runner& operator=(const Runner&) = delete;
 

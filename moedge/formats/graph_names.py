@@ -1,4 +1,7 @@
-"""The contract between export and graph passes: which node metadata names a node's source module."""
+"""The names an exported graph carries: node metadata keys and the KV-cache input/output names.
+
+This is the contract between export (which writes them) and the graph passes (which cut by them).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,16 @@ from collections.abc import Iterable
 MODULE_KEY = "moedge.module"  # e.g. model.layers.3.mlp.experts.5
 CLASS_KEY = "moedge.class"  # the module's Python class
 
+INPUT_NAMES = ("input_ids", "attention_mask", "position_ids")
+PAST_PREFIX = "past_key_values"  # cache inputs: past_key_values.{layer}.key / .value
+PRESENT_PREFIX = "present"  # cache outputs: present.{layer}.key / .value
+
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.(?:.*\.)?experts\.(\d+)(?:\.|$)")
+
+
+def kv_names(num_layers: int, prefix: str) -> list[str]:
+    """``{prefix}.{i}.key`` / ``.value`` for every layer, in graph order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
 def expert_of(module: str) -> tuple[int, int] | None:

@@ -1,0 +1,93 @@
+// Internal to moedge_rt: Runner::Impl, split by idea over sessions.cc (ONNX Runtime environment, session
+// options, providers, opening and running graphs), moe_layer.cc (the expert cache and the MoE layer) and
+// runner.cc (construction, the KV cache, one step, the public Runner). Not installed.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "expert_cache.h"
+#include "moedge/runtime.h"
+#include "onnxruntime_cxx_api.h"
+
+namespace moedge {
+namespace detail {
+
+using Values = std::unordered_map<std::string, Ort::Value>;
+using Key = ExpertCache::Key;
+
+// ---- sessions.cc
+
+// An ONNX Runtime exception's text without the C++ source location and function signature in front
+// ("/src/x.cc:74 onnxruntime::F(const std::vector<...>&) [ONNXRuntimeError] : 1 : FAIL : y.cc:9 G what").
+std::string ort_error_text(const char* what);
+// The process's one Ort::Env: made by the first caller, shared by every caller while one holds it,
+// released with the last holder; an Error when the live one has other thread pools.
+std::shared_ptr<Ort::Env> shared_env(bool shared_thread_pool, int intra_op_threads);
+
+// ---- moe_layer.cc: checked access to graph values
+
+int64_t numel(const std::vector<int64_t>& shape);
+// The shape of a float32 tensor; one clear error for anything else.
+std::vector<int64_t> float_shape(const Ort::Value& value, const std::string& what);
+// The value named `name`, or an Error saying which graph should have output it.
+Ort::Value& need(Values& values, const std::string& name, const std::string& graph);
+// The first input or output of a graph, or an Error naming the graph.
+const TensorSpec& first(const std::vector<TensorSpec>& specs, const GraphSpec& g, const char* what);
+
+}  // namespace detail
+
+struct Runner::Impl {
+  using Key = detail::Key;
+  using Values = detail::Values;
+
+  std::string dir;
+  RunnerOptions opt;
+  Manifest m;
+  std::shared_ptr<Ort::Env> env;  // declared before every session: released after them
+  Ort::SessionOptions cpu_options;
+  Ort::SessionOptions provider_options;
+  Ort::AllocatorWithDefaultOptions alloc;
+  std::map<std::string, std::unique_ptr<Ort::Session>> stages;  // by file, on the provider
+  std::map<Key, std::unique_ptr<Ort::Session>> resident;        // experts on the provider
+  std::map<Key, std::unique_ptr<Ort::Session>> cpu;             // experts run on the CPU (misses)
+  std::optional<detail::ExpertCache> cache;
+  std::vector<Ort::Value> past;                          // key and value of every layer
+  std::unordered_map<std::string, size_t> present_slot;  // "present.<layer>.key|value" -> index in past
+  int64_t cached = 0;
+  RunStats stats;
+
+  // runner.cc
+  Impl(const std::string& bundle, RunnerOptions options);
+  std::vector<const GraphSpec*> stage_graphs() const;
+  const GraphSpec& expert_graph(const Key& key) const;
+  void reset();
+  std::vector<float> step(const std::vector<int64_t>& ids);
+
+  // sessions.cc
+  void configure_sessions();  // env, both SessionOptions, the provider
+  void add_provider();
+  std::unique_ptr<Ort::Session> open(const GraphSpec& g, const Ort::SessionOptions& so);
+  void check_placement(const Ort::Session& session, const GraphSpec& g) const;
+  // Run `g` with inputs taken from `values` by name; returns its outputs in graph order.
+  std::vector<Ort::Value> run(Ort::Session& session, const GraphSpec& g, Values& values);
+
+  // moe_layer.cc
+  Ort::Session& expert_session(const Key& key, const GraphSpec& g, bool* on_cpu);
+  void after_miss(const Key& key, const GraphSpec& g);
+  // residual + sum over chosen experts of weight * expert(x) [+ shared output], experts in index order.
+  Ort::Value moe(const LayerSpec& layer, Values& v);
+
+  template <typename T>
+  Ort::Value tensor(const std::vector<int64_t>& shape) {
+    return Ort::Value::CreateTensor<T>(alloc, shape.data(), shape.size());
+  }
+};
+
+}  // namespace moedge
