@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from moedge._errors import MoedgeError
+from moedge.arch import get_by_name
 from moedge.runtime.backends.base import Backend, make_backend
 from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
 from moedge.runtime.bundle_runner import BundleRunner, combine, routed_rows
@@ -295,11 +296,8 @@ class Generator:
                 raise MoedgeError(f"{self.folder} carries no tokenizer.json: pass token ids instead of text")
             ids = list(self.tokenizer.encode(prompt).ids)
             bos = self.manifest.model.get("bos_token_id")
-            if (
-                bos is not None
-                and (not ids or ids[0] != bos)
-                and self.manifest.model.get("architecture") == "llama"
-            ):
+            arch = get_by_name(str(self.manifest.model.get("architecture")))
+            if bos is not None and (not ids or ids[0] != bos) and arch is not None and arch.prepend_bos:
                 ids = [int(bos), *ids]
             return ids
         return [int(t) for t in prompt]
