@@ -13,6 +13,7 @@
 #include <string>
 
 #include "moedge/runtime.h"
+#include "utf8.h"
 
 namespace moedge {
 namespace {
@@ -39,37 +40,6 @@ int decimal(char32_t c) {
   for (const char32_t zero : kDigitZeros)
     if (c >= zero && c < zero + 10) return static_cast<int>(c - zero);
   return -1;
-}
-
-// UTF-8 text as code points; false when it is not valid UTF-8 (Python sees such bytes as surrogate
-// escapes, which nothing in the grammar accepts).
-bool decode(const std::string& text, std::u32string* out) {
-  for (size_t i = 0; i < text.size();) {
-    const auto c = static_cast<unsigned char>(text[i]);
-    size_t n = 0;
-    char32_t code = 0, least = 0;
-    if (c < 0x80) {
-      n = 0, code = c;
-    } else if ((c & 0xE0) == 0xC0) {
-      n = 1, code = c & 0x1Fu, least = 0x80;
-    } else if ((c & 0xF0) == 0xE0) {
-      n = 2, code = c & 0x0Fu, least = 0x800;
-    } else if ((c & 0xF8) == 0xF0) {
-      n = 3, code = c & 0x07u, least = 0x10000;
-    } else {
-      return false;
-    }
-    if (n >= text.size() - i) return false;  // the sequence runs past the end
-    for (size_t k = 1; k <= n; ++k) {
-      const auto next = static_cast<unsigned char>(text[i + k]);
-      if ((next & 0xC0) != 0x80) return false;
-      code = (code << 6) | (next & 0x3Fu);
-    }
-    if (n > 0 && (code < least || code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF))) return false;
-    out->push_back(code);
-    i += n + 1;
-  }
-  return true;
 }
 
 // str.strip() then str.lower(), as far as the grammar can tell: only A-Z and the Kelvin sign (U+212A,
@@ -159,7 +129,7 @@ Budget parse_budget(const std::string& text) {
   for (const char c : text.substr(0, 60)) shown += static_cast<unsigned char>(c) < 0x20 ? '?' : c;
   shown = "'" + shown + (text.size() > 60 ? "...'" : "'");
   std::u32string decoded;
-  if (!decode(text, &decoded)) throw Error("cannot read GPU budget " + shown + ": " + kHint);
+  if (!decode_utf8(text, &decoded)) throw Error("cannot read GPU budget " + shown + ": " + kHint);
   const std::u32string t = strip_lower(decoded);
   if (t == U"auto")
     throw Error("GPU budget 'auto' is 90% of the free device memory, which only the Python runtime measures: " +
