@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from moedge._errors import MoedgeError
-from moedge.calibration.config import METHODS, CalibrationConfig
+from moedge.calibration.config import CalibrationConfig
 from moedge.calibration.decision import LinearDecision, peer_clip, quantize_linear
 from moedge.calibration.layers import (
     HeadBlock,
@@ -47,11 +47,10 @@ from moedge.calibration.observers import InputObserver, observe_layer
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.calibration.result import CalibrationResult, FpWeight, LinearReport
 from moedge.calibration.smoothing import SmoothingPlan, smooth_layer
+from moedge.formats.routing import RoutingRecorder
 from moedge.model import LoadedModel
-from moedge.runtime.routing import RoutingRecorder
 
 __all__ = [
-    "METHODS",
     "CalibrationConfig",
     "CalibrationResult",
     "LayerOutcome",

@@ -5,14 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moedge._errors import MoedgeError
+from moedge.arch import smoothing_map
 from moedge.calibration.layers import SmoothGroup
 from moedge.calibration.ranges import RANGE_MODES, RangeMode, range_mode
+from moedge.formats.recipe import METHODS
 
-METHODS = ("rtn", "smoothquant", "gptq", "haq")
 ACT_CLIPS = tuple(RANGE_MODES)
-# SmoothQuant's published strengths: 0.5 for OPT, 0.8 for Mixtral (and the Llama family).
-SMOOTHQUANT_ALPHA = {"opt": 0.5}
-SMOOTHQUANT_DEFAULT_ALPHA = 0.8
 # Up to 1.0: with the grid ending at 0.9, 83 of smollm2-135m's 120 groups chose 0.9; extending it moved
 # 52 groups higher and WikiText-2 from 31.017 to 30.972 (benchmarks/calibration_table.py, haq-a1 row).
 HAQ_ALPHAS = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 1.0)
@@ -84,5 +82,5 @@ class CalibrationConfig:
     def fixed_alpha(self, model_type: str) -> float | None:
         """The one smoothing strength every smoothed group gets; None when it is searched per group."""
         if self.method == "smoothquant" and self.alpha is None:
-            return SMOOTHQUANT_ALPHA.get(model_type, SMOOTHQUANT_DEFAULT_ALPHA)
+            return smoothing_map(model_type).smoothquant_alpha  # the family's published strength
         return self.alpha

@@ -1,12 +1,11 @@
-"""What calibration needs to know about one decoder layer: its linears, shared inputs and smoothing map.
+"""What calibration needs to know about one decoder layer: its linears, shared inputs and smoothing groups.
 
 A *smoothing group* is a producer whose output channels can absorb a per-channel scale exactly (a norm,
 or the rows of a linear whose output reaches the consumers through a channel-wise map) and the
 linears that consume those channels. Dividing the producer's channel j by s_j and multiplying every
 consumer's input column j by s_j leaves the function unchanged while moving activation outliers into
-the weights. Valid folds, by family: norm -> q/k/v; norm -> gate/up (dense) or router + every expert's
-gate/up + shared expert (MoE); v -> o per head (GQA: an o column takes the scale of the v channel
-it reads); up -> down through the gated product; fc1 -> fc2 through ReLU (OPT).
+the weights. Which module feeds which linears is a fact of the family, named in its smoothing map
+(``moedge.arch.smoothing``); ``layer_spec`` resolves those names against a model's decoder layer.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-
-SMOOTHABLE_TYPES = ("llama", "mistral", "opt", "mixtral", "qwen2_moe", "olmoe")
+from moedge.arch import ArchitectureConfig, get_config, smoothing_map
+from moedge.arch.smoothing import MlpMap, SmoothingMap
 
 
 @dataclass
@@ -144,159 +143,106 @@ def _gqa_expand(num_heads: int, num_kv: int, head_dim: int) -> torch.Tensor | No
 
 
 def layer_spec(model: nn.Module, index: int) -> LayerSpec:
-    """Describe decoder layer ``index`` of ``model`` (experts must already be split per expert)."""
+    """Describe decoder layer ``index`` of ``model`` by its family's smoothing map (experts split per expert)."""
     cfg: Any = getattr(model, "config", None)
     model_type = str(getattr(cfg, "model_type", type(model).__name__))
-    if model_type not in SMOOTHABLE_TYPES:
+    smap = smoothing_map(model_type)
+    arch = get_config(model_type)
+    if smap.pre_norm_flag is not None and not getattr(cfg, smap.pre_norm_flag, True):
         raise MoedgeError(
-            f"no smoothing map for model type {model_type!r}; calibration supports {', '.join(SMOOTHABLE_TYPES)}"
+            f"this {arch.name} checkpoint applies its norms after attention ({smap.pre_norm_flag}=False): "
+            f"there is no norm to fold smoothing into; calibration supports pre-norm {arch.name} models"
         )
     layer: Any = decoder_layers(model)[index]
-    if model_type == "opt":
-        return _opt_spec(layer, index, cfg)
-    return _llama_like_spec(layer, index, cfg)
-
-
-def _opt_spec(layer: Any, index: int, cfg: Any) -> LayerSpec:
-    if not getattr(cfg, "do_layer_norm_before", True):
-        raise MoedgeError(
-            "this OPT checkpoint applies LayerNorm after attention (do_layer_norm_before=False, e.g. opt-350m): "
-            "there is no norm to fold smoothing into; calibration supports pre-norm OPT models"
-        )
-    attn = layer.self_attn
-    linears: dict[str, nn.Linear] = {
-        "self_attn.q_proj": attn.q_proj,
-        "self_attn.k_proj": attn.k_proj,
-        "self_attn.v_proj": attn.v_proj,
-        "self_attn.out_proj": attn.out_proj,
-        "fc1": layer.fc1,
-        "fc2": layer.fc2,
-    }
-    key = {
-        "self_attn.q_proj": "attn_in",
-        "self_attn.k_proj": "attn_in",
-        "self_attn.v_proj": "attn_in",
-        "self_attn.out_proj": "attn_out",
-        "fc1": "mlp_in",
-        "fc2": "mlp_out",
-    }
-    observed = {"attn_in": attn.q_proj, "attn_out": attn.out_proj, "mlp_in": layer.fc1, "mlp_out": layer.fc2}
-    groups = [
-        SmoothGroup(
-            "attn_in",
-            "norm",
-            layer.self_attn_layer_norm,
-            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            "attn_in",
-        ),
-        SmoothGroup("attn_out", "rows", attn.v_proj, ["self_attn.out_proj"], "attn_out"),
-        SmoothGroup("mlp_in", "norm", layer.final_layer_norm, ["fc1"], "mlp_in"),
-        SmoothGroup("mlp_out", "rows", layer.fc1, ["fc2"], "mlp_out"),
-    ]
-    return LayerSpec(index, linears, key, observed, groups, routers=[])
-
-
-def _llama_like_spec(layer: Any, index: int, cfg: Any) -> LayerSpec:
-    attn = layer.self_attn
-    num_heads = int(cfg.num_attention_heads)
-    num_kv = int(getattr(cfg, "num_key_value_heads", None) or num_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads)
-    linears: dict[str, nn.Linear] = {
-        f"self_attn.{p}": getattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
-    }
-    key = {
-        "self_attn.q_proj": "attn_in",
-        "self_attn.k_proj": "attn_in",
-        "self_attn.v_proj": "attn_in",
-        "self_attn.o_proj": "attn_out",
-    }
-    observed: dict[str, nn.Module] = {"attn_in": attn.q_proj, "attn_out": attn.o_proj}
-    groups = [
-        SmoothGroup(
-            "attn_in",
-            "norm",
-            layer.input_layernorm,
-            ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-            "attn_in",
-        ),
-        SmoothGroup(
-            "attn_out",
-            "rows",
-            attn.v_proj,
-            ["self_attn.o_proj"],
-            "attn_out",
-            expand=_gqa_expand(num_heads, num_kv, head_dim),
-        ),
-    ]
-    mlp = layer.mlp
-    routers: list[str] = []
-    experts_module: Any = None
-    if hasattr(mlp, "experts"):
-        experts_module = mlp.experts
-        if not isinstance(experts_module, nn.ModuleList):
-            raise MoedgeError(
-                "calibration needs the experts split per expert (export.patchers.split_experts)"
-            )
-        routers.append("mlp.gate")
-        observed["mlp_in"] = mlp.gate
-        mlp_in_consumers: list[str] = []
-        fp_consumers: list[nn.Module] = [mlp.gate]
-        expert: Any
-        for e, expert in enumerate(experts_module):
-            prefix = f"mlp.experts.{e}"
-            mlp_in_consumers += _gated_mlp(prefix, expert, f"{prefix}.in", linears, key, observed, groups)
-        shared = getattr(mlp, "shared_expert", None)
-        if shared is not None:  # reads the same tensor as the router: its input key is mlp_in
-            mlp_in_consumers += _gated_mlp(
-                "mlp.shared_expert", shared, "mlp_in", linears, key, observed, groups
-            )
-            gate = getattr(mlp, "shared_expert_gate", None)
-            if gate is not None:
-                routers.append("mlp.shared_expert_gate")
-                fp_consumers.append(gate)
-        groups.insert(
-            2,
-            SmoothGroup(
-                "mlp_in",
-                "norm",
-                layer.post_attention_layernorm,
-                mlp_in_consumers,
-                "mlp_in",
-                fp_consumers=fp_consumers,
-            ),
-        )
+    spec = LayerSpec(index, linears={}, input_key={}, observed={}, groups=[], routers=[])
+    expand = _gqa_expand(int(cfg.num_attention_heads), arch.num_kv_heads(cfg), arch.head_dim(cfg))
+    _attention(spec, layer, smap, expand)
+    experts = _submodule(layer, arch.experts_path)
+    fp_consumers: list[nn.Module] = []
+    if experts is None:
+        mlp = layer.get_submodule(smap.mlp_prefix)
+        consumers = _mlp(spec, mlp, smap.mlp_prefix, smap.mlp, ("mlp_in", "mlp_out", "mlp_out"))
     else:
-        consumers = _gated_mlp("mlp", mlp, "mlp_in", linears, key, observed, groups)
-        groups.insert(2, SmoothGroup("mlp_in", "norm", layer.post_attention_layernorm, consumers, "mlp_in"))
-    return LayerSpec(index, linears, key, observed, groups, routers, experts_module)
+        consumers, fp_consumers = _moe(spec, layer, arch, smap, experts)
+    norm = layer.get_submodule(smap.mlp_norm)
+    spec.groups.insert(2, SmoothGroup("mlp_in", "norm", norm, consumers, "mlp_in", fp_consumers=fp_consumers))
+    return spec
 
 
-def _gated_mlp(
-    prefix: str,
-    mlp: Any,
-    in_key: str,
-    linears: dict[str, nn.Linear],
-    key: dict[str, str],
-    observed: dict[str, nn.Module],
-    groups: list[SmoothGroup],
-) -> list[str]:
-    """Register a gate/up/down MLP (dense, routed expert or shared expert) and its up -> down group.
+def _submodule(layer: nn.Module, path: str | None) -> nn.Module | None:
+    """``layer``'s module at ``path``; None when there is none (a dense layer of an MoE family)."""
+    if path is None:
+        return None
+    try:
+        return layer.get_submodule(path)
+    except AttributeError:
+        return None
 
-    Returns its gate/up names, the consumers of the norm that feeds ``in_key``.
-    """
-    for p in ("gate_proj", "up_proj", "down_proj"):
-        linears[f"{prefix}.{p}"] = getattr(mlp, p)
-    key[f"{prefix}.gate_proj"] = key[f"{prefix}.up_proj"] = in_key
-    key[f"{prefix}.down_proj"] = f"{prefix}.out" if prefix != "mlp" else "mlp_out"
-    observed.setdefault(in_key, mlp.gate_proj)  # an MoE layer's mlp_in is recorded at the router
-    observed[key[f"{prefix}.down_proj"]] = mlp.down_proj
-    groups.append(
-        SmoothGroup(
-            f"{prefix}.mlp_out" if prefix != "mlp" else "mlp_out",
-            "rows",
-            mlp.up_proj,
-            [f"{prefix}.down_proj"],
-            key[f"{prefix}.down_proj"],
-        )
+
+def _attention(spec: LayerSpec, layer: nn.Module, smap: SmoothingMap, expand: torch.Tensor | None) -> None:
+    """q/k/v read the attention norm; o (or out_proj) reads v's channels, head by head."""
+    q, k, v = smap.qkv
+    for name, key in ((q, "attn_in"), (k, "attn_in"), (v, "attn_in"), (smap.out_proj, "attn_out")):
+        spec.linears[name] = layer.get_submodule(name)  # type: ignore[assignment]
+        spec.input_key[name] = key
+    spec.observed["attn_in"] = spec.linears[q]
+    spec.observed["attn_out"] = spec.linears[smap.out_proj]
+    norm = layer.get_submodule(smap.attn_norm)
+    spec.groups.append(SmoothGroup("attn_in", "norm", norm, [q, k, v], "attn_in"))
+    spec.groups.append(
+        SmoothGroup("attn_out", "rows", spec.linears[v], [smap.out_proj], "attn_out", expand=expand)
     )
-    return [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
+
+
+def _moe(
+    spec: LayerSpec, layer: nn.Module, arch: ArchitectureConfig, smap: SmoothingMap, experts: nn.Module
+) -> tuple[list[str], list[nn.Module]]:
+    """Register the router (FP), every routed expert and a shared expert; returns the MoE input's
+    quantized consumers (the experts' input linears) and FP ones (router, shared-expert gate)."""
+    if not isinstance(experts, nn.ModuleList) or arch.router_path is None:
+        raise MoedgeError(
+            "calibration needs the experts split per expert (moedge.arch.per_expert.split_experts)"
+        )
+    spec.experts_module = experts
+    router = layer.get_submodule(arch.router_path)
+    spec.routers.append(arch.router_path)
+    spec.observed["mlp_in"] = router
+    consumers: list[str] = []
+    fp_consumers = [router]
+    for e, expert in enumerate(experts):
+        prefix = f"{arch.experts_path}.{e}"
+        keys = (f"{prefix}.in", f"{prefix}.out", f"{prefix}.mlp_out")
+        consumers += _mlp(spec, expert, prefix, smap.expert_mlp, keys)
+    shared = _submodule(layer, arch.shared_expert_path)
+    if shared is not None and arch.shared_expert_path is not None:
+        prefix = arch.shared_expert_path  # reads the same tensor as the router: its input key is mlp_in
+        consumers += _mlp(
+            spec, shared, prefix, smap.expert_mlp, ("mlp_in", f"{prefix}.out", f"{prefix}.mlp_out")
+        )
+        gate = _submodule(layer, smap.shared_expert_gate)
+        if gate is not None and smap.shared_expert_gate is not None:
+            spec.routers.append(smap.shared_expert_gate)
+            fp_consumers.append(gate)
+    return consumers, fp_consumers
+
+
+def _mlp(spec: LayerSpec, mlp: nn.Module, prefix: str, form: MlpMap, keys: tuple[str, str, str]) -> list[str]:
+    """Register a feed-forward block (dense, routed expert or shared expert) and its producer -> output group.
+
+    ``keys`` are its input key, its output linear's input key and the group's name. Returns the names
+    of its input linears, the consumers of the norm that feeds its input.
+    """
+    in_key, out_key, group = keys
+
+    def full(name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    for name in (*form.inputs, form.output):
+        spec.linears[full(name)] = mlp.get_submodule(name)  # type: ignore[assignment]
+        spec.input_key[full(name)] = in_key
+    spec.input_key[full(form.output)] = out_key
+    spec.observed.setdefault(in_key, spec.linears[full(form.inputs[0])])  # an MoE layer's is the router
+    spec.observed[out_key] = spec.linears[full(form.output)]
+    producer = spec.linears[full(form.producer)]
+    spec.groups.append(SmoothGroup(group, "rows", producer, [full(form.output)], out_key))
+    return [full(name) for name in form.inputs]

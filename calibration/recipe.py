@@ -1,44 +1,36 @@
-"""The recipe folder: what calibration decided, in a form that rebuilds the fake-quant model exactly.
+"""A calibrated model to its recipe folder and back: what calibration decided, rebuilt exactly.
 
-``recipe.json`` (method, settings, per-linear decisions and errors, smoothing strengths, layers kept
-in FP, the model's fingerprint, versions), ``weights.safetensors`` (every tensor of every decoder
-layer after calibration: int8 codes ``<linear>.qweight`` with per-row ``<linear>.weight_scale`` for
-quantized linears, smoothed float tensors for the rest) and, for MoE models, ``routing.json``.
+The folder's format (file names, ``recipe.json`` fields, the checks on ``weights.safetensors``) is
+``moedge.formats.recipe``; this module takes the tensors out of a fake-quant model (``save_recipe``)
+and puts them back into the FP model it was made from (``apply_recipe``), which needs torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-from moedge.calibration.config import METHODS
 from moedge.calibration.layers import decoder_layers, head_modules, untie_head
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.calibration.result import CalibrationResult
+from moedge.formats.recipe import RECIPE_FILE, RECIPE_FILES, WEIGHTS_FILE, Recipe, load_recipe, write_recipe
 from moedge.model import LoadedModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
-
-RECIPE_FORMAT = 1
-RECIPE_FILE = "recipe.json"
-WEIGHTS_FILE = "weights.safetensors"
-ROUTING_FILE = "routing.json"
-REPORT_FILE = "report.md"
 
 
 def _recipe_files(folder: Path) -> tuple[str, ...] | None:
     """The files of a previous recipe in ``folder`` (it holds recipe.json)."""
     if not (folder / RECIPE_FILE).is_file():
         return None
-    return (RECIPE_FILE, WEIGHTS_FILE, ROUTING_FILE, REPORT_FILE)
+    return RECIPE_FILES
 
 
 RECIPE_KIND = OutputKind("moedge recipe", _recipe_files)
@@ -71,19 +63,6 @@ def model_fingerprint(model: nn.Module) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """A loaded recipe folder."""
-
-    path: Path
-    meta: dict[str, Any]
-
-    @property
-    def method(self) -> str:
-        """Calibration method that made it."""
-        return str(self.meta["config"]["method"])
-
-
 def save_recipe(
     loaded: LoadedModel,
     result: CalibrationResult,
@@ -97,13 +76,11 @@ def save_recipe(
     ``out_dir`` must be missing or empty; with ``overwrite`` it may also be a previous recipe holding
     nothing else, which the new one replaces in one swap.
     """
-    from safetensors.torch import save_file
-
     import moedge
 
     out = check_output_folder(out_dir, kind=RECIPE_KIND, overwrite=overwrite)
     with atomic_folder(out, kind=RECIPE_KIND, replace=overwrite) as tmp:
-        tensors: dict[str, torch.Tensor] = {}
+        tensors: dict[str, np.ndarray] = {}
         model = loaded.model
         for prefix, unit in _recipe_units(model):
             if prefix == "lm_head" and not isinstance(unit, FakeQuantLinear):
@@ -111,16 +88,14 @@ def save_recipe(
             for rel, module in unit.named_modules():
                 full = f"{prefix}.{rel}" if rel else prefix
                 if isinstance(module, FakeQuantLinear):
-                    tensors[f"{full}.qweight"] = module.qweight.contiguous().clone()
-                    tensors[f"{full}.weight_scale"] = module.weight_scale.contiguous().clone()
+                    tensors[f"{full}.qweight"] = _array(module.qweight)
+                    tensors[f"{full}.weight_scale"] = _array(module.weight_scale)
                     if module.bias is not None:
-                        tensors[f"{full}.bias"] = module.bias.contiguous().clone()
+                        tensors[f"{full}.bias"] = _array(module.bias)
                     continue
                 for pname, p in module.named_parameters(recurse=False):
-                    tensors[f"{full}.{pname}"] = p.detach().to(torch.float32).contiguous().clone()
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+                    tensors[f"{full}.{pname}"] = _array(p.detach().to(torch.float32))
         meta = {
-            "format_version": RECIPE_FORMAT,
             "moedge_version": moedge.__version__,
             "model": {"name": loaded.name, "source": loaded.source, **model_fingerprint(model)},
             "quantization": {
@@ -131,11 +106,13 @@ def save_recipe(
             **result.to_dict(),
             "versions": {"torch": torch.__version__, "transformers": _version("transformers")},
         }
-        (tmp / RECIPE_FILE).write_text(json.dumps(_finite(meta), indent=1) + "\n")
-        if result.routing is not None:
-            (tmp / ROUTING_FILE).write_text(json.dumps(result.routing, indent=1) + "\n")
-        (tmp / REPORT_FILE).write_text(report_markdown(result))
+        write_recipe(tmp, meta, tensors, routing=result.routing, report=report_markdown(result))
     return out
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """An int8 or float32 tensor as numpy (what the recipe's safetensors file stores), without a copy."""
+    return tensor.detach().contiguous().numpy()
 
 
 def report_markdown(result: CalibrationResult) -> str:
@@ -169,151 +146,6 @@ def _version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/Inf become null so the file stays strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-_MODEL_FIELDS = {
-    "model_type": str,
-    "num_layers": int,
-    "hidden_size": int,
-    "vocab_size": int,
-    "embedding_sha256": str,
-}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_meta(meta: Any, where: str) -> None:
-    """One clear line naming ``where`` and the field for a recipe.json that is not a recipe's."""
-    if not isinstance(meta, dict):
-        raise MoedgeError(f"{where} is not a recipe (a JSON object): run `moedge calibrate`")
-    version = meta.get("format_version")
-    if version != RECIPE_FORMAT:
-        raise MoedgeError(f"{where} has format version {version}; this moedge reads version {RECIPE_FORMAT}")
-    model = meta.get("model")
-    if not isinstance(model, dict):
-        raise MoedgeError(f"{where}: field model is missing or not an object: re-run `moedge calibrate`")
-    for key, kind in _MODEL_FIELDS.items():
-        value: Any = model.get(key)
-        if kind is str:
-            ok = isinstance(value, str)
-        else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-        if not ok:
-            want = "a positive integer" if kind is int else "a string"
-            raise MoedgeError(f"{where}: field model.{key} must be {want}, got {value!r}")
-    config = meta.get("config")
-    if not isinstance(config, dict) or config.get("method") not in METHODS:
-        got = config.get("method") if isinstance(config, dict) else config
-        raise MoedgeError(f"{where}: field config.method must be one of {', '.join(METHODS)}, got {got!r}")
-    linears = meta.get("linears")
-    if not isinstance(linears, dict):
-        raise MoedgeError(f"{where}: field linears is missing or not an object: re-run `moedge calibrate`")
-    for name, rec in linears.items():
-        field = f"linears[{name!r}]"
-        if not isinstance(rec, dict) or not isinstance(rec.get("quantized"), bool):
-            raise MoedgeError(f"{where}: field {field}.quantized must be true or false")
-        if not rec["quantized"]:
-            continue
-        scale: Any = rec.get("input_scale")
-        if not _is_number(scale) or not math.isfinite(scale) or scale <= 0:
-            raise MoedgeError(
-                f"{where}: field {field}.input_scale must be a finite number > 0, got {scale!r}: "
-                "the recipe is damaged; re-run `moedge calibrate`"
-            )
-    kept = meta.get("kept_fp", [])
-    if not isinstance(kept, list) or not all(isinstance(k, str) for k in kept):
-        raise MoedgeError(f"{where}: field kept_fp must be a list of linear names")
-
-
-def _check_weights(path: Path, linears: dict[str, Any]) -> None:
-    """The safetensors header, the int8 linears' tensors (dtypes and shapes) and every weight scale."""
-    from safetensors import SafetensorError, safe_open
-
-    quantized = {name for name, rec in linears.items() if rec["quantized"]}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = set(f.keys())
-            shapes = {k: (f.get_slice(k).get_dtype(), list(f.get_slice(k).get_shape())) for k in keys}
-            for key in sorted(keys):
-                if not key.endswith(".qweight"):
-                    continue
-                name = key[: -len(".qweight")]
-                dtype, shape = shapes[key]
-                if dtype != "I8" or len(shape) != 2:
-                    raise MoedgeError(f"{path}: tensor {key} must be 2-D int8, is {dtype} {shape}")
-                if name not in quantized:
-                    raise MoedgeError(
-                        f"{path}: tensor {key} has int8 weights, but recipe.json does not list {name} as "
-                        "quantized (field linears): the two files are from different recipes"
-                    )
-                scale_key = f"{name}.weight_scale"
-                if scale_key not in keys:
-                    raise MoedgeError(f"{path}: tensor {scale_key} is missing for the int8 weights {key}")
-                if shapes[scale_key][1] != shape[:1]:
-                    raise MoedgeError(
-                        f"{path}: tensor {scale_key} has shape {shapes[scale_key][1]}, the weights {key} "
-                        f"have {shape[0]} rows: it needs shape [{shape[0]}]"
-                    )
-                bias = shapes.get(f"{name}.bias")
-                if bias is not None and bias[1] != shape[:1]:
-                    raise MoedgeError(
-                        f"{path}: tensor {name}.bias has shape {bias[1]}, the weights {key} have "
-                        f"{shape[0]} rows: it needs shape [{shape[0]}]"
-                    )
-                scale = f.get_tensor(scale_key).to(torch.float32)
-                bad = ~(torch.isfinite(scale) & (scale > 0))
-                if bool(bad.any()):
-                    row = int(bad.nonzero()[0, 0])
-                    raise MoedgeError(
-                        f"{path}: tensor {scale_key} row {row} is {float(scale[row])}, not a finite scale > 0: "
-                        "the recipe is damaged; re-run `moedge calibrate`"
-                    )
-    except SafetensorError as exc:
-        raise MoedgeError(
-            f"{path} is truncated or corrupt ({exc}): re-run `moedge calibrate` to write the recipe again"
-        ) from None
-    missing = sorted(n for n in quantized if f"{n}.qweight" not in keys)
-    if missing:
-        raise MoedgeError(
-            f"{path}: recipe.json lists {missing[0]} as quantized (field linears) but its int8 weights "
-            f"{missing[0]}.qweight are missing"
-        )
-
-
-def load_recipe(path: str | os.PathLike[str]) -> Recipe:
-    """Read and check a recipe folder: ``recipe.json``'s fields and the int8 tensors of ``weights.safetensors``.
-
-    Refused with one line naming the file and the field: a wrong format version, a missing or mistyped
-    field, an activation or weight scale that is not finite and positive (NaN, 0, negative, inf), int8
-    weights without their scale or with a scale of the wrong shape, and a truncated or corrupt weights file.
-    """
-    from moedge.inputs import check_input_file, read_input_json
-
-    folder = Path(path).expanduser()
-    meta_path = folder / RECIPE_FILE
-    if not folder.is_dir() or not meta_path.exists() or not (folder / WEIGHTS_FILE).exists():
-        raise MoedgeError(
-            f"{folder} is not a recipe folder (needs {RECIPE_FILE} and {WEIGHTS_FILE}): run `moedge calibrate`"
-        )
-    meta = read_input_json(meta_path, "recipe")
-    _check_meta(meta, str(meta_path))
-    weights = folder / WEIGHTS_FILE
-    check_input_file(weights, "recipe weights", limit=2**62)  # a regular file; its size is the model's
-    _check_weights(weights, meta["linears"])
-    return Recipe(folder, meta)
 
 
 def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -> LoadedModel:

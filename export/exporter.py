@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import re
 import shutil
@@ -13,13 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moedge._errors import MoedgeError
 from moedge.arch import ArchitectureConfig, get_config
 from moedge.formats.export_folder import (
     MODEL_FILE,
-    ROUTING_FILE,
     TOKENIZER_FILE,
     previous_export_files,
     write_export_config,
@@ -33,11 +31,10 @@ from moedge.formats.graph_names import (
     experts_per_layer,
     kv_names,
 )
+from moedge.formats.recipe import RECIPE_FILE, Recipe, load_recipe
+from moedge.formats.routing import ROUTING_FILE
 from moedge.model import LoadedModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder, ensure_writable_dir
-
-if TYPE_CHECKING:
-    from moedge.calibration.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +113,10 @@ def _recipe_facts(loaded: LoadedModel, recipe: Recipe | None) -> _RecipeFacts:
     if recipe is not None:
         routing = recipe.path / ROUTING_FILE
         return _RecipeFacts(str(recipe.path), recipe.method, routing if routing.is_file() else None)
-    from moedge.calibration.recipe import RECIPE_FILE
-
     folder = loaded.provenance.get("recipe")
     if not folder:
         return _RecipeFacts(None, None, None)
-    method = None
-    if (Path(folder) / RECIPE_FILE).is_file():
-        method = json.loads((Path(folder) / RECIPE_FILE).read_text())["config"]["method"]
+    method = load_recipe(folder).method if (Path(folder) / RECIPE_FILE).is_file() else None
     routing = Path(folder) / ROUTING_FILE
     return _RecipeFacts(folder, method, routing if routing.is_file() else None)
 

@@ -16,11 +16,9 @@ from tqdm import tqdm
 
 from moedge._errors import MoedgeError
 from moedge.arch import get_config
-from moedge.external_data import check_external_data
-from moedge.formats.export_folder import ROUTING_FILE, TOKENIZER_FILE, ExportInfo, read_export_info
-from moedge.graph_passes.pipeline import run_passes
-from moedge.graph_passes.split_experts import SplitExpertsPass, SplitLayer, SplitModel
-from moedge.manifest import (
+from moedge.formats.export_folder import TOKENIZER_FILE, ExportInfo, read_export_info
+from moedge.formats.external_data import check_external_data
+from moedge.formats.manifest import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
     GraphSpec,
@@ -30,6 +28,9 @@ from moedge.manifest import (
     TensorSpec,
     sha256_file,
 )
+from moedge.formats.routing import ROUTING_FILE
+from moedge.graph_passes.pipeline import run_passes
+from moedge.graph_passes.split_experts import SplitExpertsPass, SplitLayer, SplitModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moedge._errors import MoedgeError
-from moedge.external_data import check_external_data
+from moedge.formats.external_data import check_external_data
 from moedge.formats.graph_names import MODULE_KEY, experts_per_layer
 
 
@@ -135,7 +135,7 @@ def ort_census(model_file: Path) -> dict[str, int]:
     import onnx
     import onnxruntime as ort
 
-    from moedge.runtime.ort_session import load_session
+    from moedge.ort_sessions import load_session
 
     with tempfile.TemporaryDirectory(prefix="moedge-inspect-") as tmp:
         options = ort.SessionOptions()
@@ -185,7 +185,7 @@ def _lint_lines(model_file: Path, indent: str) -> list[str]:
 
 def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
     """Summary lines of a bundle: model, graphs, gating, sizes, and a census of one stage and one expert."""
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
 
     manifest = read_manifest(folder, verify=True)  # every file it reads is listed, sized and hashed
     model = manifest.model
@@ -225,7 +225,7 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
 
 def inspect_path(path: str | Path, *, ort_census: bool = True) -> list[str]:
     """What ``moedge inspect`` prints for an exported folder, an .onnx file or a bundle."""
-    from moedge.manifest import MANIFEST_FILE
+    from moedge.formats.manifest import MANIFEST_FILE
 
     path = Path(path)
     if path.is_dir() and (path / MANIFEST_FILE).is_file():

@@ -31,6 +31,18 @@ import onnx_ir as ir
 
 from moedge._errors import MoedgeError
 from moedge.formats.graph_names import PAST_PREFIX, PRESENT_PREFIX
+from moedge.formats.manifest import (
+    EXPERT_INPUT,
+    EXPERT_OUTPUT,
+    HIDDEN,
+    HIDDEN_OUT,
+    LOGITS,
+    MOE_INPUT,
+    RESIDUAL,
+    ROUTER_LOGITS,
+    SHARED_OUTPUT,
+    GatingRule,
+)
 from moedge.graph_passes.graph_walk import (
     LAYER,
     PASS_THROUGH,
@@ -43,18 +55,6 @@ from moedge.graph_passes.graph_walk import (
     module_of,
     router_weight,
     shared_values,
-)
-from moedge.manifest import (
-    EXPERT_INPUT,
-    EXPERT_OUTPUT,
-    HIDDEN,
-    HIDDEN_OUT,
-    LOGITS,
-    MOE_INPUT,
-    RESIDUAL,
-    ROUTER_LOGITS,
-    SHARED_OUTPUT,
-    GatingRule,
 )
 
 log = logging.getLogger(__name__)

@@ -74,6 +74,7 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
     from moedge.evaluation import ort_logits, perplexity, torch_logits
     from moedge.export.exporter import export_model
     from moedge.loading import load_model
+    from moedge.runtime.decoding import StopRule, generate
     from moedge.runtime.ort_causal_lm import OrtCausalLM
 
     steps: dict[str, float] = {}
@@ -111,15 +112,14 @@ def run_demo(config: DemoConfig, *, on_token: Callable[[str], None] | None = Non
     prompt_ids = loaded.encode(config.prompt)
     emitted: list[int] = []
 
-    def stream(token: int) -> None:
+    def stream(_row: int, token: int) -> None:
         emitted.append(token)
         if on_token is not None:  # print only the new text so multi-byte pieces come out whole
             before = loaded.decode(emitted[:-1])
             on_token(loaded.decode(emitted)[len(before) :])
 
-    new = ort_lm.generate(
-        prompt_ids, max_new_tokens=config.new_tokens, eos_token_id=loaded.eos_token_id, on_token=stream
-    )
+    stop = StopRule(max_new_tokens=config.new_tokens, eos_token_id=loaded.eos_token_id)
+    new = generate(ort_lm, [prompt_ids], stop, on_token=stream)[0].token_ids
     steps["generate"] = time.perf_counter() - t0
     return DemoSummary(
         model=loaded.name,

@@ -79,7 +79,7 @@ def ensure_writable_dir(path: Path) -> None:
 
 def _holds_manifest(folder: Path) -> bool:
     """Whether ``folder`` holds a moedge bundle manifest (a damaged one counts)."""
-    from moedge.manifest import BUNDLE_FORMAT, MANIFEST_FILE
+    from moedge.formats.manifest import BUNDLE_FORMAT, MANIFEST_FILE
 
     path = folder / MANIFEST_FILE
     try:

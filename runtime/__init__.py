@@ -2,8 +2,9 @@
 
 from moedge.formats.export_folder import ExportInfo, is_exported_folder, read_export_info
 from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
+from moedge.runtime.decoding import Generation, Sampling, StopRule, generate, greedy
 from moedge.runtime.gating import route
-from moedge.runtime.generator import Generation, Generator
+from moedge.runtime.generator import Generator
 from moedge.runtime.ort_causal_lm import OrtCausalLM
 
 __all__ = [
@@ -13,6 +14,10 @@ __all__ = [
     "Generator",
     "OrtCausalLM",
     "RoutingTrace",
+    "Sampling",
+    "StopRule",
+    "generate",
+    "greedy",
     "is_exported_folder",
     "read_export_info",
     "route",

@@ -2,8 +2,9 @@
 
 Per step: embedding stage, then per layer the stage graph, the gating rule on its router logits, each
 chosen expert on its routed tokens, the weighted combine in expert order, and the residual add; then
-the head. It is the exactness reference the cached CPU/GPU runtime is measured against. numpy and
-onnxruntime only (no torch, no transformers).
+the head. With its default executor it is the exactness reference the cached CPU/GPU runtime
+(``moedge.runtime.Generator``) is measured against; the generator runs the same object with its own
+executor. numpy and onnxruntime only (no torch, no transformers).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.manifest import (
-    EXPERT_INPUT,
-    EXPERT_OUTPUT,
+from moedge.formats.manifest import (
     HIDDEN,
     HIDDEN_OUT,
     LOGITS,
@@ -29,13 +28,18 @@ from moedge.manifest import (
     SHARED_OUTPUT,
     GraphSpec,
     Manifest,
-    MoeSpec,
     read_manifest,
 )
 from moedge.runtime.backends.base import Backend
 from moedge.runtime.backends.ort_cpu import OrtCpuBackend
-from moedge.runtime.gating import route
-from moedge.runtime.ort_session import KVCache, empty_cache, generate_greedy, step_inputs
+from moedge.runtime.moe_layer import (
+    ExpertExecutor,
+    MoeLayer,
+    ReferenceExecutor,
+    Routing,
+    run_expert_graph,
+)
+from moedge.runtime.ort_session import KVCache, empty_cache, step_inputs
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +54,25 @@ class RoutingTrace:
     # next MoE layer -> (tokens x candidates): its router applied to this layer's MoE input, best first
     speculative: dict[int, np.ndarray] = field(default_factory=dict)
 
-
-ExpertRun = Callable[[int, np.ndarray, np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
-"""(layer, moe_input, chosen, weights, speculative next-layer candidates) -> routed output (tokens x hidden)."""
+    def record(
+        self, layer: MoeLayer, routing: Routing, logits: np.ndarray, candidates: np.ndarray | None
+    ) -> None:
+        """Keep one MoE layer's routing (and its speculative gate for the next MoE layer)."""
+        self.chosen[layer.index] = routing.chosen
+        self.weights[layer.index] = routing.weights
+        self.logits[layer.index] = logits
+        if candidates is not None and layer.next is not None:
+            self.speculative[layer.next.index] = candidates
 
 
 class BundleRunner:
     """A bundle folder as ORT sessions (created on first use) with the model's exact gating.
 
-    Stage graphs run on ``stage_backend`` (default: ORT on the CPU with ``providers``); experts run
-    through ``run_experts``, which a cached runtime replaces (``moedge.runtime.Generator``).
+    ``manifest`` is the bundle's, already read (default: read and checked here). Stage graphs run on
+    ``stage_backend`` (default: ``cpu``, ORT on the CPU with ``providers``); each MoE layer
+    (:class:`MoeLayer`) hands its routing to ``executor`` (default: every expert on ``cpu``,
+    :class:`ReferenceExecutor`; the cached runtime passes its own). ``on_stage`` is called with a
+    layer's index before its stage graph runs (a scheduler's clock).
     """
 
     def __init__(
@@ -72,11 +85,16 @@ class BundleRunner:
         optimize: bool = True,
         spinning: bool = False,
         shared_pool: bool = False,
+        manifest: Manifest | None = None,
+        cpu: Backend | None = None,
         stage_backend: Backend | None = None,
+        executor: ExpertExecutor | None = None,
+        on_stage: Callable[[int], None] | None = None,
+        speculative_candidates: int = 4,
     ) -> None:
         self.folder = Path(bundle)
-        self.manifest: Manifest = read_manifest(self.folder, verify=verify)
-        self.cpu = OrtCpuBackend(
+        self.manifest: Manifest = manifest or read_manifest(self.folder, verify=verify)
+        self.cpu: Backend = cpu or OrtCpuBackend(
             intra_op_threads=intra_op_threads,
             optimize=optimize,
             spinning=spinning,
@@ -84,65 +102,39 @@ class BundleRunner:
             shared_pool=shared_pool,
         )
         self.stage_backend: Backend = stage_backend or self.cpu
+        self.executor: ExpertExecutor = executor or ReferenceExecutor(self.cpu)
+        self.on_stage = on_stage
         model = self.manifest.model
         self.num_layers = len(self.manifest.layers)
         self.num_kv_heads = int(model["num_kv_heads"])
         self.head_dim = int(model["head_dim"])
         self.eos_token_id = model.get("eos_token_id")
-        moe = [layer for layer in self.manifest.layers if layer.moe is not None]
-        self.next_moe = {a.index: b.index for a, b in itertools.pairwise(moe)}
-        self._routers: dict[int, np.ndarray | None] = {}
-        self.run_experts: ExpertRun = self.reference_experts
-        self.speculative_candidates = 4
-        self.before_stage: Callable[[int], None] | None = None  # a scheduler's clock
-        self.speculation = False  # compute next-layer candidates every step (a prefetching runner)
+        self.moe_layers: dict[int, MoeLayer] = {
+            layer.index: MoeLayer(self.folder, layer.index, layer.moe)
+            for layer in self.manifest.layers
+            if layer.moe is not None
+        }
+        for a, b in itertools.pairwise(self.moe_layers.values()):
+            a.next = b
+        self.speculative_candidates = speculative_candidates
 
-    def router_weight(self, layer: int) -> np.ndarray | None:
-        """The router weight (experts x hidden) of an MoE layer, when the bundle carries it."""
-        if layer not in self._routers:
-            spec = self.manifest.layers[layer].moe
-            has_router = spec is not None and spec.router is not None
-            self._routers[layer] = (
-                _load_router(self.folder, spec) if spec is not None and has_router else None
-            )
-        return self._routers[layer]
+    @property
+    def uses_cache(self) -> bool:
+        """Always True: a bundle's stages take and return the KV cache."""
+        return True
 
-    def speculate(self, layer: int, x: np.ndarray) -> np.ndarray | None:
-        """The next MoE layer's likely experts (tokens x candidates, best first) from this layer's MoE input."""
-        nxt = self.next_moe.get(layer)
-        weight = None if nxt is None else self.router_weight(nxt)
-        if weight is None:
-            return None
-        scores = x @ weight.T
-        k = min(self.speculative_candidates, weight.shape[0])
-        return np.argsort(-scores, axis=-1, kind="stable")[:, :k]
-
-    def expert_graph(self, layer: int, expert: int) -> GraphSpec:
-        """The graph of one routed expert."""
-        spec = self.manifest.layers[layer].moe
-        assert spec is not None
-        return spec.experts[expert]
+    def moe_layer(self, layer: int) -> MoeLayer:
+        """The MoE layer at decoder index ``layer``."""
+        if layer not in self.moe_layers:
+            raise MoedgeError(f"layer {layer} of {self.folder} is not an MoE layer")
+        return self.moe_layers[layer]
 
     def run_expert(
         self, layer: int, expert: int, x: np.ndarray, backend: Backend | None = None
     ) -> np.ndarray:
         """One routed expert on its tokens, on ``backend`` (default: the CPU)."""
-        runner = (backend or self.cpu).runner(self.folder, self.expert_graph(layer, expert))
-        return runner.infer({EXPERT_INPUT: np.ascontiguousarray(x)})[EXPERT_OUTPUT]
-
-    def reference_experts(
-        self,
-        layer: int,
-        x: np.ndarray,
-        chosen: np.ndarray,
-        weights: np.ndarray,
-        speculative: np.ndarray | None,
-    ) -> np.ndarray:
-        """Every chosen expert on its routed tokens (CPU), combined in expert order."""
-        outputs = {
-            int(e): self.run_expert(layer, int(e), routed_rows(x, chosen, e)) for e in np.unique(chosen)
-        }
-        return combine(x, chosen, weights, outputs)
+        moe = self.moe_layer(layer)
+        return run_expert_graph(backend or self.cpu, self.folder, moe.expert_graph(expert), x)
 
     def _run(self, graph: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -155,6 +147,17 @@ class BundleRunner:
         """A zero-length cache for ``batch`` sequences."""
         return empty_cache(batch, self.num_layers, self.num_kv_heads, self.head_dim)
 
+    def _check_ids(self, input_ids: np.ndarray) -> np.ndarray:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2 or input_ids.size == 0:
+            raise MoedgeError(
+                f"input_ids must be a non-empty (batch, sequence) array, got shape {input_ids.shape}"
+            )
+        vocab = int(self.manifest.model.get("vocab_size") or 0)
+        if vocab and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise MoedgeError(f"token id out of range: ids must lie in [0, {vocab})")
+        return input_ids
+
     def forward(
         self,
         input_ids: np.ndarray,
@@ -165,14 +168,7 @@ class BundleRunner:
         trace: RoutingTrace | None = None,
     ) -> tuple[np.ndarray, KVCache]:
         """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache."""
-        input_ids = np.asarray(input_ids, dtype=np.int64)
-        if input_ids.ndim != 2 or input_ids.size == 0:
-            raise MoedgeError(
-                f"input_ids must be a non-empty (batch, sequence) array, got shape {input_ids.shape}"
-            )
-        vocab = int(self.manifest.model.get("vocab_size") or 0)
-        if vocab and (input_ids.min() < 0 or input_ids.max() >= vocab):
-            raise MoedgeError(f"token id out of range: ids must lie in [0, {vocab})")
+        input_ids = self._check_ids(input_ids)
         past = past if past is not None else self.empty_cache(input_ids.shape[0])
         values = step_inputs(input_ids, past[0].shape[2], attention_mask, position_ids)
         for i in range(self.num_layers):
@@ -181,78 +177,27 @@ class BundleRunner:
         values.update(self._run(self.manifest.embedding, values))  # the hidden state and shared tensors
         present: KVCache = []
         for layer in self.manifest.layers:
-            if self.before_stage is not None:
-                self.before_stage(layer.index)
+            if self.on_stage is not None:
+                self.on_stage(layer.index)
             outs = self._run(layer.stage, values)
             present += [outs[f"present.{layer.index}.key"], outs[f"present.{layer.index}.value"]]
             if layer.moe is None:
                 values[HIDDEN] = outs[HIDDEN_OUT]
-                continue
-            x = outs[MOE_INPUT]
-            chosen, weights = route(outs[ROUTER_LOGITS], layer.moe.gating)
-            speculative = self.speculate(layer.index, x) if self.speculation or trace is not None else None
-            if trace is not None:
-                trace.chosen[layer.index] = chosen
-                trace.weights[layer.index] = weights
-                trace.logits[layer.index] = outs[ROUTER_LOGITS]
-                if speculative is not None:
-                    trace.speculative[self.next_moe[layer.index]] = speculative
-            routed = self.run_experts(layer.index, x, chosen, weights, speculative)
-            if layer.moe.gating.shared_expert:
-                routed = routed + outs[SHARED_OUTPUT]
-            residual = outs[RESIDUAL]
-            values[HIDDEN] = residual + routed.reshape(residual.shape)
+            else:
+                values[HIDDEN] = self._moe(self.moe_layers[layer.index], outs, trace)
         logits = self._run(self.manifest.head, values)[LOGITS]
         return logits, present
 
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        max_new_tokens: int,
-        eos_token_id: int | None = None,
-        on_token: Callable[[int], None] | None = None,
-    ) -> list[int]:
-        """Greedy continuation of one prompt with the KV cache."""
-        return generate_greedy(
-            self.forward,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            on_token=on_token,
-        )
-
-
-def _load_router(folder: Path, spec: MoeSpec) -> np.ndarray:
-    """A layer's router weight ``.npy`` (no pickles), checked to be float (experts x hidden)."""
-    assert spec.router is not None
-    path = folder / spec.router
-    try:
-        weight = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MoedgeError(f"bundle file {path.name} is not a readable .npy router weight ({exc})") from None
-    if weight.ndim != 2 or weight.shape[0] != spec.num_experts or weight.dtype.kind != "f":
-        raise MoedgeError(
-            f"bundle file {path.name} must hold a float ({spec.num_experts} experts x hidden) router weight, "
-            f"got {weight.dtype} {weight.shape}: re-split the bundle with moedge split"
-        )
-    return weight
-
-
-def routed_rows(x: np.ndarray, chosen: np.ndarray, expert: int) -> np.ndarray:
-    """The rows of ``x`` (tokens x hidden) routed to ``expert``, in token order: an expert's input."""
-    return x[np.nonzero(chosen == expert)[0]]
-
-
-def combine(
-    x: np.ndarray, chosen: np.ndarray, weights: np.ndarray, outputs: dict[int, np.ndarray]
-) -> np.ndarray:
-    """The routed output: each expert's result times its routing weight, added in expert order.
-
-    The order is fixed so every runner, wherever each expert ran, gives bit-identical sums.
-    """
-    routed = np.zeros_like(x)
-    for e in sorted(outputs):
-        token, slot = np.nonzero(chosen == e)
-        routed[token] += outputs[e] * weights[token, slot, None]
-    return routed
+    def _moe(self, moe: MoeLayer, outs: dict[str, np.ndarray], trace: RoutingTrace | None) -> np.ndarray:
+        """An MoE layer's output hidden state: residual + routed experts (+ the shared expert)."""
+        x = outs[MOE_INPUT]
+        routing = moe.route(outs[ROUTER_LOGITS])
+        wanted = self.executor.wants_candidates or trace is not None
+        candidates = moe.speculate(x, self.speculative_candidates) if wanted else None
+        if trace is not None:
+            trace.record(moe, routing, outs[ROUTER_LOGITS], candidates)
+        routed = moe.combine(x, routing, self.executor.run(moe, x, routing, candidates))
+        if moe.spec.gating.shared_expert:
+            routed = routed + outs[SHARED_OUTPUT]
+        residual = outs[RESIDUAL]
+        return residual + routed.reshape(residual.shape)

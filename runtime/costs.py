@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moedge._errors import MoedgeError
-from moedge.manifest import MAX_FILE_BYTES, Manifest
+from moedge.formats.manifest import MAX_FILE_BYTES, Manifest
 from moedge.runtime.cache import ExpertKey
 
 

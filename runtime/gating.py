@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.manifest import GatingRule
+from moedge.formats.manifest import GatingRule
 
 
 def _sum_in_order(x: np.ndarray) -> np.ndarray:

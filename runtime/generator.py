@@ -1,10 +1,12 @@
 """Generation on a CPU+GPU pair with a byte-budgeted GPU expert cache: the deployment API.
 
 ``Generator`` loads a bundle, places stage graphs on the GPU backend and experts where the policy
-and the latency predictor say (``moedge.runtime.scheduler``, ``policies``, ``predictor``), and generates with a KV cache: greedy
-or sampled (seeded), streaming tokens, stop tokens, several prompts. Per layer, GPU hits and CPU
-misses run in parallel threads (ONNX Runtime releases the GIL) and are combined in expert order, so
-the output does not depend on where an expert ran. With the ``simulated`` backend everything executes
+and the latency predictor say (``moedge.runtime.scheduler``, ``policies``, ``predictor``), and
+generates with a KV cache through the one generation loop (``moedge.runtime.decoding``): greedy or
+sampled (seeded), streaming tokens, stop tokens, several prompts. The bundle runs as the reference
+``BundleRunner`` does, with the cached runtime's expert executor (``moedge.runtime.expert_executor``):
+per layer, GPU hits and CPU misses run in parallel threads and are combined in expert order, so the
+output does not depend on where an expert ran. With the ``simulated`` backend everything executes
 on the CPU and the GPU side is modeled on a hardware profile; modeled figures are labelled so.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,29 +23,23 @@ import numpy as np
 
 from moedge._errors import MoedgeError
 from moedge.arch import get_by_name
+from moedge.formats.manifest import read_manifest
+from moedge.formats.placement_plan import read_plan_file
+from moedge.formats.routing import RoutingStats, read_routing
 from moedge.runtime.backends.base import Backend, make_backend
+from moedge.runtime.backends.ort_cpu import OrtCpuBackend
 from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
-from moedge.runtime.bundle_runner import BundleRunner, combine, routed_rows
+from moedge.runtime.bundle_runner import BundleRunner
 from moedge.runtime.cache import ExpertKey
 from moedge.runtime.costs import ModelCosts, parse_budget
-from moedge.runtime.placement import read_plan_file
+from moedge.runtime.decoding import Generation, Sampling, StopRule, check_prompts, generate_into
+from moedge.runtime.expert_executor import CachedExecutor
 from moedge.runtime.policies import get_policy
 from moedge.runtime.predictor import LatencyPredictor, fit_cpu_timings
 from moedge.runtime.profiles import HardwareProfile, load_profile
-from moedge.runtime.routing import RoutingStats, read_routing
 from moedge.runtime.scheduler import ExpertScheduler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Generation:
-    """One prompt's result."""
-
-    prompt_ids: list[int]
-    token_ids: list[int]
-    text: str | None = None
-    stopped_by: str = "length"  # length | stop | eos | context | interrupt
 
 
 @dataclass
@@ -86,27 +81,6 @@ class RunMetrics:
         return out
 
 
-def _sample(
-    logits: np.ndarray, rng: np.random.Generator, temperature: float, top_k: int, top_p: float
-) -> int:
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / temperature
-    if top_k > 0:
-        kth = np.partition(x, -top_k)[-top_k]
-        x = np.where(x < kth, -np.inf, x)
-    probs = np.exp(x - x.max())
-    probs /= probs.sum()
-    if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        keep = np.cumsum(probs[order]) - probs[order] < top_p
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-        probs /= probs.sum()
-    return int(rng.choice(len(probs), p=probs))
-
-
 class Generator:
     """A bundle ready to generate, with its backends, expert cache and metrics."""
 
@@ -127,11 +101,9 @@ class Generator:
         shared_pool: bool = False,
         engines: str | Path | None = None,
     ) -> None:
-        self.runner = BundleRunner(
-            bundle, intra_op_threads=intra_op_threads, verify=verify, shared_pool=shared_pool
-        )
-        self.manifest = self.runner.manifest
-        self.folder = self.runner.folder
+        self.folder = Path(bundle)
+        self.manifest = read_manifest(self.folder, verify=verify)
+        self.cpu = OrtCpuBackend(intra_op_threads=intra_op_threads, shared_pool=shared_pool)
         self.profile = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
         self.costs = ModelCosts.from_manifest(self.manifest)
         self.parallel = parallel
@@ -139,23 +111,50 @@ class Generator:
         self.tokenizer = self._tokenizer()
         self.context = int(self.manifest.model.get("max_position_embeddings") or 0)
         self.metrics = RunMetrics()
-        if backend == "ort-cpu" or not cache or not self.costs.moe_layers:
-            self.gpu: Backend = self.runner.cpu
-            self.scheduler: ExpertScheduler | None = None
-            self.backend_name = "ort-cpu" if backend == "ort-cpu" or not cache else backend
-            if backend != "ort-cpu" and cache:
-                self.gpu = self._make_gpu(backend, intra_op_threads)
-                self.runner.stage_backend = self.gpu
-                self._activate_base()
-            return
-        self.gpu = self._make_gpu(backend, intra_op_threads)
-        self.backend_name = backend
-        self._loading: dict[ExpertKey, Future[None]] = {}
-        self._loader = (
-            None if self.gpu.modeled else ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedge-copy")
+        self.scheduler: ExpertScheduler | None = None
+        self.executor: CachedExecutor | None = None
+        cached = backend != "ort-cpu" and cache
+        self.backend_name = backend if cached else "ort-cpu"
+        self.gpu: Backend = self._make_gpu(backend, intra_op_threads) if cached else self.cpu
+        if cached and self.costs.moe_layers:
+            self.executor = CachedExecutor(
+                self.folder,
+                self._expert_graph,
+                self.cpu,
+                self.gpu,
+                parallel=parallel,
+                record=self._record,
+            )
+        self.runner = BundleRunner(
+            self.folder,
+            manifest=self.manifest,
+            cpu=self.cpu,
+            stage_backend=self.gpu,
+            executor=self.executor,
         )
-        self.runner.stage_backend = self.gpu
-        self._activate_base()
+        if cached:
+            self._activate_base()
+        if self.executor is not None:
+            self.scheduler = self._make_scheduler(policy, gpu_budget, plan, routing)
+            self.executor.attach(self.scheduler)
+            self.runner.on_stage = self.scheduler.run_stage
+
+    # --- set-up ------------------------------------------------------------------------------------
+    def _make_gpu(self, backend: str, threads: int | None) -> Backend:
+        if backend == "simulated":  # shares the CPU sessions: it executes on the CPU
+            return SimulatedGpuBackend(profile=self.profile, cpu=self.cpu)
+        if backend == "tensorrt":
+            return make_backend(backend, intra_op_threads=threads, engine_dir=self.engines)
+        return make_backend(backend, intra_op_threads=threads)
+
+    def _make_scheduler(
+        self,
+        policy: str,
+        gpu_budget: str | int | float | None,
+        plan: str | Path | None,
+        routing: str | Path | None,
+    ) -> ExpertScheduler:
+        assert self.executor is not None
         stats = self._routing(routing)
         pinned: list[ExpertKey] | None = None
         chosen = get_policy(policy)
@@ -165,7 +164,7 @@ class Generator:
         free = self.gpu.free_memory()
         budget = parse_budget(gpu_budget, self.costs, free_device_bytes=free, context=self.context)
         predictor = LatencyPredictor(self.profile, int8=self.costs.int8, cpu_fit=self._cpu_fit())
-        self.scheduler = ExpertScheduler(
+        return ExpertScheduler(
             self.costs,
             chosen,
             budget,
@@ -173,21 +172,13 @@ class Generator:
             stats=stats,
             plan=pinned,
             predictor=predictor,
-            on_admit=self._admit,
-            on_evict=self._evict,
+            on_admit=self.executor.admit,
+            on_evict=self.executor.evict,
         )
-        self.runner.run_experts = self._run_experts
-        self.runner.before_stage = self.scheduler.run_stage
-        self.runner.speculation = chosen.prefetch > 0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedge-gpu") if parallel else None
 
-    # --- set-up ------------------------------------------------------------------------------------
-    def _make_gpu(self, backend: str, threads: int | None) -> Backend:
-        if backend == "simulated":  # shares the CPU sessions: it executes on the CPU
-            return SimulatedGpuBackend(profile=self.profile, cpu=self.runner.cpu)
-        if backend == "tensorrt":
-            return make_backend(backend, intra_op_threads=threads, engine_dir=self.engines)
-        return make_backend(backend, intra_op_threads=threads)
+    def _expert_graph(self, key: ExpertKey) -> Any:
+        layer, expert = key
+        return self.runner.moe_layer(layer).expert_graph(expert)
 
     def _activate_base(self) -> None:
         for graph in [
@@ -228,67 +219,18 @@ class Generator:
             timings.append((tokens, (time.perf_counter() - start) / 5))
         return fit_cpu_timings(timings)
 
-    def _gpu_runner(self, key: ExpertKey) -> Any:
-        return self.gpu.runner(self.folder, self.runner.expert_graph(*key))
-
-    def _admit(self, key: ExpertKey) -> None:
-        """Make an expert resident: at once on a modeled GPU, in the background on a real one (a copy that
-        overlaps compute; the expert's first GPU run waits for it)."""
-        runner = self._gpu_runner(key)
-        if self.gpu.modeled or self._loader is None:
-            runner.activate()
-        else:
-            self._loading[key] = self._loader.submit(runner.activate)
-
-    def _evict(self, key: ExpertKey) -> None:
-        pending = self._loading.pop(key, None)
-        if pending is not None:
-            pending.result()
-        self._gpu_runner(key).release()
-
-    # --- one MoE layer -----------------------------------------------------------------------------
-    def _run_experts(
-        self,
-        layer: int,
-        x: np.ndarray,
-        chosen: np.ndarray,
-        weights: np.ndarray,
-        speculative: np.ndarray | None,
-    ) -> np.ndarray:
-        assert self.scheduler is not None
-        experts, counts = np.unique(chosen, return_counts=True)
-        routed = {int(e): int(n) for e, n in zip(experts, counts, strict=True)}
-        nxt = None
-        if speculative is not None:
-            votes = np.bincount(speculative[:, : max(self.scheduler.policy.prefetch, 1)].ravel(), minlength=1)
-            nxt = [int(e) for e in np.argsort(-votes, kind="stable") if votes[e] > 0]
-        where = self.scheduler.dispatch(layer, routed, nxt)
+    def _record(self, layer: int, routed: dict[int, int], computed: dict[int, int]) -> None:
         self.metrics.routed[-1].update({(layer, e): n for e, n in routed.items()})
         step = self.metrics.computed[-1]
-        tokens = {e: routed_rows(x, chosen, e) for e in routed}
-
-        def run(es: list[int], backend: Backend | None) -> dict[int, np.ndarray]:
-            out = {}
-            for e in es:
-                pending = self._loading.pop((layer, e), None) if backend is not None else None
-                if pending is not None:
-                    pending.result()  # its copy (a prefetch or this miss's transfer) must have landed
-                out[e] = self.runner.run_expert(layer, e, tokens[e], backend)
-                step[(layer, e)] = step.get((layer, e), 0) + len(tokens[e])
-            return out
-
-        on_gpu = [e for e in routed if where[e] == "gpu"]
-        on_cpu = [e for e in routed if where[e] == "cpu"]
-        if self._pool is not None and on_gpu and on_cpu:
-            future = self._pool.submit(run, on_gpu, self.gpu)
-            outputs = run(on_cpu, None)
-            outputs.update(future.result())
-        else:
-            outputs = run(on_gpu, self.gpu)
-            outputs.update(run(on_cpu, None))
-        return combine(x, chosen, weights, outputs)
+        for e, n in computed.items():
+            step[(layer, e)] = step.get((layer, e), 0) + n
 
     # --- generation --------------------------------------------------------------------------------
+    @property
+    def uses_cache(self) -> bool:
+        """Always True: a bundle's stages take and return the KV cache."""
+        return True
+
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """Token ids of a prompt (text through the bundle's tokenizer, or ids as given)."""
         if isinstance(prompt, str):
@@ -308,24 +250,25 @@ class Generator:
 
     def forward(
         self,
-        ids: np.ndarray,
+        input_ids: np.ndarray,
         past: Any = None,
-        mask: np.ndarray | None = None,
-        positions: np.ndarray | None = None,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, Any]:
-        """One forward step through the cached runtime: logits for ``ids`` (batch x seq) after ``past``.
+        """One forward step through the cached runtime: logits for ``input_ids`` (batch x seq) after ``past``.
 
         Experts run where the scheduler places them (as in :meth:`generate`); the step counts in the
         metrics and the modeled clock. Returns the logits and the extended KV cache.
         """
-        ids = np.asarray(ids, dtype=np.int64)
-        tokens = int(ids.size)
+        ids = np.asarray(input_ids, dtype=np.int64)
         context = 0 if past is None else int(past[0].shape[2])
         self.metrics.computed.append({})
         self.metrics.routed.append({})
         if self.scheduler is not None:
-            self.scheduler.begin_step(tokens, context, rows=int(ids.shape[0]))
-        logits, present = self.runner.forward(ids, past=past, attention_mask=mask, position_ids=positions)
+            self.scheduler.begin_step(int(ids.size), context, rows=int(ids.shape[0]))
+        logits, present = self.runner.forward(
+            ids, past=past, attention_mask=attention_mask, position_ids=position_ids
+        )
         if self.scheduler is not None:
             self.scheduler.end_step()
         return logits, present
@@ -345,111 +288,58 @@ class Generator:
     ) -> list[Generation]:
         """Continue each prompt (text or ids); ``on_token(prompt_index, token_id)`` streams tokens.
 
-        Several prompts run as one batch (left-padded, one forward pass per step for all of them; a
-        prompt that stops leaves the batch) unless ``batch`` is False, which runs them one after
-        another. Greedy when ``temperature`` is 0; otherwise sampled with ``top_k``/``top_p`` from
-        ``seed``. Generation stops at ``max_new_tokens``, the model's end-of-sequence token, a ``stop``
-        token, or the context length. Ctrl-C ends it cleanly: the results so far come back with
-        ``stopped_by="interrupt"`` and the metrics say ``interrupted``.
+        The loop is :func:`moedge.runtime.decoding.generate_into`. Several prompts run as one batch
+        (left-padded, one forward pass per step for all of them; a prompt that stops leaves the batch)
+        unless ``batch`` is False, which runs them one after another. Greedy when ``temperature`` is 0;
+        otherwise sampled with ``top_k``/``top_p`` from ``seed``. Generation stops at the model's
+        end-of-sequence token, a ``stop`` token, ``max_new_tokens``, or the context length. Ctrl-C ends
+        it cleanly: the results so far come back with ``stopped_by="interrupt"`` and the metrics say
+        ``interrupted``.
         """
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         prompt_list = (
             [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else prompts
         )
-        rng = np.random.default_rng(seed)
-        stops = set(int(s) for s in stop)
         eos = self.manifest.model.get("eos_token_id")
-        results: list[Generation] = []
-        for index, prompt in enumerate(prompt_list):  # type: ignore[arg-type]
-            ids = self.encode(prompt)  # type: ignore[arg-type]
-            if not ids:
-                raise MoedgeError("a prompt must have at least one token")
-            if self.context and len(ids) >= self.context:
-                raise MoedgeError(
-                    f"prompt {index} has {len(ids)} tokens; the model's context is {self.context}: shorten it"
-                )
-            results.append(Generation(prompt_ids=ids, token_ids=[]))
-        groups = [list(enumerate(results))] if batch and results else [[row] for row in enumerate(results)]
+        rule = StopRule(
+            max_new_tokens=max_new_tokens,
+            eos_token_id=None if eos is None else int(eos),
+            stop=frozenset(int(s) for s in stop),
+            context=self.context,
+        )
+        results = [Generation(prompt_ids=self.encode(p)) for p in prompt_list]  # type: ignore[arg-type]
+        check_prompts([g.prompt_ids for g in results], self.context)
+        rng = np.random.default_rng(seed)
+        groups = [list(range(len(results)))] if batch and results else [[i] for i in range(len(results))]
         done: list[Generation] = []
         for rows in groups:
+            gens = [results[i] for i in rows]
+
+            def stream(row: int, token: int, rows: list[int] = rows) -> None:
+                if on_token is not None:
+                    on_token(rows[row], token)
+
             try:
-                self._generate_rows(
-                    rows, max_new_tokens, temperature, top_k, top_p, rng, stops, eos, on_token
+                generate_into(
+                    self, gens, rule, sampling=sampling, rng=rng, on_token=stream, on_step=self._timed
                 )
             except KeyboardInterrupt:
                 self.metrics.interrupted = True
                 break
             finally:
-                for _, gen in rows:
+                for gen in gens:
                     gen.text = self.decode(gen.token_ids) if self.tokenizer is not None else None
-                done += [gen for _, gen in rows]
+                done += gens
         return done
 
-    def _generate_rows(
-        self,
-        rows: list[tuple[int, Generation]],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        rng: np.random.Generator,
-        stops: set[int],
-        eos: int | None,
-        on_token: Callable[[int, int], None] | None,
-    ) -> None:
-        """``(prompt index, generation)`` rows as one batch: left padding, an attention mask, per-row
-        positions; a finished row leaves the batch. Ctrl-C marks the rows still running ``interrupt``."""
-        gens = dict(rows)
-        width = max(len(g.prompt_ids) for g in gens.values())
-        step = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, (_, g) in enumerate(rows):
-            step[row, width - len(g.prompt_ids) :] = g.prompt_ids
-            mask[row, width - len(g.prompt_ids) :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        active = [index for index, _ in rows]  # prompt indexes still generating, in batch order
-        try:
-            past: Any = None
-            for i in range(max_new_tokens):
-                start = time.perf_counter()
-                logits, past = self.forward(step, past, mask, positions)
-                tokens = [_sample(logits[r, -1], rng, temperature, top_k, top_p) for r in range(len(active))]
-                elapsed = time.perf_counter() - start
-                if i == 0:
-                    self.metrics.prompt_tokens += int(mask.sum())
-                    self.metrics.prompt_seconds += elapsed
-                else:
-                    self.metrics.decode_tokens += len(active)
-                    self.metrics.decode_seconds += elapsed
-                    self.metrics.token_latencies.append(elapsed)
-                keep: list[int] = []
-                for r, (index, token) in enumerate(zip(active, tokens, strict=True)):
-                    gen = gens[index]
-                    gen.token_ids.append(token)
-                    if on_token is not None:
-                        on_token(index, token)
-                    if eos is not None and token == eos:
-                        gen.stopped_by = "eos"
-                    elif token in stops:
-                        gen.stopped_by = "stop"
-                    elif self.context and len(gen.prompt_ids) + i + 1 >= self.context:
-                        gen.stopped_by = "context"
-                    else:
-                        keep.append(r)
-                if not keep:
-                    return
-                if len(keep) < len(active):  # finished rows leave the batch and its cache
-                    past = [kv[keep] for kv in past]
-                    mask, positions = mask[keep], positions[keep]
-                    active = [active[r] for r in keep]
-                    tokens = [tokens[r] for r in keep]
-                step = np.asarray(tokens, dtype=np.int64)[:, None]
-                mask = np.concatenate([mask, np.ones((len(active), 1), dtype=np.int64)], axis=1)
-                positions = positions[:, -1:] + 1
-        except KeyboardInterrupt:
-            for index in active:
-                if gens[index].stopped_by == "length":  # not already stopped in the interrupted step
-                    gens[index].stopped_by = "interrupt"
-            raise
+    def _timed(self, decode: bool, tokens: int, seconds: float) -> None:
+        if decode:
+            self.metrics.decode_tokens += tokens
+            self.metrics.decode_seconds += seconds
+            self.metrics.token_latencies.append(seconds)
+        else:
+            self.metrics.prompt_tokens += tokens
+            self.metrics.prompt_seconds += seconds
 
     def summary(self) -> dict[str, Any]:
         """The run's metrics (see :class:`RunMetrics`)."""
@@ -460,6 +350,5 @@ class Generator:
 
     def close(self) -> None:
         """Stop the worker threads."""
-        for pool in (getattr(self, "_pool", None), getattr(self, "_loader", None)):
-            if pool is not None:
-                pool.shutdown()
+        if self.executor is not None:
+            self.executor.close()

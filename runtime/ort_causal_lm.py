@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.external_data import check_external_data
 from moedge.formats.export_folder import ExportInfo, read_export_info
-from moedge.runtime.ort_session import (
-    KVCache,
-    empty_cache,
-    generate_greedy,
-    load_session,
-    session_options,
-    step_inputs,
-)
+from moedge.formats.external_data import check_external_data
+from moedge.ort_sessions import load_session, session_options
+from moedge.runtime.ort_session import KVCache, empty_cache, step_inputs
 
 log = logging.getLogger(__name__)
 
 
 class OrtCausalLM:
-    """An exported folder as one ONNX Runtime session: forward, scoring and greedy generation."""
+    """An exported folder as one ONNX Runtime session: forward and scoring (generation: ``moedge.runtime.decoding``)."""
 
     def __init__(
         self,
@@ -38,6 +32,11 @@ class OrtCausalLM:
         options = session_options(intra_op_threads=intra_op_threads, optimize=optimize)
         check_external_data(self.info.model_file)  # an export is read only from its own folder
         self.session = load_session(self.info.model_file, options, providers)
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether the export carries a KV cache (without one, every step feeds the whole sequence)."""
+        return self.info.with_cache
 
     def empty_cache(self, batch: int) -> KVCache:
         """A zero-length cache for ``batch`` sequences."""
@@ -67,21 +66,3 @@ class OrtCausalLM:
             feeds.update(zip(self.info.inputs[3:], past, strict=True))
         outputs = self.session.run(None, feeds)
         return outputs[0], list(outputs[1:])
-
-    def generate(
-        self,
-        prompt_ids: Sequence[int],
-        *,
-        max_new_tokens: int,
-        eos_token_id: int | None = None,
-        on_token: Callable[[int], None] | None = None,
-    ) -> list[int]:
-        """Greedy continuation of one prompt using the KV cache (or full recompute without one)."""
-        return generate_greedy(
-            self.forward,
-            prompt_ids,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_token_id,
-            on_token=on_token,
-            cached=self.info.with_cache,
-        )

@@ -11,20 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from moedge._errors import MoedgeError
-from moedge.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from moedge.formats.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from moedge.formats.placement_plan import write_plan
+from moedge.formats.routing import ROUTING_FILE, RoutingStats, read_routing
 from moedge.paths import atomic_file, bundle_root, new_temp_file, refuse_inside_bundle, remove_stale_temps
 from moedge.runtime.bundle_runner import BundleRunner
 from moedge.runtime.costs import ModelCosts, parse_budget
-from moedge.runtime.placement import write_plan
 from moedge.runtime.policies import POLICIES
 from moedge.runtime.profiles import load_profile
-from moedge.runtime.routing import RoutingStats, read_routing
 from moedge.runtime.simulate import DecodeTrace, record_trace, tune_haq
 
 log = logging.getLogger(__name__)
 
 
-ROUTING_FILE = "routing.json"
 PLAN_KEY = "plan"
 """``manifest.extra`` key naming the placement plan that ``--update-bundle`` wrote into the bundle."""
 

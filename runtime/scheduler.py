@@ -21,13 +21,13 @@ from typing import Any
 import numpy as np
 
 from moedge._errors import MoedgeError
+from moedge.formats.routing import RoutingStats
 from moedge.runtime.cache import ExpertCache, ExpertKey, check_budget
 from moedge.runtime.costs import ModelCosts
 from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity
 from moedge.runtime.policies import Policy
 from moedge.runtime.predictor import LatencyPredictor
 from moedge.runtime.profiles import HardwareProfile
-from moedge.runtime.routing import RoutingStats
 
 log = logging.getLogger(__name__)
 

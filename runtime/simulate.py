@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from moedge._errors import MoedgeError
+from moedge.formats.routing import RoutingStats
 from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 from moedge.runtime.costs import ModelCosts
 from moedge.runtime.policies import Policy
 from moedge.runtime.profiles import HardwareProfile
-from moedge.runtime.routing import RoutingStats
 from moedge.runtime.scheduler import ExpertScheduler
 
 

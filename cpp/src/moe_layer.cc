@@ -1,7 +1,10 @@
 // The MoE layer: route each token by the manifest's gating rule, run every chosen expert once on its
-// tokens (on the provider when resident, else on the CPU, then offered to the cache), and add the
-// weighted outputs in ascending expert index, so the sums match moedge.runtime bit for bit.
+// tokens (on the provider when resident, else on the CPU, then offered to the cache, which evicts none
+// of the layer's chosen experts for it, as moedge.runtime.scheduler.ExpertScheduler.dispatch protects
+// them), and add the weighted outputs in ascending expert index, so the sums match moedge.runtime bit
+// for bit.
 #include <algorithm>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -62,8 +65,8 @@ Ort::Session& Runner::Impl::expert_session(const Key& key, const GraphSpec& g, b
   return *s;
 }
 
-void Runner::Impl::after_miss(const Key& key, const GraphSpec& g) {
-  for (const Key& victim : cache->admit(key, g.bytes)) {
+void Runner::Impl::after_miss(const Key& key, const GraphSpec& g, const std::set<Key>& protect) {
+  for (const Key& victim : cache->admit(key, g.bytes, protect)) {
     resident.erase(victim);
     ++stats.evictions;
   }
@@ -98,6 +101,9 @@ Ort::Value Runner::Impl::moe(const LayerSpec& layer, Values& v) {
   std::vector<std::vector<std::pair<int64_t, int>>> routed_to(static_cast<size_t>(spec.num_experts));
   for (int64_t t = 0; t < tokens; ++t)  // (token, slot) per expert, tokens ascending
     for (int s = 0; s < k; ++s) routed_to[static_cast<size_t>(chosen[t * k + s])].emplace_back(t, s);
+  std::set<Key> protect;  // this layer's chosen experts: no admission of this layer evicts one
+  for (int e = 0; e < spec.num_experts; ++e)
+    if (!routed_to[static_cast<size_t>(e)].empty()) protect.emplace(layer.index, e);
   for (int e = 0; e < spec.num_experts; ++e) {
     const auto& rows = routed_to[static_cast<size_t>(e)];
     if (rows.empty()) continue;
@@ -113,7 +119,7 @@ Ort::Value Runner::Impl::moe(const LayerSpec& layer, Values& v) {
     Ort::Session& session = expert_session(key, g, &on_cpu);
     ++stats.expert_runs;
     auto out = run(session, g, feed);
-    if (on_cpu) after_miss(key, g);
+    if (on_cpu) after_miss(key, g, protect);
     first(g.outputs, g, "outputs");
     if (float_shape(out.at(0), g.file + " output") != std::vector<int64_t>{static_cast<int64_t>(rows.size()), hidden})
       throw Error(g.file + ": the expert output must be (routed tokens, hidden)");

@@ -29,22 +29,21 @@ Runner::Impl::Impl(const std::string& bundle, RunnerOptions options) : dir(bundl
   if (!opt.plan.empty() && !opt.expert_budget)
     throw Error("a placement plan needs an expert budget: set RunnerOptions::expert_budget (moedge-run --gpu-budget)");
   if (opt.expert_budget) {
-    const int64_t budget = *opt.expert_budget;
-    if (budget < 0) throw Error("the expert budget is " + std::to_string(budget) + " bytes: give at least 0");
-    int64_t largest = 0;
+    size_t moe_layers = 0;
+    std::vector<int64_t> expert_bytes;
     for (const auto& layer : m.layers)
-      if (layer.moe)
-        for (const auto& g : layer.moe->experts) largest = std::max(largest, g.bytes);
-    if (budget > 0 && budget < largest)
-      throw Error("the expert budget of " + std::to_string(budget) + " bytes is smaller than the largest expert (" +
-                  std::to_string(largest) + " bytes): give at least that, or 0 to run every expert on the CPU");
-    cache.emplace(budget, opt.policy == CachePolicy::Lru);
+      if (layer.moe) {
+        ++moe_layers;
+        for (const auto& g : layer.moe->experts) expert_bytes.push_back(g.bytes);
+      }
+    cache.emplace(make_expert_cache(*opt.expert_budget, opt.policy, moe_layers, expert_bytes));
     for (const Key& key : opt.plan) {
       const GraphSpec& g = expert_graph(key);
       cache->pin(key, g.bytes);
       resident[key] = open(g, provider_options);
     }
     stats.peak_expert_bytes = cache->peak();
+    stats.per_layer_slots = cache->per_layer_slots();
   }
   for (const GraphSpec* g : stage_graphs()) stages[g->file] = open(*g, provider_options);
   reset();

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -80,7 +81,8 @@ struct Runner::Impl {
 
   // moe_layer.cc
   Ort::Session& expert_session(const Key& key, const GraphSpec& g, bool* on_cpu);
-  void after_miss(const Key& key, const GraphSpec& g);
+  // Offer a missed expert to the cache after its CPU run; `protect`: the layer's chosen experts.
+  void after_miss(const Key& key, const GraphSpec& g, const std::set<Key>& protect);
   // residual + sum over chosen experts of weight * expert(x) [+ shared output], experts in index order.
   Ort::Value moe(const LayerSpec& layer, Values& v);
 

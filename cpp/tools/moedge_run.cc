@@ -34,11 +34,14 @@ constexpr const char* kUsage =
     "`moedge run`: bytes with a unit (b; KB, MB, GB = 10^3, 10^6, 10^9; KiB, MiB, GiB = 2^10, 2^20, 2^30),\n"
     "N% of the bundle's expert bytes, or a bare number (a share of them when at most 1, else bytes).\n"
     "`auto` is refused: it needs the free device memory, which only the Python runtime measures.\n"
-    "--policy lru (the default): a missed expert is loaded after its CPU run, evicting the least recently\n"
-    "used (one LRU over all layers); --policy pinned: only the --plan experts stay, nothing is loaded on a\n"
-    "miss (the default with --plan and no --gpu-budget). --plan pins a `moedge profile --plan` placement.\n"
-    "The Python runtime's policy `static` (Fiddler's popularity placement, misses placed by a latency\n"
-    "predictor) has no C++ counterpart.\n"
+    "--policy lru (the default) is the Python runtime's lru, a per-layer LRU: each MoE layer holds up to\n"
+    "int(budget / (MoE layers x mean expert bytes) + 1e-4) unpinned experts (under one: one LRU over all\n"
+    "layers); a missed expert is loaded after its CPU run, evicting its layer's least recently used\n"
+    "unpinned experts, never one chosen in the same step, until it has a slot and fits the budget (else\n"
+    "it is not loaded). --policy pinned: only the --plan experts stay, nothing is loaded on a miss (the\n"
+    "default with --plan and no --gpu-budget). --plan pins a `moedge profile --plan` placement (the Python\n"
+    "runtime's lru ignores --plan). The Python runtime's policy `static` (Fiddler's popularity\n"
+    "placement, misses placed by a latency predictor) has no C++ counterpart.\n"
     "The ONNX Runtime library: --ort-lib, else $MOEDGE_ORT_LIB, else the SDK this was built with.\n";
 
 struct UsageError : std::runtime_error {
@@ -272,7 +275,9 @@ int main(int argc, char** argv) {
                             {"hits", s.hits},
                             {"cpu_runs", s.cpu_runs},
                             {"evictions", s.evictions},
-                            {"peak_expert_bytes", s.peak_expert_bytes}};
+                            {"peak_expert_bytes", s.peak_expert_bytes},
+                            {"per_layer_slots", s.per_layer_slots > 0 ? nlohmann::json(s.per_layer_slots)
+                                                                      : nlohmann::json(nullptr)}};
       std::ofstream out(json_out);
       if (!(out << doc.dump(1) << '\n')) throw moedge::Error("cannot write --json " + json_out);
     }

@@ -2,7 +2,8 @@
 
 Everything the pipeline needs to know about an architecture lives here: which HF ``model_type``s it
 covers, where the MoE experts and router sit inside a decoder layer, how the gating renormalizes,
-whether prompts start with BOS, and the example inputs and dynamic shapes the exporter traces with.
+whether prompts start with BOS, which norm feeds which linears (the smoothing map calibration folds
+through, ``smoothing.py``), and the example inputs and dynamic shapes the exporter traces with.
 Calibration, export, graph passes and the runtime read these facts instead of testing model names.
 
 ``import moedge.arch`` stays free of torch: the torch-level helpers (``moedge.arch.per_expert``,
@@ -10,6 +11,21 @@ Calibration, export, graph passes and the runtime read these facts instead of te
 """
 
 from moedge.arch.config import ArchitectureConfig
-from moedge.arch.registry import get_by_name, get_config, register, supported_model_types
+from moedge.arch.registry import (
+    get_by_name,
+    get_config,
+    register,
+    smoothable_model_types,
+    smoothing_map,
+    supported_model_types,
+)
 
-__all__ = ["ArchitectureConfig", "get_by_name", "get_config", "register", "supported_model_types"]
+__all__ = [
+    "ArchitectureConfig",
+    "get_by_name",
+    "get_config",
+    "register",
+    "smoothable_model_types",
+    "smoothing_map",
+    "supported_model_types",
+]

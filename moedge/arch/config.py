@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from moedge.manifest import GatingRule
+from moedge.arch.smoothing import SmoothingMap
+from moedge.formats.manifest import GatingRule
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,6 +20,8 @@ class ArchitectureConfig:
     ``normalize_top_k`` says whether the chosen experts' softmax scores are renormalized to sum to one:
     always (True), never (False), or as the named HF config flag says. ``prepend_bos`` says whether a
     text prompt starts with the BOS token (SentencePiece Llama tokenizers do not add it themselves).
+    ``smoothing`` names the modules of a decoder layer that calibration folds smoothing scales through
+    (``moedge.arch.smoothing``); None: the family cannot be calibrated.
     """
 
     name: str
@@ -29,6 +32,7 @@ class ArchitectureConfig:
     shared_expert_path: str | None = None
     normalize_top_k: bool | str = False
     prepend_bos: bool = False
+    smoothing: SmoothingMap | None = None
 
     @property
     def is_moe(self) -> bool:

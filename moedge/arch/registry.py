@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from moedge._errors import MoedgeError
 from moedge.arch.config import ArchitectureConfig
+from moedge.arch.smoothing import LLAMA_LIKE, OPT_MAP, SmoothingMap
 
 _REGISTRY: dict[str, ArchitectureConfig] = {}
 
@@ -21,11 +24,15 @@ LLAMA = register(
         model_types=("llama", "mistral"),
         description="dense decoder, RMSNorm, RoPE, GQA, gated SiLU MLP",
         prepend_bos=True,
+        smoothing=LLAMA_LIKE,
     )
 )
 OPT = register(
     ArchitectureConfig(
-        name="opt", model_types=("opt",), description="dense decoder, LayerNorm, learned positions, ReLU MLP"
+        name="opt",
+        model_types=("opt",),
+        description="dense decoder, LayerNorm, learned positions, ReLU MLP",
+        smoothing=OPT_MAP,
     )
 )
 MIXTRAL = register(
@@ -36,6 +43,7 @@ MIXTRAL = register(
         experts_path="mlp.experts",
         router_path="mlp.gate",
         normalize_top_k=True,
+        smoothing=LLAMA_LIKE,
     )
 )
 QWEN2_MOE = register(
@@ -47,6 +55,7 @@ QWEN2_MOE = register(
         router_path="mlp.gate",
         shared_expert_path="mlp.shared_expert",
         normalize_top_k="norm_topk_prob",
+        smoothing=replace(LLAMA_LIKE, shared_expert_gate="mlp.shared_expert_gate"),
     )
 )
 OLMOE = register(
@@ -57,6 +66,7 @@ OLMOE = register(
         experts_path="mlp.experts",
         router_path="mlp.gate",
         normalize_top_k="norm_topk_prob",
+        smoothing=LLAMA_LIKE,
     )
 )
 
@@ -74,6 +84,22 @@ def get_config(model_type: str) -> ArchitectureConfig:
         raise MoedgeError(
             f"unsupported architecture '{model_type}': moedge supports {', '.join(supported_model_types())}"
         ) from None
+
+
+def smoothable_model_types() -> tuple[str, ...]:
+    """Every ``model_type`` whose family has a smoothing map (the ones calibration supports)."""
+    return tuple(t for t in supported_model_types() if _REGISTRY[t].smoothing is not None)
+
+
+def smoothing_map(model_type: str) -> SmoothingMap:
+    """The smoothing map of a ``model_type``'s family, or a clear error naming the types that have one."""
+    config = _REGISTRY.get(model_type)
+    if config is None or config.smoothing is None:
+        raise MoedgeError(
+            f"no smoothing map for model type {model_type!r}; calibration supports "
+            f"{', '.join(smoothable_model_types())}"
+        )
+    return config.smoothing
 
 
 def get_by_name(name: str) -> ArchitectureConfig | None:

@@ -24,8 +24,9 @@ from moedge.cli.common import (
 log = logging.getLogger("moedge")
 
 MAX_CALIB_TOKENS = 2**26  # --calib-windows x --seqlen: the token windows are held in memory
-# moedge.calibration.config's METHODS and ACT_CLIPS, spelled out here: importing the calibration package
-# imports torch, which `moedge --help` must not wait for (tests/integration/test_cli.py checks they agree).
+# moedge.formats.recipe's METHODS and moedge.calibration.config's ACT_CLIPS, spelled out here: importing
+# them imports numpy and torch, which `moedge --help` must not wait for (tests/integration/test_cli.py
+# checks they agree).
 METHODS = ("rtn", "smoothquant", "gptq", "haq")
 ACT_CLIPS = ("absmax", "percentile", "mse", "output")
 

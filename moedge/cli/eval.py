@@ -70,7 +70,7 @@ def execute(opts: EvalOptions) -> int:
     from moedge.datasets import load_text
     from moedge.evaluation import perplexity
     from moedge.formats.export_folder import is_exported_folder
-    from moedge.manifest import MANIFEST_FILE
+    from moedge.formats.manifest import MANIFEST_FILE
     from moedge.paths import refuse_inside_bundle, write_text_atomic
 
     if opts.json is not None:
@@ -160,7 +160,8 @@ def _torch_scorer(opts: EvalOptions, text: str) -> tuple[Any, Any, str]:
     check_seqlen(opts.seqlen, context, loaded.name)  # before a long evaluation
     label = "pytorch fp32"
     if opts.recipe is not None:
-        from moedge.calibration.recipe import apply_recipe, load_recipe
+        from moedge.calibration.recipe import apply_recipe
+        from moedge.formats.recipe import load_recipe
 
         recipe = load_recipe(opts.recipe)
         apply_recipe(loaded, recipe)

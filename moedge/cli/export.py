@@ -60,7 +60,7 @@ def execute(opts: ExportOptions) -> int:
     out = check_export_output(opts.output, overwrite=opts.overwrite)
     recipe = None
     if opts.recipe is not None:
-        from moedge.calibration.recipe import load_recipe
+        from moedge.formats.recipe import load_recipe
 
         recipe = load_recipe(opts.recipe)  # a bad recipe fails before the model loads
     loaded = load_model(opts.model, cache_dir=opts.cache_dir)

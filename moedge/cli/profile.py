@@ -81,10 +81,10 @@ def _check_inputs(opts: ProfileOptions) -> None:
     """Before minutes of profiling: the --merge files against the bundle, the --plan's profile, and one
     warning line for plan flags given without --plan."""
     if opts.merge or opts.plan is not None:
-        from moedge.manifest import read_manifest
-        from moedge.runtime.placement import bundle_experts
+        from moedge.formats.manifest import read_manifest
+        from moedge.formats.placement_plan import bundle_experts
+        from moedge.formats.routing import read_routing
         from moedge.runtime.profiles import load_profile
-        from moedge.runtime.routing import read_routing
 
         experts = bundle_experts(read_manifest(opts.bundle))
         for other in opts.merge or ():

@@ -174,10 +174,10 @@ def default_backend() -> str:
 def check_inputs(opts: RunOptions, prompts: Sequence[Prompt], backend: str) -> None:
     """Before any session starts: the plan, routing and profile files against the bundle, token ids
     against its vocabulary, and one warning line for flags the chosen backend ignores."""
-    from moedge.manifest import read_manifest
-    from moedge.runtime.placement import bundle_experts, read_plan_file
+    from moedge.formats.manifest import read_manifest
+    from moedge.formats.placement_plan import bundle_experts, read_plan_file
+    from moedge.formats.routing import read_routing
     from moedge.runtime.profiles import load_profile
-    from moedge.runtime.routing import read_routing
 
     manifest = read_manifest(opts.bundle)  # the Generator verifies every file's hash next
     experts = bundle_experts(manifest)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from moedge._errors import MoedgeError
+from moedge.formats.routing import ROUTING_FILE
 
 EXPORT_FORMAT_VERSION = 1
 """The ``moedge.format_version`` this moedge writes, and the newest it reads."""
@@ -20,7 +21,6 @@ CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
 MODEL_DATA_FILE = MODEL_FILE + ".data"
 TOKENIZER_FILE = "tokenizer.json"
-ROUTING_FILE = "routing.json"
 EXPORT_FILES = (CONFIG_FILE, MODEL_FILE, MODEL_DATA_FILE, TOKENIZER_FILE, ROUTING_FILE)
 """Every file an export holds (``routing.json`` only for a recipe that has one)."""
 META_KEY = "moedge"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moedge.manifest import GraphSpec
+from moedge.formats.manifest import GraphSpec
 
 
 class Runner(ABC):

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from moedge.manifest import GraphSpec
+from moedge.formats.manifest import GraphSpec
+from moedge.ort_sessions import load_session, session_options, shared_thread_pool
 from moedge.runtime.backends.base import Backend, Runner
-from moedge.runtime.ort_session import load_session, session_options, shared_thread_pool
 
 
 class OrtRunner(Runner):

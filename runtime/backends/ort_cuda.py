@@ -17,9 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from moedge._errors import MoedgeError
-from moedge.manifest import GraphSpec
+from moedge.formats.manifest import GraphSpec
+from moedge.ort_sessions import load_session, session_options
 from moedge.runtime.backends.base import Backend, Runner, cuda_free_memory
-from moedge.runtime.ort_session import load_session, session_options
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # A session option (ORT >= 1.24) that makes get_provider_graph_assignment_info() answer.

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.manifest import GraphSpec
+from moedge.formats.manifest import GraphSpec
 from moedge.runtime.backends.base import Backend, Runner
 from moedge.runtime.backends.ort_cpu import OrtCpuBackend
 from moedge.runtime.profiles import HardwareProfile, load_profile

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from moedge._errors import MoedgeError
-from moedge.manifest import GraphSpec, Manifest, read_manifest
+from moedge.formats.manifest import GraphSpec, Manifest, read_manifest
 from moedge.paths import refuse_inside_bundle, write_text_atomic
 from moedge.runtime.backends.base import Backend, Runner, cuda_free_memory
 from moedge.runtime.tensorrt_build import ShapeRange, build_engine

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from moedge.manifest import read_manifest
-from moedge.runtime import BundleRunner, Generator
+from moedge.formats.manifest import read_manifest
+from moedge.runtime import BundleRunner, Generator, greedy
 from moedge.runtime.backends.ort_cuda import CUDA_PROVIDER, OrtCudaBackend
 from moedge.runtime.backends.tensorrt import TensorRtBackend
 
@@ -30,7 +30,7 @@ def _stage_files(bundle) -> list[str]:
 @pytest.mark.parametrize("policy", ["haq", "lru", "full-gpu"])
 def test_ort_cuda_generation_matches_cpu(bundles, policy):
     bundle = bundles("mixtral")
-    want = BundleRunner(bundle).generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    want = greedy(BundleRunner(bundle), PROMPT, max_new_tokens=NEW_TOKENS)
     gen = Generator(bundle, backend="ort-cuda", policy=policy, gpu_budget="30%")
     assert gen.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids == want
     assert (
@@ -57,7 +57,7 @@ def test_tensorrt_generation_matches_cpu(bundles, tmp_path):
     bundle = bundles("mixtral")
     engines = tmp_path / "mixtral.engines"
     build_bundle_engines(bundle, engine_dir=engines, max_tokens=64, context=128, progress=False)
-    want = BundleRunner(bundle).generate(PROMPT, max_new_tokens=NEW_TOKENS)
+    want = greedy(BundleRunner(bundle), PROMPT, max_new_tokens=NEW_TOKENS)
     gen = Generator(bundle, backend="tensorrt", policy="lru", gpu_budget="50%", engines=engines)
     assert gen.generate(PROMPT, max_new_tokens=NEW_TOKENS)[0].token_ids == want
     backend = gen.gpu

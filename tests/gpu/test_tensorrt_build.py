@@ -89,7 +89,7 @@ def test_qdq_bundle_engines_run_int8_and_match_ort_cpu(qdq_bundle, tmp_path):
     """tiny-mixtral W8A8 (rtn): the embedding, the layer-0 stage, expert 0 and the head build as engines
     and run through the tensorrt backend on a 6-token prompt step and a 1-token decode step (past 6);
     every output matches ORT CPU on the same inputs; the stage and the expert multiply in INT8."""
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
     from moedge.runtime.backends.ort_cpu import OrtCpuBackend
     from moedge.runtime.backends.tensorrt import TensorRtBackend, engine_path, shape_ranges
     from moedge.runtime.ort_session import step_inputs

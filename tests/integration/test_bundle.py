@@ -17,9 +17,9 @@ import torch
 from moedge._errors import MoedgeError
 from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
 from moedge.export.exporter import export_model
+from moedge.formats.manifest import read_manifest
 from moedge.graph_passes.bundle import split_bundle
 from moedge.graph_passes.inspect import INT8_KERNELS, ort_census, qdq_coverage
-from moedge.manifest import read_manifest
 from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 from moedge.runtime.ort_causal_lm import OrtCausalLM
 from moedge.testbeds import build_tiny

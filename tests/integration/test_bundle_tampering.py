@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 
-from moedge.manifest import sha256_file
+from moedge.formats.manifest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results" / "robustness"

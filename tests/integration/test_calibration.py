@@ -12,8 +12,9 @@ import torch
 from moedge._errors import MoedgeError
 from moedge.arch import get_config
 from moedge.arch.per_expert import split_experts
-from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, load_recipe, save_recipe
+from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
 from moedge.calibration.layers import decoder_layers, layer_spec
+from moedge.formats.recipe import load_recipe
 from moedge.testbeds import build_tiny
 from tests.conftest import TINY_KINDS
 

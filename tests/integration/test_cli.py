@@ -156,8 +156,9 @@ def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
 
 
 def test_choices_come_from_the_registries(capsys):
-    from moedge.calibration.config import ACT_CLIPS, METHODS
+    from moedge.calibration.config import ACT_CLIPS
     from moedge.cli import calibrate
+    from moedge.formats.recipe import METHODS
     from moedge.runtime.backends import BACKENDS
     from moedge.runtime.policies import POLICIES
 

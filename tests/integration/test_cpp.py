@@ -16,8 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moedge.manifest import read_manifest
-from moedge.runtime import BundleRunner
+from moedge.formats.manifest import read_manifest
+from moedge.runtime import BundleRunner, greedy
+from moedge.runtime.costs import ModelCosts, parse_budget
+from moedge.runtime.policies import POLICIES
+from moedge.runtime.profiles import BUILTIN
+from moedge.runtime.scheduler import ExpertScheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 RELEASE = ROOT / "build" / "cpp"
@@ -55,7 +59,7 @@ def _parity(bundle: Path, tmp_path: Path, build: Path = RELEASE) -> dict:
     eos = runner.manifest.model.get("eos_token_id")
     got_logits = np.fromfile(logits_file, dtype=np.float32).reshape(len(PROMPTS), -1)
     for prompt, gen, cpp_logits in zip(PROMPTS, doc["generations"], got_logits, strict=True):
-        assert gen["token_ids"] == runner.generate(prompt, max_new_tokens=16, eos_token_id=eos)
+        assert gen["token_ids"] == greedy(runner, prompt, max_new_tokens=16, eos_token_id=eos)
         want = runner.forward(np.asarray([prompt]))[0][0, -1]
         # the bars are 1e-4 (FP32) and the same argmax (QDQ); the bits are in fact the same: one ORT
         # library, one set of gating numerics
@@ -99,6 +103,10 @@ def test_expert_cache_keeps_the_tokens_and_the_budget(bundles, tmp_path, budget,
     limit = 0 if budget == "0" else int(float(budget[:-1]) / 100 * expert_bytes)
     assert b["peak_expert_bytes"] <= limit and b["hits"] + b["cpu_runs"] == b["expert_runs"]
     assert (b["evictions"] > 0) == evicts
+    if policy == "lru":  # the Runner's per-layer slots from the manifest are the Python scheduler's
+        costs = ModelCosts.from_manifest(read_manifest(bundle))
+        sched = ExpertScheduler(costs, POLICIES["lru"], parse_budget(budget, costs), BUILTIN["rtx4090-pcie4"])
+        assert b["per_layer_slots"] == sched.per_layer_slots
     if budget == "0":
         assert b["hits"] == 0
     if budget == "100%":  # every expert runs on the CPU once, then stays resident
@@ -123,7 +131,7 @@ def test_plan_from_moedge_profile_pins_experts(bundles, tmp_path):
     runner = BundleRunner(bundle)
     eos = runner.manifest.model.get("eos_token_id")
     assert [g["token_ids"] for g in doc["generations"]] == [
-        runner.generate(p, max_new_tokens=12, eos_token_id=eos) for p in PROMPTS
+        greedy(runner, p, max_new_tokens=12, eos_token_id=eos) for p in PROMPTS
     ]
     assert pinned and doc["hits"] > 0 and doc["evictions"] == 0  # --plan alone: policy pinned
 
@@ -133,8 +141,8 @@ def test_example_app_generates_what_the_runner_does(bundles):
     result = _run([str(bundle), "1,17,33,50,7", "16"], tool="moedge-example")
     assert result.returncode == 0, result.stderr
     runner = BundleRunner(bundle)
-    want = runner.generate(
-        PROMPTS[0], max_new_tokens=16, eos_token_id=runner.manifest.model.get("eos_token_id")
+    want = greedy(
+        runner, PROMPTS[0], max_new_tokens=16, eos_token_id=runner.manifest.model.get("eos_token_id")
     )
     assert [int(t) for t in result.stdout.split()] == want
 

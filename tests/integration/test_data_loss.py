@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from moedge.cli import main
-from moedge.manifest import read_manifest
+from moedge.formats.manifest import read_manifest
 from moedge.paths import TEMP_MARK, remove_stale_temps, write_text_atomic
 
 SUMMARY = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "robustness" / "data_loss.json"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moedge.loading import load_model
-from moedge.runtime import OrtCausalLM
+from moedge.runtime import OrtCausalLM, greedy
 from moedge.upcycle import UpcycleConfig, upcycle_loaded
 
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -36,7 +36,7 @@ def test_stories260k_tells_the_story_from_its_onnx_export(stories, tmp_path):
 
     export_model(stories, tmp_path / "stories")
     lm = OrtCausalLM(tmp_path / "stories")
-    new = lm.generate([stories.bos_token_id], max_new_tokens=40)
+    new = greedy(lm, [stories.bos_token_id], max_new_tokens=40)
     assert stories.decode(new).startswith(STORY)
 
 
@@ -84,9 +84,9 @@ def test_stories260k_with_an_int8_head_keeps_its_embedding_and_runs_the_head_in_
         save_recipe,
     )
     from moedge.export.exporter import export_model
+    from moedge.formats.manifest import read_manifest
     from moedge.graph_passes.bundle import split_bundle
     from moedge.graph_passes.inspect import INT8_KERNELS, ort_census
-    from moedge.manifest import read_manifest
     from moedge.runtime.bundle_runner import BundleRunner
 
     path = data_dir / "stories260K" / "stories260K.bin"

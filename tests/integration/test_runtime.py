@@ -14,8 +14,10 @@ import pytest
 
 from moedge._errors import MoedgeError
 from moedge.cli import main
-from moedge.runtime import BundleRunner, Generator
+from moedge.runtime import BundleRunner, Generator, greedy
+from moedge.runtime.backends.ort_cpu import OrtCpuBackend
 from moedge.runtime.bundle_runner import RoutingTrace
+from moedge.runtime.moe_layer import ReferenceExecutor
 from moedge.runtime.profiling import profile_bundle
 
 PROMPTS = [[1, 17, 33, 50, 7], [3, 99, 140, 11, 12, 200, 5]]
@@ -41,7 +43,7 @@ def profiled(bundles, tmp_path_factory):
 
 def _reference(bundle):
     runner = BundleRunner(bundle)
-    return [runner.generate(p, max_new_tokens=8) for p in PROMPTS]
+    return [greedy(runner, p, max_new_tokens=8) for p in PROMPTS]
 
 
 @pytest.mark.parametrize(
@@ -89,17 +91,18 @@ def _routers_from_npy(bundle) -> dict[int, np.ndarray]:
     }
 
 
-def _moe_inputs_and_choices(runner: BundleRunner) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Record each MoE layer's input and chosen experts of every forward call (filled as it runs)."""
+def _recording_runner(bundle) -> tuple[BundleRunner, dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """A reference runner whose executor records each MoE layer's input and chosen experts of every
+    forward call (filled as it runs)."""
     seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    run = runner.run_experts
 
-    def record(layer, x, chosen, weights, speculative):
-        seen[layer] = (x.copy(), chosen.copy())
-        return run(layer, x, chosen, weights, speculative)
+    class Recording(ReferenceExecutor):
+        def run(self, layer, x, routing, candidates):
+            seen[layer.index] = (x.copy(), routing.chosen.copy())
+            return super().run(layer, x, routing, candidates)
 
-    runner.run_experts = record
-    return seen
+    cpu = OrtCpuBackend()
+    return BundleRunner(bundle, cpu=cpu, executor=Recording(cpu)), seen
 
 
 def test_prefetch_recall_is_the_next_routers_hit_rate_computed_by_hand(profiled):
@@ -112,8 +115,7 @@ def test_prefetch_recall_is_the_next_routers_hit_rate_computed_by_hand(profiled)
     out = gen.generate(PROMPTS, max_new_tokens=8, batch=False)  # one row: its top-2 are the candidates
     routers = _routers_from_npy(bundle)
     moe = sorted(routers)
-    ref = BundleRunner(bundle)  # its forward never calls speculate (no trace, no speculation)
-    seen = _moe_inputs_and_choices(ref)
+    ref, seen = _recording_runner(bundle)  # its forward never calls speculate (no trace, no prefetch)
     hits = total = 0
     for g in out:
         _, past = ref.forward(np.asarray([g.prompt_ids]))
@@ -204,7 +206,7 @@ def test_a_batch_drops_finished_rows_and_matches_one_by_one(profiled):
     bundle, routing, _ = profiled
     prompts = [*PROMPTS, [9, 8, 7], list(range(20, 41))]
     ref = BundleRunner(bundle)
-    want = [ref.generate(p, max_new_tokens=12) for p in prompts]
+    want = [greedy(ref, p, max_new_tokens=12) for p in prompts]
     stop = want[2][3]  # the third prompt stops early; the others go on without it
     gen = Generator(bundle, backend="simulated", policy="haq", gpu_budget="30%", routing=routing)
     out = gen.generate(prompts, max_new_tokens=12, stop=[stop])
@@ -324,8 +326,7 @@ def test_speculative_gate_ranks_by_the_next_router_computed_by_hand(kind, bundle
     bundle = bundles(kind)
     routers = _routers_from_npy(bundle)
     moe = sorted(routers)
-    runner = BundleRunner(bundle)
-    seen = _moe_inputs_and_choices(runner)
+    runner, seen = _recording_runner(bundle)
     ids = np.random.default_rng(8).integers(0, 256, (2, 6))
     trace = RoutingTrace()
     runner.forward(ids, trace=trace)

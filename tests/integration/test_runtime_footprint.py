@@ -17,11 +17,11 @@ def test_runtime_generates_without_torch_or_transformers(tiny_exports):
                 if name.split(".")[0] in ("torch", "transformers"):
                     raise ImportError("blocked: " + name)
         sys.meta_path.insert(0, Block())
-        from moedge.runtime import OrtCausalLM
+        from moedge.runtime import OrtCausalLM, greedy
         from moedge.tokenizer import load_tokenizer
         lm = OrtCausalLM({str(folder)!r})
         tok = load_tokenizer(lm.info.tokenizer_file)
-        new = lm.generate(tok.encode("hello").ids, max_new_tokens=5)
+        new = greedy(lm, tok.encode("hello").ids, max_new_tokens=5)
         assert len(new) == 5
         print("ok", "torch" in sys.modules)
         """
@@ -38,11 +38,11 @@ def test_bundle_runs_without_torch_or_transformers(tiny_exports, tmp_path, pytho
     split_bundle(tiny_exports("qwen2-moe"), bundle, progress=False)
     result = python_without(
         f"""
-        from moedge.runtime import BundleRunner
+        from moedge.runtime import BundleRunner, greedy
         from moedge.tokenizer import load_tokenizer
         runner = BundleRunner({str(bundle)!r})
         tok = load_tokenizer({str(bundle / "tokenizer.json")!r})
-        new = runner.generate(tok.encode("hello").ids, max_new_tokens=5)
+        new = greedy(runner, tok.encode("hello").ids, max_new_tokens=5)
         assert len(new) == 5
         print("ok", "torch" in sys.modules, "onnx" in sys.modules)
         """

@@ -10,12 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moedge._errors import MoedgeError
+from moedge.formats.placement_plan import read_plan_file, write_plan
+from moedge.formats.routing import RoutingRecorder, RoutingStats
 from moedge.runtime.cache import ExpertCache
 from moedge.runtime.costs import GraphCost, ModelCosts, parse_budget
-from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity, read_plan_file, write_plan
+from moedge.runtime.placement import plan_haq, plan_last_layers, plan_popularity
 from moedge.runtime.policies import POLICIES
 from moedge.runtime.profiles import BUILTIN, load_profile
-from moedge.runtime.routing import RoutingRecorder, RoutingStats
 from moedge.runtime.scheduler import ExpertScheduler
 from moedge.runtime.simulate import DecodeTrace, replay
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from moedge.manifest import GatingRule
+from moedge.formats.manifest import GatingRule
 from moedge.runtime.gating import route
 
 

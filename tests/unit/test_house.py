@@ -1,4 +1,4 @@
-"""The shape of the code: no import cycles between packages, small functions and files.
+"""The shape of the code: packages layered without cycles, small functions and files.
 
 Imports are read from the source (module-level and function-level alike), so a lazy import inside a
 function counts: it still means one package needs the other. Nodes are the subpackages
@@ -20,6 +20,16 @@ PACKAGES = {
     "graph_passes": "moedge.graph_passes",
     "runtime": "moedge.runtime",
 }
+# The packages, lowest layer first (docs/ARCHITECTURE.md, "Layout and import namespace"): a package
+# imports only packages of its own layer or below, directly or through root modules (``moedge.paths``,
+# ``moedge.ort_sessions``, ...), which are not ranked themselves.
+LAYERS = (
+    ("moedge.formats",),
+    ("moedge.arch",),
+    ("moedge.sources", "moedge.calibration", "moedge.export", "moedge.graph_passes"),
+    ("moedge.runtime",),
+    ("moedge.cli",),
+)
 MAX_FUNCTION_LINES = 80
 MAX_FILE_LINES = 500
 
@@ -59,11 +69,15 @@ def _imports(path: Path, module: str) -> set[str]:
     return {m for m in found if m == "moedge" or m.startswith("moedge.")}
 
 
-def _graph() -> dict[str, set[str]]:
-    files = _python_files()
-    packages = {m.rpartition(".")[0] for m in files if m.count(".") >= 2} | {
+def _packages(files: dict[str, Path]) -> set[str]:
+    return {m.rpartition(".")[0] for m in files if m.count(".") >= 2} | {
         m for m in files if m.count(".") == 1 and files[m].name == "__init__.py"
     }
+
+
+def _graph() -> dict[str, set[str]]:
+    files = _python_files()
+    packages = _packages(files)
     edges: dict[str, set[str]] = {}
     for module, path in files.items():
         if module == "moedge":  # the root __init__: lazy re-exports of the public API
@@ -118,6 +132,37 @@ def test_no_import_cycle_between_packages():
     assert not cycles, "import cycles between packages (function-level imports count): " + "; ".join(
         " <-> ".join(c) for c in cycles
     )
+
+
+def _packages_reached(edges: dict[str, set[str]], package: str, ranked: set[str]) -> set[str]:
+    """The ranked packages ``package`` imports, directly or through unranked (root) modules."""
+    reached: set[str] = set()
+    seen = {package}
+    todo = [package]
+    while todo:
+        for target in edges.get(todo.pop(), ()):
+            if target in seen:
+                continue
+            seen.add(target)
+            if target in ranked:
+                reached.add(target)
+            else:
+                todo.append(target)
+    return reached
+
+
+def test_packages_import_only_their_layer_or_below():
+    edges = _graph()
+    rank = {package: i for i, layer in enumerate(LAYERS) for package in layer}
+    nodes = {node for node in _packages(_python_files()) if node.count(".") == 1}
+    assert nodes == set(rank), f"rank every package in LAYERS: unranked {sorted(nodes - set(rank))}"
+    upward = [
+        f"{package} -> {target}"
+        for package in sorted(rank)
+        for target in sorted(_packages_reached(edges, package, set(rank)))
+        if rank[target] > rank[package]
+    ]
+    assert not upward, "imports of a higher layer (through root modules too): " + "; ".join(upward)
 
 
 def _is_literal_table(node: ast.stmt) -> bool:

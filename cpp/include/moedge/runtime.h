@@ -1,7 +1,8 @@
 // moedge_rt: run a moedge bundle (manifest.json, stage graphs, one graph per expert) from C++ through
 // the ONNX Runtime C++ API. Routing and gating follow the manifest's rule exactly as the Python runtime
 // (moedge.runtime) does, so both give the same tokens; experts can be cached on an accelerator under a
-// byte budget (LRU, or pinned by a plan file from `moedge profile --plan`).
+// byte budget (a per-layer LRU as the Python runtime's policy lru, or pinned by a plan file from
+// `moedge profile --plan`).
 //
 // ONNX Runtime is loaded at run time (ORT_API_MANUAL_INIT + dlopen): call load_onnxruntime() before
 // anything else. Any libonnxruntime >= 1.29 works, including a Jetson's own.
@@ -147,10 +148,17 @@ enum class Provider { Cpu, Cuda, TensorRt };
 const char* provider_name(Provider provider);
 
 // Which experts stay on the provider under RunnerOptions::expert_budget; a miss always runs on the CPU.
-//   Lru:    the plan's experts stay; a missed expert is then loaded, evicting the least recently used
-//           of the rest (one LRU over all layers).
+//   Lru:    the Python runtime's policy lru (moedge.runtime.policies): a per-layer LRU. Each MoE layer
+//           gets slots = int(budget / (MoE layers x mean expert bytes) + 1e-4) unpinned experts; a
+//           missed expert is loaded after its CPU run, evicting the least recently used unpinned
+//           experts of its own layer until it has a slot and its bytes fit the budget, never one the
+//           layer chose this step; when that cannot make room nothing is evicted and it is not loaded.
+//           Under one slot per layer: one LRU over all layers, by the same rule. The plan's experts
+//           stay, count against the budget and not against the slots.
 //   Pinned: only the plan's experts stay; nothing is admitted. (The Python runtime's policy `static`
-//           is another thing, Fiddler's popularity placement with predicted misses; moedge_rt has none.)
+//           with a plan keeps the same experts; without one it pins Fiddler's popularity placement,
+//           which moedge_rt does not compute.)
+// tests/data/expert_cache_traces.json holds the access traces both runtimes are tested against.
 enum class CachePolicy { Lru, Pinned };
 
 struct RunnerOptions {
@@ -171,6 +179,7 @@ struct RunStats {
   int64_t cpu_runs = 0;     // misses computed on the CPU
   int64_t evictions = 0;
   int64_t peak_expert_bytes = 0;
+  int64_t per_layer_slots = 0;  // policy lru: unpinned experts per layer; 0: one LRU over all layers
   int64_t prompt_tokens = 0;  // generate(): tokens of the prompt steps and their wall time
   double prompt_seconds = 0.0;
   int64_t decode_tokens = 0;  // generate(): one-token steps and their wall time

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from moedge._errors import MoedgeError
-from moedge.external_data import external_files
+from moedge.formats.external_data import external_files
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -1,10 +1,11 @@
-"""Expert routing statistics: what the placement policies plan from (``routing.json``).
+"""Expert routing statistics (``routing.json``): its recorder, writer, reader and checks.
 
 ``routing.json`` holds, per MoE layer, how many tokens each expert received (top-k choices), the
 layer-to-layer transition counts (expert i at layer l and expert j at layer l+1 chosen for the same
 token, over all k x k pairs), and the most frequent whole-depth paths (the top-1 expert of every MoE
 layer for a token), so path coverage is computed from recorded paths rather than guessed from pairs.
-Calibration writes it from PyTorch; ``moedge profile`` writes it from a bundle run; both merge.
+Calibration records it from PyTorch (``RoutingRecorder``, numpy only); ``moedge profile`` writes it
+from a bundle run; both merge. The placement policies (``moedge.runtime.placement``) plan from it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from moedge._errors import MoedgeError
 
 ROUTING_FORMAT = 1
+ROUTING_FILE = "routing.json"
+"""Its name in a recipe, an export and a bundle."""
 
 
 class RoutingRecorder:
