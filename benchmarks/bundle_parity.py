@@ -27,6 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import (
+    carry_over,
+    command_line,
+    dataset_files,
+    model_files,
+    read_result,
+    run_stamp,
+    write_result,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BARS = {"fp32": (0.999, 0.0005), "w8a8": (0.99, 0.005)}  # top-1 agreement >=, |ppl ratio - 1| <=
@@ -65,8 +74,15 @@ def _exact_int_forward(self: Any, x: Any) -> Any:
 
 
 def _compare(
-    label: str, model: Any, bundle_dir: Path, windows: np.ndarray, threads: int, optimize: bool = True
+    label: str,
+    model: Any,
+    bundle_dir: Path,
+    windows: np.ndarray,
+    threads: int,
+    runs: list[dict[str, Any]],
+    optimize: bool = True,
 ) -> dict[str, Any]:
+    """The row's pooled figures; each window's raw counts are appended to ``runs``."""
     import torch
 
     from moedge.evaluation import window_nll
@@ -80,7 +96,9 @@ def _compare(
     flip_gaps: list[float] = []
     max_abs = 0.0
     seconds = {"pytorch": 0.0, "bundle": 0.0}
+    stamp = run_stamp()
     for w, ids in enumerate(windows):
+        before = {"flips": flips, "decisions": decisions, **seconds}
         seen, handles = _router_choices(model)
         start = time.perf_counter()
         try:
@@ -94,11 +112,20 @@ def _compare(
         start = time.perf_counter()
         got = runner.forward(ids[None], trace=trace)[0][0]
         seconds["bundle"] += time.perf_counter() - start
-        nll_ref += window_nll(ref, ids)
-        nll_bundle += window_nll(got, ids)
-        agree += int((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).sum())
-        positions += len(ids) - 1
-        max_abs = max(max_abs, float(np.abs(ref - got).max()))
+        run = {
+            "row": label,
+            "window": w,
+            "positions": len(ids) - 1,
+            "top1_agree": int((ref[:-1].argmax(-1) == got[:-1].argmax(-1)).sum()),
+            "nll_pytorch": window_nll(ref, ids),
+            "nll_bundle": window_nll(got, ids),
+            "max_abs_logit_diff": float(np.abs(ref - got).max()),
+        }
+        nll_ref += run["nll_pytorch"]
+        nll_bundle += run["nll_bundle"]
+        agree += run["top1_agree"]
+        positions += run["positions"]
+        max_abs = max(max_abs, run["max_abs_logit_diff"])
         for layer, chosen in trace.chosen.items():
             torch_idx = seen[layer][:, :top_k].astype(np.int64)
             probs = seen[layer][:, top_k:]
@@ -108,6 +135,16 @@ def _compare(
             ordered = -np.sort(-probs, axis=1)
             gaps = ordered[:, top_k - 1] - ordered[:, top_k]
             flip_gaps += [float(g) for g in gaps[~same]]
+        runs.append(
+            {
+                **run,
+                "router_decisions": decisions - before["decisions"],
+                "router_flips": flips - before["flips"],
+                "pytorch_s": seconds["pytorch"] - before["pytorch"],
+                "bundle_s": seconds["bundle"] - before["bundle"],
+                **stamp,
+            }
+        )
         print(
             f"  {label} window {w + 1}/{len(windows)}: top-1 agreement {agree / positions:.5f}, "
             f"router flips {flips}",
@@ -193,9 +230,12 @@ def main() -> None:
         FakeQuantLinear.forward = _exact_int_forward  # type: ignore[method-assign]
     work = cache_dir() / "bench" / "bundle_parity"
     out_file = RESULTS / f"bundle_parity_{args.model}.json"
-    record: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    previous = read_result(out_file)
+    record: dict[str, Any] = previous["results"] if previous else {}
     record.update(model=args.model, protocol=f"wikitext2 test, first {args.windows} windows of 512")
     record.setdefault("rows", {})
+    runs: list[dict[str, Any]] = []
+    inputs: list[Path] = []
     for label in args.rows.split(","):
         loaded = load_model(args.model)
         ids = np.asarray(loaded.encode(load_text("wikitext2").text), dtype=np.int64)
@@ -216,13 +256,30 @@ def main() -> None:
             + ("" if args.windows == 64 else f"-{args.windows}w")
         )
         bundle = work / f"{args.model}-{suffix}-bundle"
-        row = _compare(name, loaded.model, bundle, win, args.threads, optimize=not args.no_optimize)
+        row = _compare(name, loaded.model, bundle, win, args.threads, runs, optimize=not args.no_optimize)
         row.update(times, bundle=str(work / f"{args.model}-{suffix}-bundle"), threads=args.threads)
+        inputs += [*model_files(loaded), bundle, *([args.recipe] if label == "w8a8" else [])]
         if label == "w8a8":
             row["recipe"] = str(args.recipe)
         record["rows"][name] = row
-        RESULTS.mkdir(exist_ok=True)
-        out_file.write_text(json.dumps(record, indent=1))
+        measured = {r["row"] for r in runs}
+        current = list(dict.fromkeys([*inputs, *dataset_files("wikitext2")]))
+        kept, earlier = carry_over(previous, lambda r, m=measured: r.get("row") not in m, current)
+        write_result(
+            out_file,
+            benchmark="bundle_parity",
+            command=command_line(),
+            threads=args.threads,
+            inputs=[*current, *earlier],
+            runs=[*kept, *runs],
+            statistic="one PyTorch and one bundle pass per window (runs: each window's counts, NLL sums, "
+            "router decisions and seconds, stamped with when they ran): top-1 agreement and perplexities "
+            "pooled over every predicted token of the windows, max_abs_logit_diff the max over windows, "
+            "router flip gaps the max and median over flipped decisions, seconds summed; rows not rerun "
+            "keep their earlier runs",
+            results=record,
+            engines=("onnxruntime", "torch"),
+        )
         del loaded
         gc.collect()
     print(f"wrote {out_file}")

@@ -23,7 +23,6 @@ benchmarks/results/bundle_speed.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -32,9 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import carry_over, command_line, read_result, run_stamp, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path.home() / ".cache" / "moedge" / "bench" / "bundle_parity"
+RUNS: list[dict[str, Any]] = []  # every timed call of this invocation: {"part", "variant", "seconds": [...]}
 
 
 def _session(path: Path | bytes, threads: int) -> Any:
@@ -50,8 +51,9 @@ def _session(path: Path | bytes, threads: int) -> Any:
     )
 
 
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin after one warm-up each."""
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, part: str) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin after one warm-up each; the raw
+    seconds go to ``RUNS`` under ``part``."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -60,6 +62,7 @@ def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+    RUNS.extend({"part": part, "variant": k, "seconds": v, **run_stamp()} for k, v in times.items())
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -125,7 +128,9 @@ def synthetic_expert(threads: int, repeats: int) -> dict[str, Any]:
     for tokens in (1, 64):
         x = np.random.default_rng(1).normal(size=(tokens, 2048)).astype(np.float32)
         med = _interleaved(
-            {"fp32": lambda f={"x": x}: fp.run(None, f), "w8a8": lambda f={"x": x}: q.run(None, f)}, repeats
+            {"fp32": lambda f={"x": x}: fp.run(None, f), "w8a8": lambda f={"x": x}: q.run(None, f)},
+            repeats,
+            f"synthetic_expert/{tokens}_tokens",
         )
         out[f"{tokens}_tokens"] = {
             "fp32_ms": 1e3 * med["fp32"],
@@ -140,7 +145,7 @@ def smollm2_experts(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int)
     """Part 2a: the real experts, and the cost of one ORT call."""
     import onnx
 
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
 
     fp_m, q_m = read_manifest(fp_bundle), read_manifest(q_bundle)
     out: dict[str, Any] = {}
@@ -169,6 +174,7 @@ def smollm2_experts(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int)
                 "call_overhead": lambda f=feeds: idn.run(None, f),
             },
             repeats,
+            f"smollm2_experts/{tokens}_tokens",
         )
         out[f"{tokens}_tokens"] = {
             "fp32_ms": 1e3 * med["fp32"],
@@ -184,6 +190,7 @@ def smollm2_experts(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int)
 def whole_bundle(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int) -> dict[str, Any]:
     """Part 2b: prompt (128 tokens) and decode (16 steps) tokens/s of the reference orchestrator."""
     from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.decoding import StopRule, generate
 
     runners = {
         "fp32": BundleRunner(fp_bundle, intra_op_threads=threads),
@@ -195,17 +202,18 @@ def whole_bundle(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int) ->
         return lambda: r.forward(prompt)
 
     def decode_fn(r: BundleRunner) -> Callable[[], object]:
-        def run() -> None:
-            logits, past = r.forward(prompt[:, :16])
-            for _ in range(16):
-                logits, past = r.forward(np.array([[int(logits[0, -1].argmax())]]), past=past)
+        return lambda: generate(r, [prompt[0, :16].tolist()], StopRule(max_new_tokens=17))
 
-        return run
-
-    prompt_med = _interleaved({k: prompt_fn(r) for k, r in runners.items()}, repeats)
-    decode_med = _interleaved({k: decode_fn(r) for k, r in runners.items()}, max(3, repeats // 3))
+    prompt_med = _interleaved(
+        {k: prompt_fn(r) for k, r in runners.items()}, repeats, "whole_bundle/prompt128"
+    )
+    decode_med = _interleaved(
+        {k: decode_fn(r) for k, r in runners.items()}, max(3, repeats // 3), "whole_bundle/prefill16+decode16"
+    )
     prefill16 = _interleaved(
-        {k: (lambda r=r: r.forward(prompt[:, :16])) for k, r in runners.items()}, repeats
+        {k: (lambda r=r: r.forward(prompt[:, :16])) for k, r in runners.items()},
+        repeats,
+        "whole_bundle/prefill16",
     )
     out = {}
     for k in runners:
@@ -221,22 +229,18 @@ def whole_bundle(fp_bundle: Path, q_bundle: Path, threads: int, repeats: int) ->
 def spinning_cost(q_bundle: Path, threads: int, repeats: int) -> dict[str, Any]:
     """Part 2c: decode seconds per token of the W8A8 bundle with ORT's idle thread pools spinning or not."""
     from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.decoding import StopRule, generate
 
     prompt = np.random.default_rng(3).integers(0, 49152, (1, 16))
 
     def decode(runner: BundleRunner) -> Callable[[], object]:
-        def run() -> None:
-            logits, past = runner.forward(prompt)
-            for _ in range(8):
-                logits, past = runner.forward(np.array([[int(logits[0, -1].argmax())]]), past=past)
-
-        return run
+        return lambda: generate(runner, [prompt[0].tolist()], StopRule(max_new_tokens=9))
 
     runners = {
         name: BundleRunner(q_bundle, intra_op_threads=threads, spinning=name == "spinning", shared_pool=False)
         for name in ("spinning", "not_spinning")
     }
-    med = _interleaved({k: decode(r) for k, r in runners.items()}, repeats)
+    med = _interleaved({k: decode(r) for k, r in runners.items()}, repeats, "spinning/prefill16+decode8")
     out = {k: {"prefill16_plus_8_decode_s": v} for k, v in med.items()}
     out["ratio"] = med["spinning"] / med["not_spinning"]
     print(f"  spinning pools: {out}", flush=True)
@@ -245,7 +249,7 @@ def spinning_cost(q_bundle: Path, threads: int, repeats: int) -> dict[str, Any]:
 
 def sizes(fp_bundle: Path, q_bundle: Path) -> dict[str, Any]:
     """Part 3: bytes as stored (graph + external data)."""
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
 
     fp_m, q_m = read_manifest(fp_bundle), read_manifest(q_bundle)
     expert_ratio = [
@@ -273,9 +277,9 @@ def split_times(fp_export: Path) -> dict[str, Any]:
     import onnx_ir as ir
 
     from moedge.export.exporter import export_model
+    from moedge.formats.manifest import GatingRule
     from moedge.graph_passes.bundle import split_bundle
     from moedge.graph_passes.split_experts import SplitExpertsPass
-    from moedge.manifest import GatingRule
     from moedge.testbeds import build_tiny
 
     out: dict[str, Any] = {}
@@ -283,6 +287,13 @@ def split_times(fp_export: Path) -> dict[str, Any]:
         start = time.perf_counter()
         manifest = split_bundle(fp_export, Path(tmp) / "bundle", progress=False)
         out["smollm2_135m_moe_split_bundle_s"] = time.perf_counter() - start
+        RUNS.append(
+            {
+                "part": "split/smollm2_135m_moe",
+                "seconds": [out["smollm2_135m_moe_split_bundle_s"]],
+                **run_stamp(),
+            }
+        )
         out["smollm2_135m_moe_graphs"] = len(manifest.graphs())
         print(
             f"  split of the 240-expert bundle (write included): {out['smollm2_135m_moe_split_bundle_s']:.1f} s",
@@ -301,6 +312,9 @@ def split_times(fp_export: Path) -> dict[str, Any]:
             start = time.perf_counter()
             splitter(graph)
             seconds = time.perf_counter() - start
+            RUNS.append(
+                {"part": f"split/tiny_mixtral_{experts}_experts", "seconds": [seconds], **run_stamp()}
+            )
             per_expert[experts] = {
                 "split_s": seconds,
                 "nodes": len(list(graph.graph)),
@@ -327,7 +341,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     out_file = RESULTS / "bundle_speed.json"
-    record: dict[str, Any] = json.loads(out_file.read_text()) if out_file.is_file() else {}
+    previous = read_result(out_file)
+    record: dict[str, Any] = previous["results"] if previous else {}
     record.update(threads=args.threads, repeats=args.repeats, backend="onnxruntime CPU")
     if "synthetic" in parts:
         record["synthetic_expert"] = synthetic_expert(args.threads, args.repeats)
@@ -345,8 +360,25 @@ def main() -> None:
         record["sizes"] = sizes(args.fp_bundle, args.w8a8_bundle)
     if "split" in parts:
         record["split"] = split_times(args.fp_export)
-    RESULTS.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps(record, indent=1))
+    keys = {"synthetic": "synthetic_expert", "experts": "smollm2_experts", "bundle": "whole_bundle"}
+    rerun = {keys.get(p, p) for p in parts}  # the record's keys of the parts measured now
+    inputs = [args.fp_bundle, args.w8a8_bundle, *([args.fp_export] if "split" in parts else [])]
+    kept, earlier = carry_over(previous, lambda r: r.get("part", "").split("/")[0] not in rerun, inputs)
+    write_result(
+        out_file,
+        benchmark="bundle_speed",
+        command=command_line(),
+        threads=args.threads,
+        inputs=[*inputs, *earlier],
+        runs=[*kept, *RUNS],
+        statistic="medians of interleaved repeats (variants round-robin after one warm-up call each; runs: "
+        "every call's seconds per part and variant, stamped with when they ran): expert ms, ORT call "
+        "overhead, whole-bundle prompt tokens/s (128 tokens) and decode tokens/s ((median prefill16+decode16 "
+        "- median prefill16) / 16 steps), spinning cost; speedups and ratios are ratios of medians; sizes "
+        "are byte counts; split times one timed run each. Parts not rerun keep their earlier runs",
+        results=record,
+        engines=("onnxruntime",),
+    )
     print(f"wrote {out_file}")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import (
+    carry_over,
+    command_line,
+    dataset_files,
+    model_files,
+    read_result,
+    results_of,
+    run_stamp,
+    write_result,
+)
 
 RESULTS = Path(__file__).parent / "results"
 AUTO_FP = 0.02
@@ -56,15 +65,31 @@ def _results_path(model: str) -> Path:
 
 
 def _load(model: str) -> dict[str, Any]:
-    path = _results_path(model)
-    return json.loads(path.read_text()) if path.is_file() else {"model": model, "rows": {}}
+    """The table's results so far: {"model", "rows"} (a file written before the provenance schema too)."""
+    doc: dict[str, Any] | None = results_of(_results_path(model))
+    return doc if doc is not None else {"model": model, "rows": {}}
 
 
-def _save(model: str, doc: dict[str, Any]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = _results_path(model).with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(_results_path(model))
+def _save(model: str, name: str, row: dict[str, Any], inputs: list[Path]) -> None:
+    """Add (or replace) one row, its run and its inputs, keeping the other rows' runs and inputs."""
+    previous = read_result(_results_path(model))
+    doc = _load(model)
+    doc.pop("machine", None)  # pre-schema files: platform and Python now live in "environment"
+    doc["rows"][name] = row
+    kept, earlier = carry_over(previous, lambda r: r.get("row") != name, inputs)
+    write_result(
+        _results_path(model),
+        benchmark="calibration_table",
+        command=command_line(),
+        threads=row["settings"]["threads"],
+        inputs=[*inputs, *earlier],
+        runs=[*kept, {"row": name, **run_stamp(), "command": command_line(), **row}],
+        statistic="one run per configuration, each in its own process (runs: every row as measured, "
+        "stamped with when and by which command): perplexities are one deterministic evaluation pooled over "
+        "every predicted token of the windows, calibration seconds and peak RSS one measurement",
+        results=doc,
+        engines=("torch",),
+    )
 
 
 def _peak_mb() -> float:
@@ -159,14 +184,12 @@ def run_one(model_name: str, config: str, full: bool) -> dict[str, dict[str, Any
         "threads": torch.get_num_threads(),
     }
     rows: dict[str, dict[str, Any]] = {}
+    inputs = model_files(loaded) + ([] if stories else dataset_files("c4", "wikitext2", "ptb"))
 
     def emit(name: str, row: dict[str, Any]) -> None:
         # saved as soon as measured: a stopped run keeps what it finished
         rows[name] = row
-        doc = _load(model_name)
-        doc["rows"][name] = row
-        doc["machine"] = {"platform": platform.platform(), "python": platform.python_version()}
-        _save(model_name, doc)
+        _save(model_name, name, row, inputs)
 
     if config == "fp32":
         emit("fp32", {"settings": settings, "eval": evaluate(full)})
@@ -241,8 +264,8 @@ def _fp32_full(model: str) -> dict[str, Any] | None:
         path = RESULTS / "smollm2_wikitext2_pytorch.json"  # moedge eval smollm2-135m --data wikitext2
         return json.loads(path.read_text()) if path.is_file() else None
     if model == "smollm2-135m-moe":
-        path = RESULTS / "testbed_report.json"  # benchmarks/testbed_report.py
-        return json.loads(path.read_text())[model]["perplexity"] if path.is_file() else None
+        report = results_of(RESULTS / "testbed_report.json")  # benchmarks/testbed_report.py
+        return report[model]["perplexity"] if report is not None else None
     return None
 
 

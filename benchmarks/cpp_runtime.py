@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import command_line, dataset_files, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,6 +51,7 @@ def _cpp(bundle: Path, args: list[str]) -> dict[str, Any]:
 def parity(bundle: Path, prompts: list[list[int]]) -> dict[str, Any]:
     """Same greedy ids and first-step logits, C++ vs Python, 1 thread."""
     from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.decoding import greedy
 
     with tempfile.TemporaryDirectory() as tmp:
         logits_file = Path(tmp) / "logits.bin"
@@ -60,7 +62,7 @@ def parity(bundle: Path, prompts: list[list[int]]) -> dict[str, Any]:
     eos = runner.manifest.model.get("eos_token_id")
     rows = []
     for prompt, gen, got in zip(prompts, doc["generations"], cpp_logits, strict=True):
-        want_ids = runner.generate(prompt, max_new_tokens=16, eos_token_id=eos)
+        want_ids = greedy(runner, prompt, max_new_tokens=16, eos_token_id=eos)
         want = runner.forward(np.asarray([prompt]))[0][0, -1]
         rows.append(
             {
@@ -73,7 +75,13 @@ def parity(bundle: Path, prompts: list[list[int]]) -> dict[str, Any]:
             }
         )
         print(f"  {bundle.name}: {rows[-1]['same_ids']=} {rows[-1]['max_abs_logit_diff']=:.3g}", flush=True)
-    return {"prompts": rows, "all_same_ids": all(r["same_ids"] for r in rows)}
+    return {
+        "prompts": rows,
+        "all_same_ids": all(r["same_ids"] for r in rows),
+        "all_same_argmax": all(r["same_argmax"] for r in rows),
+        "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows),
+        "cpp_onnxruntime": doc.get("onnxruntime"),
+    }
 
 
 def speed(bundle: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int) -> dict[str, Any]:
@@ -145,16 +153,45 @@ def main() -> None:
     }
     long_prompt = text_token_ids(args.w8a8_bundle, "wikitext2", args.prompt_tokens)
     bundles = (("fp32", args.fp32_bundle), ("w8a8", args.w8a8_bundle))
+    runs: list[dict[str, Any]] = []
+    flags: dict[str, Any] = {}
     for label, bundle in bundles:  # parity first: 1-thread sessions, before speed makes the shared pool
-        record["rows"][label] = {"bundle": str(bundle), "parity": parity(bundle, prompts)}
+        checked = parity(bundle, prompts)
+        flags["moedge-run"] = {"onnxruntime": checked.pop("cpp_onnxruntime")}
+        runs += [{"bundle": label, "measure": "parity", **row} for row in checked.pop("prompts")]
+        record["rows"][label] = {"bundle": str(bundle), "parity": checked}
     for label, bundle in bundles:
         start = time.perf_counter()
-        record["rows"][label]["speed"] = speed(
-            bundle, long_prompt, args.new_tokens, args.threads, args.repeats
-        )
+        timed = speed(bundle, long_prompt, args.new_tokens, args.threads, args.repeats)
+        for runtime in ("python", "cpp"):
+            runs += [
+                {
+                    "bundle": label,
+                    "measure": "speed",
+                    "runtime": runtime,
+                    "repeat": i,
+                    "prompt_s": p,
+                    "decode_s": d,
+                }
+                for i, (p, d) in enumerate(timed[runtime].pop("runs"))
+            ]
+        record["rows"][label]["speed"] = timed
         record["rows"][label]["speed_seconds"] = time.perf_counter() - start
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "cpp_runtime.json").write_text(json.dumps(record, indent=1) + "\n")
+        write_result(
+            RESULTS / "cpp_runtime.json",
+            benchmark="cpp_runtime",
+            command=command_line(),
+            threads=args.threads,  # speed; parity runs 1 thread
+            inputs=[BINARY, args.fp32_bundle, args.w8a8_bundle, *dataset_files("wikitext2")],
+            runs=runs,
+            statistic=f"parity: one greedy run of 16 tokens per prompt and runtime (runs: measure parity); "
+            f"speed: median over {args.repeats} interleaved repeats of prompt and decode seconds (runs: "
+            "measure speed; each C++ repeat is a fresh moedge-run process whose figure is already the median "
+            "of three timed runs after an untimed one), tokens/s = tokens / median seconds",
+            results=record,
+            build_flags=flags,
+            engines=("onnxruntime", "moedge-run"),
+        )
     for label, row in record["rows"].items():
         s = row["speed"]
         print(

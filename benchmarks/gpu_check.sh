@@ -181,12 +181,14 @@ PY
     tests/gpu/test_cpp_gpu.py --junitxml="$OUT/gpu_cpp.xml"
 fi
 
-# gpu_check.json: the reports and every step; written by whichever Python runs.
+# gpu_check.json: the reports and every step, through benchmarks/provenance.py (the writer of every
+# benchmark JSON: commit, versions, CPU, build flags); written by whichever Python runs.
 JSON_PY="$PYTHON"
 command -v "$JSON_PY" >/dev/null 2>&1 || JSON_PY=python3
-"$JSON_PY" - "$OUT" "$WORK" "$REPORT_ONLY" <<'PY'
+"$JSON_PY" - "$OUT" "$WORK" "$REPORT_ONLY" "$ROOT/benchmarks" <<'PY'
 import json, pathlib, sys
 out, work, report_only = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3] == "1"
+sys.path.insert(0, sys.argv[4])
 def load(name):
     try:
         return json.loads((work / name).read_text())
@@ -200,7 +202,15 @@ tests = [s for s in steps if s["step"].startswith("pytest")]
 doc = {"report_before": load("report-before.json"), "report_after": load("report-after.json"),
        "steps": steps, "report_only": report_only,
        "tests_passed": None if report_only else bool(tests) and all(s["rc"] == 0 for s in tests)}
-(out / "gpu_check.json").write_text(json.dumps(doc, indent=1) + "\n")
+try:
+    from provenance import write_result
+    write_result(out / "gpu_check.json", benchmark="gpu_check",
+                 command=["bash", "benchmarks/gpu_check.sh", *(["--report-only"] if report_only else [])],
+                 threads=None, inputs=[], runs=steps, results=doc, engines=("onnxruntime",),
+                 statistic="every step once (runs: its exit status and seconds); tests_passed: both pytest steps exit 0")
+except Exception as exc:  # the report is written whatever happens (a Python too old for the writer)
+    doc["provenance_error"] = f"{type(exc).__name__}: {exc}"
+    (out / "gpu_check.json").write_text(json.dumps(doc, indent=1) + "\n")
 print(json.dumps({"steps": steps, "tests_passed": doc["tests_passed"]}))
 PY
 echo "results: $OUT/gpu_check.json, log: $LOG"

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import command_line, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime"
 
 
 def main() -> None:
     """Greedy and spread-searched plans, replayed on both texts, against LRU."""
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
     from moedge.paths import cache_dir
     from moedge.runtime.costs import ModelCosts, parse_budget
     from moedge.runtime.policies import POLICIES
@@ -88,7 +89,9 @@ def main() -> None:
             "searched": {"std": float(expected(plan).std()), "mean": float(expected(plan).mean())},
         },
         "replays": {},
+        "plans": {"greedy": greedy, "searched": plan},
     }
+    runs: list[dict[str, Any]] = []
     for name, trace in texts.items():
         row = {}
         for label, p in (("greedy", greedy), ("searched", plan)):
@@ -105,10 +108,22 @@ def main() -> None:
             "layer_std": lru["hit_rate_layer_std"],
         }
         doc["replays"][name] = row
+        runs += [{"text": name, "plan": label, **figures} for label, figures in row.items()]
         print(name, json.dumps(row))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "haq_spread_study.json").write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"wrote {RESULTS / 'haq_spread_study.json'}")
+    out = RESULTS / "haq_spread_study.json"
+    write_result(
+        out,
+        benchmark="haq_spread_study",
+        command=command_line(),
+        threads=None,  # modeled: trace replays, nothing timed
+        inputs=[args.bundle / "manifest.json", stats_file, eval_file],
+        runs=runs,
+        statistic="modeled, deterministic: one replay per text and plan (and per-layer LRU); ms is the "
+        "mean modeled decode ms per token over the trace, hit_rate the GPU hit rate, layer_std the standard "
+        "deviation of the per-layer hit rates; expected: std and mean of the expected per-layer hit rates",
+        results=doc,
+    )
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ that selection on the first 128 WikiText-2 windows. Writes benchmarks/results/mi
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import command_line, dataset_files, model_files, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,12 +52,15 @@ def main() -> None:
     tokens = sum(len(h) - 1 for h in held)
     base = _probe_loss(model, held)
     gains: dict[str, float] = {}
+    runs: list[dict[str, Any]] = [{"measure": "probe loss, all linears quantized", "probe_nll": base}]
     start = time.perf_counter()
     for name, entry in result.fp_weights.items():
         parent, leaf, _, _ = entry
         quantized = getattr(parent, leaf)
         setattr(parent, leaf, _fp_linear(entry))
-        gains[name] = (base - _probe_loss(model, held)) / tokens  # nats per token saved
+        loss = _probe_loss(model, held)
+        runs.append({"measure": "probe loss, one linear reverted to FP", "linear": name, "probe_nll": loss})
+        gains[name] = (base - loss) / tokens  # nats per token saved
         setattr(parent, leaf, quantized)
     print(f"measured {len(gains)} reverts in {time.perf_counter() - start:.0f} s", flush=True)
     total = sum(r.params for r in result.linears.values())
@@ -89,9 +92,21 @@ def main() -> None:
         "wikitext2": ppl.to_dict(),
         "threads": args.threads,
     }
-    RESULTS.mkdir(exist_ok=True)
+    runs.append({"measure": "wikitext2 perplexity of the selection", **ppl.to_dict()})
     out = RESULTS / f"mixed_precision_{args.model}.json"
-    out.write_text(json.dumps(record, indent=1))
+    write_result(
+        out,
+        benchmark="mixed_precision_sensitivity",
+        command=command_line(),
+        threads=args.threads,
+        inputs=[*model_files(loaded), *dataset_files("c4", "wikitext2")],
+        runs=runs,
+        statistic=f"one deterministic pass each: the probe loss is summed over {args.probe} held-out C4 "
+        f"windows ({tokens} predicted tokens), a gain is (base loss - loss with that linear in FP) / tokens; "
+        "the selection's perplexity pools the first 128 WikiText-2 windows",
+        results=record,
+        engines=("torch",),
+    )
     print(f"wrote {out}")
 
 

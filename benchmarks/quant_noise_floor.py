@@ -14,11 +14,11 @@ should be read against this floor. Writes benchmarks/results/quant_noise_floor_<
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from provenance import command_line, dataset_files, model_files, write_result
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,15 +58,27 @@ def main() -> None:
         finally:
             handle.remove()
 
-    def measure(eps: float) -> dict[str, Any]:
+    runs: list[dict[str, Any]] = []
+
+    def measure(eps: float, precision: str) -> dict[str, Any]:
         agree = positions = 0
         nll = {"clean": 0.0, "perturbed": 0.0}
-        for w in wins:
+        for i, w in enumerate(wins):
             clean, noisy = logits(w, 0.0), logits(w, eps)
-            agree += int((clean[:-1].argmax(-1) == noisy[:-1].argmax(-1)).sum())
-            positions += len(w) - 1
-            nll["clean"] += window_nll(clean, w)
-            nll["perturbed"] += window_nll(noisy, w)
+            run = {
+                "precision": precision,
+                "eps": eps,
+                "window": i,
+                "positions": len(w) - 1,
+                "top1_agree": int((clean[:-1].argmax(-1) == noisy[:-1].argmax(-1)).sum()),
+                "nll_clean": window_nll(clean, w),
+                "nll_perturbed": window_nll(noisy, w),
+            }
+            runs.append(run)
+            agree += run["top1_agree"]
+            positions += run["positions"]
+            nll["clean"] += run["nll_clean"]
+            nll["perturbed"] += run["nll_perturbed"]
         ppl = {k: float(np.exp(v / positions)) for k, v in nll.items()}
         return {
             "top1_agreement": agree / positions,
@@ -76,15 +88,25 @@ def main() -> None:
 
     eps_values = [float(e) for e in args.eps.split(",")]
     record: dict[str, Any] = {"model": args.model, "windows": len(wins), "seqlen": 512}
-    record["fp32"] = {f"{e:g}": measure(e) for e in eps_values}
+    record["fp32"] = {f"{e:g}": measure(e, "fp32") for e in eps_values}
     print(f"fp32: {record['fp32']}", flush=True)
     apply_recipe(loaded, args.recipe)
-    record["w8a8"] = {f"{e:g}": measure(e) for e in eps_values}
+    record["w8a8"] = {f"{e:g}": measure(e, "w8a8") for e in eps_values}
     record["recipe"] = str(args.recipe)
     print(f"w8a8: {record['w8a8']}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"quant_noise_floor_{args.model}.json"
-    out.write_text(json.dumps(record, indent=1))
+    write_result(
+        out,
+        benchmark="quant_noise_floor",
+        command=command_line(),
+        threads=args.threads,
+        inputs=[*model_files(loaded), args.recipe, *dataset_files("wikitext2")],
+        runs=runs,
+        statistic="one clean and one perturbed pass per window (seed 1 noise); top-1 agreement and "
+        "perplexities pooled over every predicted position of the windows (runs: per-window counts and NLL sums)",
+        results=record,
+        engines=("torch",),
+    )
     print(f"wrote {out}")
 
 

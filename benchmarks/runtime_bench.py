@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -26,6 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from provenance import command_line, dataset_files, write_result
 
 from moedge import inputs
 from moedge._errors import MoedgeError
@@ -129,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> Any:
-    from moedge.manifest import MANIFEST_FILE
+def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> tuple[Any, Path]:
+    """The routing trace of ``tokens`` tokens of ``text`` through ``bundle`` (cached), and its file."""
+    from moedge.formats.manifest import MANIFEST_FILE
     from moedge.runtime.bundle_runner import BundleRunner
     from moedge.runtime.profiling import text_token_ids
     from moedge.runtime.simulate import DecodeTrace, record_trace
@@ -138,19 +140,19 @@ def _trace(bundle: Path, text: str, tokens: int, cache: Path, threads: int) -> A
     key = hashlib.sha256((bundle / MANIFEST_FILE).read_bytes() + f"{text}:{tokens}".encode()).hexdigest()[:16]
     path = cache / f"trace-{text}-{tokens}-{key}.npz"
     if path.is_file():
-        return DecodeTrace.load(path)
+        return DecodeTrace.load(path), path
     runner = BundleRunner(bundle, intra_op_threads=threads)
     start = time.perf_counter()
     trace = record_trace(runner, text_token_ids(bundle, text, tokens))
     log.info("traced %d tokens of %s in %.1f s", tokens, text, time.perf_counter() - start)
     cache.mkdir(parents=True, exist_ok=True)
     trace.save(path)
-    return trace
+    return trace, path
 
 
 def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     """Part 1: every policy x budget x profile on the evaluation trace (modeled)."""
-    from moedge.manifest import read_manifest
+    from moedge.formats.manifest import read_manifest
     from moedge.paths import cache_dir
     from moedge.runtime.costs import ModelCosts, parse_budget
     from moedge.runtime.policies import POLICIES
@@ -165,8 +167,8 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     profiles = [load_profile(n) for n in names]
     # derived data: regenerated, never committed
     cache = cache_dir(args.cache_dir) / "bench" / "runtime" / "traces"
-    stats_trace = _trace(args.bundle, args.stats_text, args.stats_tokens, cache, args.threads)
-    eval_trace = _trace(args.bundle, args.eval_text, args.eval_tokens, cache, args.threads)
+    stats_trace, stats_file = _trace(args.bundle, args.stats_text, args.stats_tokens, cache, args.threads)
+    eval_trace, eval_file = _trace(args.bundle, args.eval_text, args.eval_tokens, cache, args.threads)
     stats = stats_trace.stats()
     total = costs.expert_bytes()
     cells: list[dict[str, Any]] = []
@@ -204,6 +206,7 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
         "stats_tokens": args.stats_tokens,
         "eval_text": args.eval_text,
         "eval_tokens": args.eval_tokens,
+        "trace_files": {"stats": str(stats_file), "eval": str(eval_file)},
         "context": args.context,
         "speculative_recall": {
             "top2_candidates": eval_trace.prefetch_recall(2),
@@ -352,7 +355,22 @@ def run_runtime_bench(args: argparse.Namespace) -> list[str]:
 
 def _policies_part(args: argparse.Namespace) -> list[str]:
     doc = policy_table(args)
-    (args.out / "runtime_policies.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(
+        args.out / "runtime_policies.json",
+        benchmark="runtime_bench policies",
+        command=getattr(args, "command", None) or command_line(),
+        threads=args.threads,  # the tracing runs (when a trace is not cached yet); the replays are modeled
+        inputs=[
+            args.bundle,
+            *map(Path, doc["trace_files"].values()),
+            *dataset_files(args.stats_text, args.eval_text),
+        ],
+        runs=doc["cells"],
+        statistic="modeled, deterministic: one replay of the evaluation trace per profile, budget and policy "
+        "(runs: those cells); modeled decode ms per token as mean and percentiles over the trace's tokens, "
+        "hit rates over every routed expert; haq tuned on the statistics trace alone",
+        results={k: v for k, v in doc.items() if k != "cells"},
+    )
     try:
         plot_policies(doc, args.out / "runtime_policies.png")
     except ImportError:
@@ -384,8 +402,31 @@ def _policies_part(args: argparse.Namespace) -> list[str]:
 def _speed_part(args: argparse.Namespace) -> list[str]:
     from runtime_speed import speed_table  # the sibling module in benchmarks/
 
-    speed = speed_table(args)
-    (args.out / "runtime_speed.json").write_text(json.dumps(speed, indent=1) + "\n")
+    files: list[Path] = []
+    speed = speed_table(args, files)
+    runs = [
+        {"variant": name, "repeat": i, "prompt_s": prompt_s, "decode_s": decode_s}
+        for name, row in speed["variants"].items()
+        for i, (prompt_s, decode_s) in enumerate(row.pop("runs"))
+    ]
+    runs += [
+        {"variant": name, "measure": "decode ms per token by graph", **parts}
+        for name, parts in speed["decode_ms_per_token_by_graph"].items()
+    ]
+    engines = ["onnxruntime", *(["torch"] if args.torch_model else []), *(["llama.cpp"] if args.gguf else [])]
+    write_result(
+        args.out / "runtime_speed.json",
+        benchmark="runtime_bench speed",
+        command=getattr(args, "command", None) or command_line(),
+        threads=args.threads,
+        inputs=[*files, *dataset_files(args.eval_text)],
+        runs=runs,
+        statistic=f"median of {args.repeats} interleaved repeats (variants round-robin, sessions and models "
+        "loaded before timing): prompt tokens/s = prompt tokens / median prompt seconds, decode tokens/s = "
+        "new tokens / median decode seconds; the decode breakdown by graph is one timed decode per bundle",
+        results=speed,
+        engines=engines,
+    )
     lines = [
         f"ORT CPU wall clock ({args.threads} threads, {speed['prompt_tokens']}-token prompt, "
         f"{speed['new_tokens']} new tokens, median of {args.repeats}) -> {args.out / 'runtime_speed.json'}"
@@ -405,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE if exc.code else EXIT_OK
+    args.command = command_line(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format=f"{PROG}: %(message)s", stream=sys.stderr, force=True)
     try:

@@ -24,84 +24,110 @@ Timer = Callable[[], tuple[float, float]]
 
 
 def time_bundle(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> Timer:
-    """A timer of greedy generation from a bundle (``BundleRunner``, one process-wide ORT pool): the
-    prompt's forward pass, then ``new_tokens`` decode steps. Sessions are created before it returns."""
+    """A timer of greedy generation from a bundle (``BundleRunner``, one process-wide ORT pool) through
+    the runtime's one generation loop: the prompt's forward pass, then ``new_tokens`` decode steps
+    (each with its argmax). Sessions are created before it returns."""
     from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.decoding import StopRule, generate
 
     runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
     runner.forward(np.asarray([prompt[:8]], dtype=np.int64))  # create sessions before timing
+    rule = StopRule(max_new_tokens=new_tokens + 1)  # no eos: always the full length
 
     def once() -> tuple[float, float]:
-        start = time.perf_counter()
-        logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
-        prompt_s = time.perf_counter() - start
-        token = int(np.argmax(logits[0, -1]))
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
-            token = int(np.argmax(logits[0, -1]))
-        return prompt_s, time.perf_counter() - start
+        spent = [0.0, 0.0]  # prompt, decode
+
+        def on_step(decode: bool, _tokens: int, seconds: float) -> None:
+            spent[int(decode)] += seconds
+
+        generate(runner, [prompt], rule, on_step=on_step)
+        return spent[0], spent[1]
 
     return once
 
 
+class _TimedBackend:
+    """A backend whose graph runs add their seconds to ``spent`` by kind (embedding, stages, experts, head)."""
+
+    def __init__(self, backend: Any, kind_of: Callable[[Any], str], spent: dict[str, float]) -> None:
+        self.backend, self.kind_of, self.spent = backend, kind_of, spent
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.backend, name)
+
+    def runner(self, folder: Path, graph: Any) -> Any:
+        inner, kind, spent = self.backend.runner(folder, graph), self.kind_of(graph), self.spent
+
+        class Timed:
+            def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                start = time.perf_counter()
+                out = inner.infer(feeds)
+                spent[kind] += time.perf_counter() - start
+                return dict(out)
+
+        return Timed()
+
+
 def decode_breakdown(bundle: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
     """Where a decode step of a bundle goes: ms per token in embedding, layer stages, experts, head, and
-    the rest (numpy gating and combine, Python), after ``prompt``.
+    the rest (numpy gating and combine, sampling, Python), after ``prompt``.
 
-    It wraps the runner's private ``_run`` and its ``run_expert`` with timers: benchmark code, tied to
-    ``BundleRunner``'s internals as they are now.
+    The runner's CPU backend (stages and the reference executor's experts) is wrapped in a timer.
     """
+    from moedge.formats.manifest import read_manifest
+    from moedge.runtime.backends.ort_cpu import OrtCpuBackend
     from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.runtime.decoding import StopRule, generate
 
-    runner = BundleRunner(bundle, intra_op_threads=threads, shared_pool=True)
-    logits, past = runner.forward(np.asarray([prompt], dtype=np.int64))
+    manifest = read_manifest(bundle)
+    stages = {id(layer.stage) for layer in manifest.layers}
+
+    def kind_of(graph: Any) -> str:
+        if graph is manifest.embedding:
+            return "embedding"
+        if graph is manifest.head:
+            return "head"
+        return "stages" if id(graph) in stages else "experts"
+
     spent: dict[str, float] = {"embedding": 0.0, "stages": 0.0, "experts": 0.0, "head": 0.0}
-    run_graph = runner._run
+    cpu = _TimedBackend(OrtCpuBackend(intra_op_threads=threads, shared_pool=True), kind_of, spent)
+    runner = BundleRunner(bundle, manifest=manifest, cpu=cpu)  # type: ignore[arg-type]
+    steps = [0.0]
 
-    def timed(graph: Any, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        out = run_graph(graph, values)
-        kind = (
-            "embedding"
-            if graph is runner.manifest.embedding
-            else "head"
-            if graph is runner.manifest.head
-            else "stages"
-        )
-        spent[kind] += time.perf_counter() - start
-        return out
+    def on_step(decode: bool, _tokens: int, seconds: float) -> None:
+        if decode:
+            steps[0] += seconds
+        else:  # the prompt's time is not a decode step's
+            for k in spent:
+                spent[k] = 0.0
 
-    def timed_expert(layer: int, expert: int, x: np.ndarray, backend: Any = None) -> np.ndarray:
-        start = time.perf_counter()
-        out = BundleRunner.run_expert(runner, layer, expert, x, backend)
-        spent["experts"] += time.perf_counter() - start
-        return out
-
-    runner._run = timed  # type: ignore[method-assign]
-    runner.run_expert = timed_expert  # type: ignore[method-assign]
-    token = int(np.argmax(logits[0, -1]))
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        logits, past = runner.forward(np.asarray([[token]], dtype=np.int64), past=past)
-        token = int(np.argmax(logits[0, -1]))
-    total = time.perf_counter() - start
+    generate(runner, [prompt], StopRule(max_new_tokens=new_tokens + 1), on_step=on_step)
     out = {k: v / new_tokens * 1e3 for k, v in spent.items()}
-    out["other"] = total / new_tokens * 1e3 - sum(out.values())
-    out["total"] = total / new_tokens * 1e3
+    out["other"] = steps[0] / new_tokens * 1e3 - sum(out.values())
+    out["total"] = steps[0] / new_tokens * 1e3
     return out
 
 
 def time_torch(
-    model_name: str, prompt: list[int], new_tokens: int, threads: int, cache_dir: Path | None = None
+    model_name: str,
+    prompt: list[int],
+    new_tokens: int,
+    threads: int,
+    cache_dir: Path | None = None,
+    files: list[Path] | None = None,
 ) -> Timer:
-    """A timer of greedy generation in PyTorch eager FP32 (the model loaded by ``load_model``)."""
+    """A timer of greedy generation in PyTorch eager FP32 (the model loaded by ``load_model``); the files
+    the model came from are appended to ``files``."""
     import torch
+    from provenance import model_files
 
     from moedge.loading import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(model_name, cache_dir=cache_dir).model
+    loaded = load_model(model_name, cache_dir=cache_dir)
+    if files is not None:
+        files += model_files(loaded)
+    model = loaded.model
 
     def once() -> tuple[float, float]:
         with torch.inference_mode():
@@ -156,10 +182,15 @@ def dense_labels(bundles: list[Path] | None) -> dict[str, Path]:
     return out
 
 
-def speed_table(args: argparse.Namespace) -> dict[str, Any]:
-    """Part 2: ORT CPU wall clock, interleaved repeats, medians (measured, this machine)."""
+def speed_table(args: argparse.Namespace, files: list[Path] | None = None) -> dict[str, Any]:
+    """Part 2: ORT CPU wall clock, interleaved repeats, medians (measured, this machine); every variant's
+    raw (prompt s, decode s) in its "runs". The bundles, GGUF and model files timed are appended to
+    ``files``."""
     from moedge.runtime.profiling import text_token_ids
 
+    if files is not None:
+        files += [args.bundle, *([args.fp32_bundle] if args.fp32_bundle else []), *(args.dense_bundle or [])]
+        files += [args.gguf] if args.gguf else []
     prompt = text_token_ids(args.bundle, args.eval_text, args.prompt_tokens)
     variants: dict[str, Timer] = {
         "w8a8 bundle": time_bundle(args.bundle, prompt, args.new_tokens, args.threads)
@@ -171,7 +202,7 @@ def speed_table(args: argparse.Namespace) -> dict[str, Any]:
         variants[label] = time_bundle(bundle, prompt, args.new_tokens, args.threads)
     if args.torch_model:
         variants["pytorch eager fp32"] = time_torch(
-            args.torch_model, prompt, args.new_tokens, args.threads, cache_dir=args.cache_dir
+            args.torch_model, prompt, args.new_tokens, args.threads, cache_dir=args.cache_dir, files=files
         )
     if args.gguf:
         variants["llama.cpp"] = time_llama_cpp(args.gguf, prompt, args.new_tokens, args.threads)

@@ -13,12 +13,12 @@ import argparse
 import collections
 import json
 import math
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import command_line, dataset_files, model_files, write_result
 
 from moedge.datasets import load_text, windows
 from moedge.evaluation import perplexity, torch_logits
@@ -122,13 +122,9 @@ def main() -> None:
             "max_windows": args.max_windows,
             "routing_windows": args.routing_windows,
         },
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "threads": torch.get_num_threads(),
-        },
-        "versions": {"torch": torch.__version__},
     }
+    runs: list[dict] = []
+    inputs: list[Path] = []
     for name in ("smollm2-135m", "smollm2-135m-moe"):
         reuse = RESULTS / "smollm2_wikitext2_pytorch.json"
         if name == "smollm2-135m" and reuse.is_file():
@@ -138,6 +134,8 @@ def main() -> None:
                 args.max_windows is None or record["windows"] == args.max_windows
             ):
                 report[name] = {"perplexity": record, "reused_from": str(reuse)}
+                runs.append({"model": name, "measure": "perplexity", "reused_from": str(reuse), **record})
+                inputs.append(reuse)
                 print(name, "reused", reuse, flush=True)
                 continue
         loaded = load_model(name)
@@ -156,9 +154,21 @@ def main() -> None:
             "provenance": loaded.provenance,
             "seconds": time.perf_counter() - start,
         }
+        runs.append({"model": name, "measure": "perplexity", **result.to_dict(), "seconds": entry["seconds"]})
+        inputs += model_files(loaded)
         if name.endswith("-moe"):
+            start = time.perf_counter()
             entry["routing"] = routing_statistics(
                 loaded, ids, seqlen=args.seqlen, max_windows=args.routing_windows
+            )
+            runs.append(
+                {
+                    "model": name,
+                    "measure": "routing statistics",
+                    "windows": args.routing_windows,
+                    "tokens": entry["routing"]["tokens"],
+                    "seconds": time.perf_counter() - start,
+                }
             )
         report[name] = entry
         print(name, result.summary(), flush=True)
@@ -166,8 +176,19 @@ def main() -> None:
     dense = report["smollm2-135m"]["perplexity"]["perplexity"]
     moe = report["smollm2-135m-moe"]["perplexity"]["perplexity"]
     report["moe_over_dense"] = moe / dense
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(
+        args.out,
+        benchmark="testbed_report",
+        command=command_line(),
+        threads=torch.get_num_threads(),
+        inputs=[*dataset_files("wikitext2"), *inputs],
+        runs=runs,
+        statistic="one deterministic PyTorch FP32 pass per model (runs: each evaluation and the routing "
+        "pass): perplexity pooled over every predicted token of the windows; routing loads and coverages "
+        "counted over every token of the first routing_windows windows",
+        results=report,
+        engines=("torch",),
+    )
     plot(
         report["smollm2-135m-moe"]["routing"]["load_per_layer_expert"],
         args.out.with_name("testbed_routing.png"),
