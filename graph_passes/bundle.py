@@ -21,6 +21,9 @@ from moedge.formats.external_data import check_external_data
 from moedge.formats.manifest import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
+    STAGE_TARGETS,
+    TARGET_ORT_CPU,
+    TARGET_TENSORRT,
     GraphSpec,
     LayerSpec,
     Manifest,
@@ -29,6 +32,12 @@ from moedge.formats.manifest import (
     sha256_file,
 )
 from moedge.formats.routing import ROUTING_FILE
+from moedge.graph_passes.ort_cpu_target import (
+    AttentionSpec,
+    FusionRefused,
+    fuse_stage_for_ort_cpu,
+    rotary_caches,
+)
 from moedge.graph_passes.pipeline import run_passes
 from moedge.graph_passes.split_experts import SplitExpertsPass, SplitLayer, SplitModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 
 # Initializers at least this large go to the graph's external data file (memory-mappable weights).
 EXTERNAL_THRESHOLD_BYTES = 1024
+# The ort-cpu target's cos/sin tables: float32 (2, max_positions, head_dim / 2), cos then sin.
+ROTARY_FILE = "rotary_cache.npy"
 
 
 def _bundle_files(folder: Path) -> list[str] | None:
@@ -87,6 +98,21 @@ def _save(model: ir.Model, folder: Path, rel: str, validate: bool) -> tuple[Grap
         bytes=size,
     )
     return spec, files
+
+
+def _check_with_ort(path: Path) -> None:
+    """``--validate`` for a graph of ORT contrib ops (which the ONNX checker does not know): ONNX Runtime
+    loads it on the CPU, checking every node against its kernels' schemas and inferring its types."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several types for an invalid graph
+        raise MoedgeError(f"{path.name} is not a valid ONNX Runtime graph: {exc}") from None
 
 
 def _share_tensors(folder: Path, owner: str, user: str) -> str | None:
@@ -162,6 +188,7 @@ def split_bundle(
     progress: bool = True,
     validate: bool = False,
     overwrite: bool = False,
+    target: str = TARGET_TENSORRT,
 ) -> Manifest:
     """Cut ``export_dir`` (``moedge export`` output, FP32 or QDQ) into a bundle folder at ``out_dir``.
 
@@ -171,7 +198,15 @@ def split_bundle(
     ONNX checker on every graph. ``out_dir`` must be missing or empty; with ``overwrite`` it may also
     be a previous bundle holding nothing but its listed files, which the new one replaces in one swap.
     Nothing is written inside another bundle.
+
+    ``target`` is the runtime the layer stages are built for: ``tensorrt`` (standard ONNX ops) or
+    ``ort-cpu`` (every layer stage fused for ONNX Runtime's CPU kernels by ``fuse_stage_for_ort_cpu``,
+    plus ``rotary_cache.npy``, the cos/sin tables they read). Embedding, head and experts are the same
+    for both. A model a stage of which cannot be fused is refused with ``FusionRefused`` before
+    anything is written.
     """
+    if target not in STAGE_TARGETS:
+        raise MoedgeError(f"unknown stage target {target!r}: use {' or '.join(STAGE_TARGETS)}")
     info = read_export_info(export_dir)
     out = Path(out_dir).expanduser().resolve()
     check_output_folder(out, kind=BUNDLE_KIND, overwrite=overwrite)
@@ -179,8 +214,9 @@ def split_bundle(
         raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
     start = time.perf_counter()
     split = _split(info)
+    spec = _fuse_for_ort_cpu(info, split) if target == TARGET_ORT_CPU else None
     with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
-        writer = _BundleWriter(tmp, validate=validate, progress=progress)
+        writer = _BundleWriter(tmp, validate=validate, progress=progress, fused=spec is not None)
         embedding, layers, head = writer.write_graphs(split)
         shutil.copyfile(info.tokenizer_file, tmp / TOKENIZER_FILE)
         writer.files.append(TOKENIZER_FILE)
@@ -189,7 +225,10 @@ def split_bundle(
             shutil.copyfile(info.routing_file, tmp / ROUTING_FILE)
             writer.files.append(ROUTING_FILE)
             routing = ROUTING_FILE
-        manifest = _manifest(info, tmp, writer.files, embedding, layers, head, routing)
+        if spec is not None:
+            np.save(tmp / ROTARY_FILE, np.stack(rotary_caches(spec)).astype(np.float32))
+            writer.files.append(ROTARY_FILE)
+        manifest = _manifest(info, tmp, writer.files, embedding, layers, head, routing, spec)
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     log.info(
         "bundle %s: %d graphs, experts %.1f MiB, in %.1f s",
@@ -216,12 +255,43 @@ def _split(info: ExportInfo) -> SplitModel:
     return splitter(model)
 
 
+def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel) -> AttentionSpec:
+    """Replace every layer stage of ``split`` by its ``fuse_stage_for_ort_cpu`` rewrite, for cos/sin
+    tables of the model's whole context; one refusal (the first layer that cannot be fused) refuses all."""
+    fallback = "split with --target tensorrt (standard ONNX stages every runtime runs)"
+    context = info.config.get("max_position_embeddings")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise FusionRefused(
+            f"--target ort-cpu: {info.folder}'s config.json has no max_position_embeddings to size the "
+            f"rotary tables by: {fallback}"
+        )
+    try:
+        spec = AttentionSpec.from_config(info.config, max_positions=context)
+    except FusionRefused as exc:
+        raise FusionRefused(f"--target ort-cpu refused for {info.name}: {_reason(exc)}: {fallback}") from None
+    for layer in split.layers:
+        try:
+            layer.stage = fuse_stage_for_ort_cpu(layer.stage, spec)
+        except FusionRefused as exc:
+            raise FusionRefused(
+                f"--target ort-cpu refused: layer {layer.index} of {info.name} cannot use ONNX Runtime's "
+                f"fused CPU kernels ({_reason(exc)}): {fallback}"
+            ) from None
+    return spec
+
+
+def _reason(exc: FusionRefused) -> str:
+    """A refusal's reason without the pass's own advice (the split refuses the whole target instead)."""
+    return str(exc).removesuffix(": keep the unfused stage")
+
+
 class _BundleWriter:
     """Writes a ``SplitModel``'s graphs under a bundle folder, recording every file it writes."""
 
-    def __init__(self, folder: Path, *, validate: bool, progress: bool) -> None:
+    def __init__(self, folder: Path, *, validate: bool, progress: bool, fused: bool = False) -> None:
         self.folder = folder
         self.validate = validate
+        self.fused = fused  # layer stages use ORT contrib ops: validated by ONNX Runtime, not the checker
         self.progress = progress
         self.files: list[str] = []
         self._bar: Any = None  # the progress bar while write_graphs runs
@@ -242,14 +312,16 @@ class _BundleWriter:
             head = GraphSpec(file=head.file, inputs=head.inputs, outputs=head.outputs, bytes=size)
         return embedding, layers, head
 
-    def _save(self, graph: ir.Model, rel: str) -> GraphSpec:
-        spec, written = _save(graph, self.folder, rel, self.validate)
+    def _save(self, graph: ir.Model, rel: str, *, ort_ops: bool = False) -> GraphSpec:
+        spec, written = _save(graph, self.folder, rel, self.validate and not ort_ops)
+        if self.validate and ort_ops:
+            _check_with_ort(self.folder / rel)
         self.files.extend(written)
         self._bar.update(1)
         return spec
 
     def _layer(self, layer: SplitLayer) -> LayerSpec:
-        stage = self._save(layer.stage, f"stages/layer_{layer.index:03d}.onnx")
+        stage = self._save(layer.stage, f"stages/layer_{layer.index:03d}.onnx", ort_ops=self.fused)
         if layer.gating is None:
             return LayerSpec(index=layer.index, stage=stage, moe=None)
         experts = [
@@ -284,8 +356,10 @@ def _manifest(
     layers: list[LayerSpec],
     head: GraphSpec,
     routing: str | None,
+    spec: AttentionSpec | None,
 ) -> Manifest:
-    """The bundle's manifest: the model facts from the export's ``config.json``, the graphs, every file's hash."""
+    """The bundle's manifest: the model facts from the export's ``config.json``, the graphs, every file's
+    hash; with ``spec`` (the ort-cpu target) the stage target and the rotary tables' file."""
     raw, meta = info.config, info.raw
     model_info: dict[str, Any] = {k: meta.get(k) for k in _MODEL_META_KEYS}
     model_info.update(
@@ -293,6 +367,8 @@ def _manifest(
         hidden_size=raw.get("hidden_size"),
         vocab_size=raw.get("vocab_size"),
         max_position_embeddings=raw.get("max_position_embeddings"),
+        num_heads=raw.get("num_attention_heads"),
+        rope_theta=_rope_theta(raw),
         num_experts=meta.get("num_experts", 0),
         source=meta.get("source"),
     )
@@ -305,5 +381,18 @@ def _manifest(
         files={f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in files},
         quantization=meta.get("quantization"),
         routing=routing,
+        stage_target=TARGET_TENSORRT if spec is None else TARGET_ORT_CPU,
+        rotary=None if spec is None else ROTARY_FILE,
         extra={"split_from": str(info.folder), "opset": meta.get("opset")},
     )
+
+
+def _rope_theta(config: dict[str, Any]) -> float | None:
+    """The RoPE base of a Hugging Face config (``rope_parameters`` or the top-level ``rope_theta``);
+    None for a model without one (learned positions) or a value that is not a positive number."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = config.get("rope_theta") if theta is None else theta
+    if isinstance(theta, bool) or not isinstance(theta, int | float) or not 0 < theta < float("inf"):
+        return None
+    return float(theta)

@@ -40,7 +40,15 @@ import onnx_ir.passes.common as common_passes
 
 from moedge.arch import get_config
 from moedge.formats.graph_names import MODULE_KEY, PRESENT_PREFIX
-from moedge.formats.manifest import HIDDEN
+from moedge.formats.manifest import (
+    COS_CACHE,
+    HIDDEN,
+    SEQLENS_K,
+    SIN_CACHE,
+    TOTAL_SEQUENCE_LENGTH,
+    past_names,
+    present_names,
+)
 from moedge.graph_passes.pack_linears import pack_gate_up, pack_qkv
 from moedge.graph_passes.stage_patterns import (
     FusionRefused,
@@ -52,10 +60,6 @@ from moedge.graph_passes.stage_patterns import (
 )
 
 MS_DOMAIN = "com.microsoft"
-SEQLENS_K = "seqlens_k"
-TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
-COS_CACHE = "cos_cache"
-SIN_CACHE = "sin_cache"
 CACHE_AXIS = "max_sequence"  # the KV buffer's (symbolic) capacity axis
 
 __all__ = [
@@ -70,16 +74,6 @@ __all__ = [
     "present_names",
     "rotary_caches",
 ]
-
-
-def past_names(layer: int) -> tuple[str, str]:
-    """The fused stage's cache inputs: ``past_key.L``, ``past_value.L``."""
-    return f"past_key.{layer}", f"past_value.{layer}"
-
-
-def present_names(layer: int) -> tuple[str, str]:
-    """The fused stage's cache outputs: ``present_key.L``, ``present_value.L`` (same buffer as past)."""
-    return f"present_key.{layer}", f"present_value.{layer}"
 
 
 @dataclass(frozen=True, kw_only=True)

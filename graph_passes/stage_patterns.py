@@ -69,7 +69,11 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if node is None:
         return None
     if node.op_type == "Constant":
-        tensor = ir.convenience.get_const_tensor(value)
+        attr = node.attributes.get("value")
+        if attr is not None and not attr.is_ref():
+            # read directly: get_const_tensor renames this tensor, which other graphs of a split share
+            return np.asarray(attr.as_tensor().numpy())
+        tensor = ir.convenience.get_const_tensor(value)  # value_int(s)/value_float(s): a new tensor
         return None if tensor is None else np.asarray(tensor.numpy())
     args = [const_array(v) for v in node.inputs]
     if not args or any(a is None for a in args):

@@ -14,20 +14,28 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moedge._errors import MoedgeError
 from moedge.formats.manifest import (
+    COS_CACHE,
     HIDDEN,
     HIDDEN_OUT,
     LOGITS,
     MOE_INPUT,
     RESIDUAL,
     ROUTER_LOGITS,
+    SEQLENS_K,
     SHARED_OUTPUT,
+    SIN_CACHE,
+    TARGET_ORT_CPU,
+    TOTAL_SEQUENCE_LENGTH,
     GraphSpec,
     Manifest,
+    past_names,
+    present_names,
     read_manifest,
 )
 from moedge.runtime.backends.base import Backend
@@ -40,6 +48,7 @@ from moedge.runtime.moe_layer import (
     run_expert_graph,
 )
 from moedge.runtime.ort_session import KVCache, empty_cache, step_inputs
+from moedge.runtime.static_cache import MIN_CAPACITY, InPlace, StaticCache, left_padded, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +126,8 @@ class BundleRunner:
         for a, b in itertools.pairwise(self.moe_layers.values()):
             a.next = b
         self.speculative_candidates = speculative_candidates
+        self.context = int(model.get("max_position_embeddings") or 0)
+        self._rotary_tables: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def uses_cache(self) -> bool:
@@ -136,12 +147,16 @@ class BundleRunner:
         moe = self.moe_layer(layer)
         return run_expert_graph(backend or self.cpu, self.folder, moe.expert_graph(expert), x)
 
-    def _run(self, graph: GraphSpec, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(
+        self, graph: GraphSpec, values: dict[str, np.ndarray], in_place: Sequence[InPlace] = ()
+    ) -> dict[str, np.ndarray]:
+        bound = {b.input for b in in_place}
         try:
-            feeds = {name: values[name] for name in graph.input_names}
+            feeds = {name: values[name] for name in graph.input_names if name not in bound}
         except KeyError as exc:
             raise MoedgeError(f"{graph.file} needs input {exc}, which no earlier stage provides") from None
-        return self.stage_backend.runner(self.folder, graph).infer(feeds)
+        runner = self.stage_backend.runner(self.folder, graph)
+        return runner.infer_in_place(feeds, in_place) if in_place else runner.infer(feeds)
 
     def empty_cache(self, batch: int) -> KVCache:
         """A zero-length cache for ``batch`` sequences."""
@@ -162,13 +177,19 @@ class BundleRunner:
         self,
         input_ids: np.ndarray,
         *,
-        past: KVCache | None = None,
+        past: Any = None,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
         trace: RoutingTrace | None = None,
-    ) -> tuple[np.ndarray, KVCache]:
-        """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache."""
+    ) -> tuple[np.ndarray, Any]:
+        """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache.
+
+        Rows are left-padded (``attention_mask``). The cache is a list of per-layer key and value arrays
+        (a tensorrt-target bundle) or a :class:`StaticCache` updated in place (an ort-cpu bundle).
+        """
         input_ids = self._check_ids(input_ids)
+        if self.manifest.stage_target == TARGET_ORT_CPU:
+            return self._forward_static(input_ids, past, attention_mask, trace)
         past = past if past is not None else self.empty_cache(input_ids.shape[0])
         values = step_inputs(input_ids, past[0].shape[2], attention_mask, position_ids)
         for i in range(self.num_layers):
@@ -187,6 +208,74 @@ class BundleRunner:
                 values[HIDDEN] = self._moe(self.moe_layers[layer.index], outs, trace)
         logits = self._run(self.manifest.head, values)[LOGITS]
         return logits, present
+
+    def _forward_static(
+        self,
+        input_ids: np.ndarray,
+        past: StaticCache | None,
+        attention_mask: np.ndarray | None,
+        trace: RoutingTrace | None,
+    ) -> tuple[np.ndarray, StaticCache]:
+        """An ort-cpu bundle's step: rows right-padded for GroupQueryAttention, the KV cache in place."""
+        rows, seq = input_ids.shape
+        ids, counts = right_padded(input_ids, attention_mask)
+        if past is None:
+            past = StaticCache(
+                rows, self.num_layers, self.num_kv_heads, self.head_dim, max(MIN_CAPACITY, 2 * seq)
+            )
+        elif seq > 1 and rows > 1:
+            raise MoedgeError("an ort-cpu bundle continues a batch one token per row at a time")
+        if past.rows != rows:
+            raise MoedgeError(f"the cache holds {past.rows} rows, the step has {rows}")
+        total = past.lengths + counts
+        past.reserve(int(total.max()), self.context)
+        values = self._static_inputs(ids, past.lengths, total)
+        values.update(self._run(self.manifest.embedding, values))
+        for layer in self.manifest.layers:
+            if self.on_stage is not None:
+                self.on_stage(layer.index)
+            buffers = past.bound(layer.index, (*past_names(layer.index), *present_names(layer.index)))
+            outs = self._run(layer.stage, values, buffers)
+            if layer.moe is None:
+                values[HIDDEN] = outs[HIDDEN_OUT]
+            else:
+                values[HIDDEN] = self._moe(self.moe_layers[layer.index], outs, trace)
+        logits = self._run(self.manifest.head, values)[LOGITS]
+        past.lengths = total
+        return left_padded(logits, counts), past
+
+    def _static_inputs(self, ids: np.ndarray, before: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:
+        """What the embedding and the fused stages read besides the hidden state and the KV buffers."""
+        rows, seq = ids.shape
+        longest = int(total.max())
+        values = step_inputs(ids, 0, None, before[:, None] + np.arange(seq))
+        values["attention_mask"] = np.ones((rows, longest), dtype=np.int64)
+        for i in range(self.num_layers):  # the embedding stage reads a past's shape, never its values
+            shape = (rows, self.num_kv_heads, longest - seq, self.head_dim)
+            values[f"past_key_values.{i}.key"] = values[f"past_key_values.{i}.value"] = np.zeros(
+                shape, np.float32
+            )
+        values[SEQLENS_K] = (total - 1).astype(np.int32)
+        values[TOTAL_SEQUENCE_LENGTH] = np.asarray(longest, dtype=np.int32)
+        values[COS_CACHE], values[SIN_CACHE] = self._rotary()
+        return values
+
+    def _rotary(self) -> tuple[np.ndarray, np.ndarray]:
+        """The bundle's cos/sin tables (read once, checked)."""
+        if self._rotary_tables is None:
+            assert self.manifest.rotary is not None  # read_manifest requires it for ort-cpu
+            path = self.folder / self.manifest.rotary
+            try:
+                table = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise MoedgeError(f"bundle file {path.name} is not a readable .npy ({exc})") from None
+            if table.ndim != 3 or table.shape[0] != 2 or table.dtype != np.float32:
+                raise MoedgeError(
+                    f"bundle file {path.name} must hold float32 (2, positions, head_dim / 2) cos/sin tables, "
+                    f"got {table.dtype} {table.shape}: re-split the bundle with moedge split --target ort-cpu"
+                )
+            self._rotary_tables = (np.ascontiguousarray(table[0]), np.ascontiguousarray(table[1]))
+        return self._rotary_tables
 
     def _moe(self, moe: MoeLayer, outs: dict[str, np.ndarray], trace: RoutingTrace | None) -> np.ndarray:
         """An MoE layer's output hidden state: residual + routed experts (+ the shared expert)."""

@@ -98,6 +98,20 @@ StepHook = Callable[[bool, int, float], None]
 """(decode step?, tokens it processed, seconds it took): called after every forward pass and sampling."""
 
 
+def select_rows(past: Any, rows: list[int]) -> Any:
+    """The cache of only ``rows``: a list of (rows, ...) arrays indexed, or the cache's own ``select``."""
+    select = getattr(past, "select", None)
+    return select(rows) if select is not None else [kv[rows] for kv in past]
+
+
+def cached_tokens(past: Any) -> int:
+    """How many positions a cache holds (the longest row's): 0 for None."""
+    if past is None:
+        return 0
+    lengths = getattr(past, "lengths", None)
+    return int(lengths.max()) if lengths is not None else int(past[0].shape[2])
+
+
 def sample(logits: np.ndarray, rng: np.random.Generator, sampling: Sampling) -> int:
     """The next token from one row's last logits."""
     if sampling.temperature <= 0:
@@ -156,7 +170,7 @@ class _Batch:
         new = np.asarray([tokens[r] for r in keep], dtype=np.int64)[:, None]
         if len(keep) < len(self.active):
             if self.past is not None:
-                self.past = [kv[keep] for kv in self.past]
+                self.past = select_rows(self.past, keep)
             self.step, self.mask, self.positions = self.step[keep], self.mask[keep], self.positions[keep]
             self.active = [self.active[r] for r in keep]
         self.mask = np.concatenate([self.mask, np.ones((len(keep), 1), dtype=np.int64)], axis=1)

@@ -32,7 +32,14 @@ from moedge.runtime.backends.simulated_gpu import SimulatedGpuBackend
 from moedge.runtime.bundle_runner import BundleRunner
 from moedge.runtime.cache import ExpertKey
 from moedge.runtime.costs import ModelCosts, parse_budget
-from moedge.runtime.decoding import Generation, Sampling, StopRule, check_prompts, generate_into
+from moedge.runtime.decoding import (
+    Generation,
+    Sampling,
+    StopRule,
+    cached_tokens,
+    check_prompts,
+    generate_into,
+)
 from moedge.runtime.expert_executor import CachedExecutor
 from moedge.runtime.policies import get_policy
 from moedge.runtime.predictor import LatencyPredictor, fit_cpu_timings
@@ -54,12 +61,14 @@ class RunMetrics:
     computed: list[dict[ExpertKey, int]] = field(default_factory=list)  # per step: expert -> tokens run
     routed: list[dict[ExpertKey, int]] = field(default_factory=list)  # per step: expert -> tokens routed
     interrupted: bool = False
+    load_seconds: float = 0.0  # reading the bundle and creating every session, before any prompt
 
     def summary(self, scheduler: ExpertScheduler | None, backend: Backend) -> dict[str, Any]:
         """Everything ``moedge run`` prints and ``--metrics-json`` writes."""
         lat = np.asarray(self.token_latencies or [0.0]) * 1e3
         out: dict[str, Any] = {
             "backend": backend.name,
+            "load_seconds": self.load_seconds,
             "prompt_tokens": self.prompt_tokens,
             "prompt_tokens_per_s": self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else None,
             "decode_tokens": self.decode_tokens,
@@ -101,6 +110,7 @@ class Generator:
         shared_pool: bool = False,
         engines: str | Path | None = None,
     ) -> None:
+        start = time.perf_counter()
         self.folder = Path(bundle)
         self.manifest = read_manifest(self.folder, verify=verify)
         self.cpu = OrtCpuBackend(intra_op_threads=intra_op_threads, shared_pool=shared_pool)
@@ -132,12 +142,12 @@ class Generator:
             stage_backend=self.gpu,
             executor=self.executor,
         )
-        if cached:
-            self._activate_base()
+        self._activate_base()
         if self.executor is not None:
             self.scheduler = self._make_scheduler(policy, gpu_budget, plan, routing)
             self.executor.attach(self.scheduler)
             self.runner.on_stage = self.scheduler.run_stage
+        self.metrics.load_seconds = time.perf_counter() - start
 
     # --- set-up ------------------------------------------------------------------------------------
     def _make_gpu(self, backend: str, threads: int | None) -> Backend:
@@ -181,12 +191,17 @@ class Generator:
         return self.runner.moe_layer(layer).expert_graph(expert)
 
     def _activate_base(self) -> None:
+        """Create every session a run needs before it starts (so no prompt pays for loading): the
+        stage graphs on the stage backend, and every expert's CPU session (misses run there)."""
         for graph in [
             self.manifest.embedding,
             *[layer.stage for layer in self.manifest.layers],
             self.manifest.head,
         ]:
             self.gpu.runner(self.folder, graph).activate()
+        for layer in self.manifest.layers:
+            for graph in layer.moe.experts if layer.moe is not None else []:
+                self.cpu.runner(self.folder, graph).activate()
 
     def _tokenizer(self) -> Any:
         name = self.manifest.tokenizer  # checked by read_manifest: listed, inside the bundle, present
@@ -261,7 +276,7 @@ class Generator:
         metrics and the modeled clock. Returns the logits and the extended KV cache.
         """
         ids = np.asarray(input_ids, dtype=np.int64)
-        context = 0 if past is None else int(past[0].shape[2])
+        context = cached_tokens(past)
         self.metrics.computed.append({})
         self.metrics.routed.append({})
         if self.scheduler is not None:

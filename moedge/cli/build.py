@@ -38,8 +38,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def execute(opts: BuildOptions) -> int:
     """Build TensorRT engines for every graph of a bundle."""
+    from moedge._errors import MoedgeError
+    from moedge.formats.manifest import TARGET_ORT_CPU, read_manifest
     from moedge.runtime.backends.tensorrt import build_bundle_engines, default_engine_dir
 
+    if read_manifest(opts.bundle).stage_target == TARGET_ORT_CPU:
+        raise MoedgeError(
+            f"{opts.bundle}: ort-cpu stages use ONNX Runtime contrib ops TensorRT cannot parse: "
+            "split with --target tensorrt"
+        )
     engine_dir = opts.engines if opts.engines is not None else default_engine_dir(opts.bundle)
     built = build_bundle_engines(
         opts.bundle, engine_dir=engine_dir, max_tokens=opts.max_tokens, context=opts.context

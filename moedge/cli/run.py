@@ -328,7 +328,8 @@ def format_metrics(m: dict[str, object]) -> list[str]:
     lat = m["token_latency_ms"]
     assert isinstance(lat, dict)
     lines = [
-        f"backend {m['backend']}: prompt {m['prompt_tokens']} tokens at {num(m['prompt_tokens_per_s'])} tok/s, "
+        f"backend {m['backend']}: loaded in {num(m.get('load_seconds'), '.2f')} s; "
+        f"prompt {m['prompt_tokens']} tokens at {num(m['prompt_tokens_per_s'])} tok/s, "
         f"decode {m['decode_tokens']} tokens at {num(m['decode_tokens_per_s'])} tok/s",
         f"per-token latency (wall) ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  std {lat['std']:.2f}",
     ]

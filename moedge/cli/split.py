@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moedge.cli.common import EXIT_OK, CommandOptions, set_handler
+from moedge.formats.manifest import STAGE_TARGETS, TARGET_ORT_CPU, TARGET_TENSORRT
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class SplitOptions(CommandOptions):
     output: Path
     overwrite: bool
     validate: bool
+    target: str
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +35,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="replace -o when it is a previous bundle holding only the files its manifest lists",
     )
-    split.add_argument("--validate", action="store_true", help="run the ONNX checker on every graph")
+    split.add_argument(
+        "--validate",
+        action="store_true",
+        help="run the ONNX checker on every graph (ONNX Runtime's checks on ort-cpu stages)",
+    )
+    split.add_argument(
+        "--target",
+        choices=STAGE_TARGETS,
+        default=TARGET_TENSORRT,
+        help=f"runtime the layer stages are built for: {TARGET_TENSORRT} (default; standard ONNX ops that "
+        f"TensorRT, moedge-run and every ONNX Runtime run) or {TARGET_ORT_CPU} (ONNX Runtime's fused CPU "
+        "kernels: GroupQueryAttention with an in-place KV cache; head size a multiple of 16; refused "
+        "otherwise, writing nothing)",
+    )
     set_handler(split, SplitOptions, execute)
 
 
@@ -41,11 +56,14 @@ def execute(opts: SplitOptions) -> int:
     """Cut an exported folder into a bundle (stages, one graph per expert, manifest.json)."""
     from moedge.graph_passes.bundle import split_bundle
 
-    manifest = split_bundle(opts.export_dir, opts.output, validate=opts.validate, overwrite=opts.overwrite)
+    manifest = split_bundle(
+        opts.export_dir, opts.output, validate=opts.validate, overwrite=opts.overwrite, target=opts.target
+    )
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     experts = sum(len(layer.moe.experts) for layer in moe if layer.moe is not None)
     print(
         f"bundle {opts.output}: {len(manifest.layers)} layer stages, {experts} expert graphs "
-        f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}"
+        f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}, "
+        f"stages for {manifest.stage_target}"
     )
     return EXIT_OK

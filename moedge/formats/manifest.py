@@ -37,6 +37,27 @@ EXPERT_INPUT = "x"  # an expert graph's input: the routed tokens' MoE input rows
 EXPERT_OUTPUT = "y"  # its output, before the routing weight
 LOGITS = "logits"
 
+# Stage targets: which runtime a bundle's layer stages are built for (the expert graphs are the same).
+TARGET_TENSORRT = "tensorrt"  # standard ONNX ops TensorRT 10 parses (every ONNX Runtime runs them too)
+TARGET_ORT_CPU = "ort-cpu"  # ONNX Runtime's fused CPU kernels: GroupQueryAttention with an in-place cache
+STAGE_TARGETS = (TARGET_TENSORRT, TARGET_ORT_CPU)
+
+# An ort-cpu layer stage's extra inputs (GroupQueryAttention's), beside HIDDEN and its KV buffers.
+SEQLENS_K = "seqlens_k"  # int32 (rows,): each row's total length - 1
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"  # int32 scalar: the longest row's total length
+COS_CACHE = "cos_cache"  # float32 (positions, head_dim / 2), shared by every stage
+SIN_CACHE = "sin_cache"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    """An ort-cpu stage's KV buffer inputs: ``past_key.L``, ``past_value.L``."""
+    return f"past_key.{layer}", f"past_value.{layer}"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    """Its KV buffer outputs ``present_key.L``, ``present_value.L`` (bound to the same buffers as past)."""
+    return f"present_key.{layer}", f"present_value.{layer}"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -116,6 +137,8 @@ class Manifest:
     quantization: dict[str, Any] | None = None
     tokenizer: str | None = "tokenizer.json"
     routing: str | None = None
+    stage_target: str = TARGET_TENSORRT
+    rotary: str | None = None  # ort-cpu target: a float32 .npy (2, positions, head_dim / 2): cos, sin
     schema_version: int = SCHEMA_VERSION
     format: str = BUNDLE_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
@@ -151,7 +174,13 @@ class Manifest:
             if layer.moe is not None and layer.moe.router
         ]
         out += [
-            (key, value) for key, value in (("tokenizer", self.tokenizer), ("routing", self.routing)) if value
+            (key, value)
+            for key, value in (
+                ("tokenizer", self.tokenizer),
+                ("routing", self.routing),
+                ("rotary", self.rotary),
+            )
+            if value
         ]
         return out
 
@@ -163,6 +192,7 @@ class Manifest:
 MAX_FILE_BYTES = 1 << 62  # a byte count any runtime can add up without overflowing int64
 MAX_DIM = 1 << 16  # heads, head size, experts per layer
 MAX_VOCAB = 1 << 31
+MAX_ROPE_THETA = 1e12  # RoPE base: real models use 1e4 to 1e8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-split the bundle with moedge split"
 
@@ -215,6 +245,14 @@ class _Reader:
     def optional_int(self, obj: dict[str, Any], key: str, field_path: str, lo: int, hi: int) -> None:
         if obj.get(key) is not None:
             self.integer(obj[key], field_path, lo, hi)
+
+    def optional_float(self, obj: dict[str, Any], key: str, field_path: str, lo: float, hi: float) -> None:
+        """A number (int or float, not a boolean) in (lo, hi], when present and not null."""
+        value = obj.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not lo < value <= hi
+        ):
+            self.fail(field_path, f"a number in ({lo:g}, {hi:g}]", value)
 
 
 def relative_path(value: Any, field_path: str, where: str) -> str:
@@ -315,6 +353,8 @@ def _model(r: _Reader, d: Any) -> dict[str, Any]:
     r.optional_int(model, "vocab_size", "model.vocab_size", 1, MAX_VOCAB - 1)
     r.optional_int(model, "max_position_embeddings", "model.max_position_embeddings", 1, MAX_VOCAB - 1)
     r.optional_int(model, "hidden_size", "model.hidden_size", 1, MAX_DIM * 16)
+    r.optional_int(model, "num_heads", "model.num_heads", 1, MAX_DIM)
+    r.optional_float(model, "rope_theta", "model.rope_theta", 0.0, MAX_ROPE_THETA)
     vocab = int(model.get("vocab_size") or MAX_VOCAB)
     for key in ("eos_token_id", "bos_token_id"):
         value = model.get(key)
@@ -323,6 +363,15 @@ def _model(r: _Reader, d: Any) -> dict[str, Any]:
                 where = f"model.{key}" + (f"[{j}]" if isinstance(value, list) else "")
                 r.integer(token, where, 0, vocab - 1)
     return dict(model)
+
+
+def _stage_target(r: _Reader, raw: dict[str, Any]) -> str:
+    target = raw.get("stage_target", TARGET_TENSORRT)
+    if target not in STAGE_TARGETS:
+        r.fail("stage_target", " or ".join(repr(t) for t in STAGE_TARGETS), target)
+    if target == TARGET_ORT_CPU and raw.get("rotary") is None:
+        r.fail("rotary", "the cos/sin table file an ort-cpu bundle's stages read", None)
+    return str(target)
 
 
 def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest:
@@ -374,6 +423,8 @@ def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest
         if raw.get("tokenizer") is None
         else relative_path(raw["tokenizer"], "tokenizer", where),
         routing=None if raw.get("routing") is None else relative_path(raw["routing"], "routing", where),
+        stage_target=_stage_target(r, raw),
+        rotary=None if raw.get("rotary") is None else relative_path(raw["rotary"], "rotary", where),
         schema_version=version,
         extra=r.obj(raw.get("extra", {}), "extra"),
     )

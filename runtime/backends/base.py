@@ -5,11 +5,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from moedge.formats.manifest import GraphSpec
+
+if TYPE_CHECKING:
+    from moedge.runtime.static_cache import InPlace
 
 
 class Runner(ABC):
@@ -36,6 +41,17 @@ class Runner(ABC):
     @abstractmethod
     def release(self) -> None:
         """Free the device memory the graph holds."""
+
+    def infer_in_place(
+        self, feeds: dict[str, np.ndarray], in_place: Sequence[InPlace]
+    ) -> dict[str, np.ndarray]:
+        """Run the graph with each ``in_place`` buffer as both an input and an output (updated in place,
+        as an ort-cpu stage's KV cache is); returns the other outputs. Backends without I/O binding copy
+        the output into the buffer."""
+        outs = self.infer({**feeds, **{b.input: b.array for b in in_place}})
+        for b in in_place:
+            np.copyto(b.array, outs.pop(b.output))
+        return outs
 
 
 class Backend(ABC):

@@ -3,6 +3,7 @@ comes from a hardware profile. Every time this backend reports is modeled, and l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from moedge.formats.manifest import GraphSpec
 from moedge.runtime.backends.base import Backend, Runner
 from moedge.runtime.backends.ort_cpu import OrtCpuBackend
 from moedge.runtime.profiles import HardwareProfile, load_profile
+from moedge.runtime.static_cache import InPlace
 
 
 class SimulatedRunner(Runner):
@@ -33,6 +35,14 @@ class SimulatedRunner(Runner):
         if not self.active:
             raise MoedgeError(f"{self.graph.file} is not resident on the simulated GPU: activate it first")
         return self.cpu.infer(feeds)
+
+    def infer_in_place(
+        self, feeds: dict[str, np.ndarray], in_place: Sequence[InPlace]
+    ) -> dict[str, np.ndarray]:
+        """Execute on the CPU with its buffers bound in place."""
+        if not self.active:
+            raise MoedgeError(f"{self.graph.file} is not resident on the simulated GPU: activate it first")
+        return self.cpu.infer_in_place(feeds, in_place)
 
     def release(self) -> None:
         """Give the bytes back."""
