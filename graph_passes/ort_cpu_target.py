@@ -315,16 +315,7 @@ def _replace_norms(graph: ir.Graph, layer: _Layer) -> None:
     first, post = layer.input_norm, layer.post_norm
     anchor = first.output.producer()
     assert anchor is not None
-    norm = _node(
-        graph,
-        anchor,
-        "SimplifiedLayerNormalization",
-        [first.input, first.weight],
-        first.module,
-        axis=-1,
-        epsilon=first.epsilon,
-    )
-    _take_over(first.output, norm.outputs[0])
+    _simplified_norm(graph, anchor, first)
     skip_in = next(v for v in layer.residual.inputs if v is not layer.hidden)
     anchor = post.output.producer()
     assert anchor is not None
@@ -348,16 +339,21 @@ def _replace_other_norms(graph: ir.Graph) -> None:
         live = node.outputs[0].is_graph_output() or bool(node.outputs[0].uses())
         norm = match_rms_norm(node.outputs[0]) if live else None  # not the replaced norms' leftovers
         if norm is not None:
-            fused = _node(
-                graph,
-                node,
-                "SimplifiedLayerNormalization",
-                [norm.input, norm.weight],
-                norm.module,
-                axis=-1,
-                epsilon=norm.epsilon,
-            )
-            _take_over(norm.output, fused.outputs[0])
+            _simplified_norm(graph, node, norm)
+
+
+def _simplified_norm(graph: ir.Graph, anchor: ir.Node, norm: RmsNorm) -> None:
+    """``norm`` as one ``SimplifiedLayerNormalization`` placed at ``anchor``, taking over its readers."""
+    fused = _node(
+        graph,
+        anchor,
+        "SimplifiedLayerNormalization",
+        [norm.input, norm.weight],
+        norm.module,
+        axis=-1,
+        epsilon=norm.epsilon,
+    )
+    _take_over(norm.output, fused.outputs[0])
 
 
 def _replace_attention(

@@ -89,22 +89,35 @@ def bundles(tmp_path_factory, tiny_exports):
 
 
 @pytest.fixture(scope="session")
-def qdq_bundle(tmp_path_factory):
-    """tiny-mixtral calibrated (rtn), exported as QDQ and split."""
+def qdq_bundles(tmp_path_factory):
+    """A tiny model of ``kind`` calibrated (rtn: q/k/v and gate/up share their input scale), exported as
+    QDQ and split: the bundle folder, beside its ``export`` folder."""
     from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
     from moedge.export.exporter import export_model
     from moedge.graph_passes.bundle import split_bundle
     from moedge.testbeds import build_tiny
 
-    root = tmp_path_factory.mktemp("cpp-qdq")
-    loaded = build_tiny("mixtral")
-    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
-    save_recipe(
-        loaded, calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False), root / "r"
-    )
-    export_model(apply_recipe(build_tiny("mixtral"), root / "r"), root / "export")
-    split_bundle(root / "export", root / "bundle", progress=False)
-    return root / "bundle"
+    done: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in done:
+            root = tmp_path_factory.mktemp(f"qdq-{kind}")
+            loaded = build_tiny(kind)
+            samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
+            result = calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False)
+            save_recipe(loaded, result, root / "r")
+            export_model(apply_recipe(build_tiny(kind), root / "r"), root / "export")
+            split_bundle(root / "export", root / "bundle", progress=False)
+            done[kind] = root / "bundle"
+        return done[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qdq_bundle(qdq_bundles):
+    """tiny-mixtral calibrated (rtn), exported as QDQ and split."""
+    return qdq_bundles("mixtral")
 
 
 @pytest.fixture(scope="session")

@@ -211,25 +211,6 @@ def test_fused_fp32_stage_matches_the_split_stage(kind, bundles, tiny_exports, t
     _assert_fused_kernels(stages)
 
 
-@pytest.fixture(scope="module")
-def qdq_llama(tmp_path_factory):
-    """tiny-llama calibrated (rtn: q/k/v and gate/up share their input scale), exported as QDQ, split."""
-    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
-    from moedge.export.exporter import export_model
-    from moedge.graph_passes.bundle import split_bundle
-    from moedge.testbeds import build_tiny
-
-    root = tmp_path_factory.mktemp("qdq-llama")
-    loaded = build_tiny("llama")
-    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
-    save_recipe(
-        loaded, calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False), root / "r"
-    )
-    export_model(apply_recipe(build_tiny("llama"), root / "r"), root / "export")
-    split_bundle(root / "export", root / "bundle", progress=False)
-    return root
-
-
 def _assert_qdq_parity(report: Report) -> None:
     """At most 1% of elements off by more than float noise, none by more than 2% of the largest: an
     int8 rounding flip moves a few elements by one quantization step; a wrong rewrite moves them all."""
@@ -241,8 +222,9 @@ def _assert_qdq_parity(report: Report) -> None:
 
 
 @pytest.mark.parametrize("pack", [True, False], ids=["packed", "separate"])
-def test_fused_w8a8_stage_keeps_the_int8_kernels(qdq_llama, pack, tmp_path):
-    stages = Stages.build(qdq_llama / "bundle", qdq_llama / "export", 0, tmp_path, pack=pack)
+def test_fused_w8a8_stage_keeps_the_int8_kernels(qdq_bundles, pack, tmp_path):
+    bundle = qdq_bundles("llama")
+    stages = Stages.build(bundle, bundle.parent / "export", 0, tmp_path, pack=pack)
     _assert_qdq_parity(_prompt_then_decode(stages))
     # packed: q|k|v and gate|up are one int8 matmul each, beside o_proj and down_proj
     _assert_fused_kernels(stages, int8_matmuls=4 if pack else 7)
