@@ -250,11 +250,10 @@ class BundleRunner:
         longest = int(total.max())
         values = step_inputs(ids, 0, None, before[:, None] + np.arange(seq))
         values["attention_mask"] = np.ones((rows, longest), dtype=np.int64)
-        for i in range(self.num_layers):  # the embedding stage reads a past's shape, never its values
-            shape = (rows, self.num_kv_heads, longest - seq, self.head_dim)
-            values[f"past_key_values.{i}.key"] = values[f"past_key_values.{i}.value"] = np.zeros(
-                shape, np.float32
-            )
+        shape = (rows, self.num_kv_heads, longest - seq, self.head_dim)
+        for name in self.manifest.embedding.input_names:  # it reads a past's shape, never its values
+            if name.startswith("past_key_values."):
+                values[name] = np.zeros(shape, np.float32)
         values[SEQLENS_K] = (total - 1).astype(np.int32)
         values[TOTAL_SEQUENCE_LENGTH] = np.asarray(longest, dtype=np.int32)
         values[COS_CACHE], values[SIN_CACHE] = self._rotary()
