@@ -150,6 +150,15 @@ def time_torch(
     return once
 
 
+def llama_last_logits(llm: Any) -> np.ndarray:
+    """The logits of the last position a ``Llama`` evaluated (a view of llama.cpp's buffer). ``Llama.scores``
+    is filled only with ``logits_all=True`` in llama-cpp-python 0.3.x: without it the array stays zero."""
+    import llama_cpp
+
+    pointer = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
+
+
 def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> Timer:
     """A timer of greedy generation in llama.cpp (llama-cpp-python) from a GGUF file."""
     try:
@@ -173,7 +182,7 @@ def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int)
         prompt_s = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(new_tokens):
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(llama_last_logits(llm)))
             llm.eval([token])
         return prompt_s, time.perf_counter() - start
 
