@@ -57,6 +57,27 @@ def shared_thread_pool(threads: int | None) -> bool:
     return _SHARED_POOL[0]
 
 
+_SHARED_ALLOCATOR: list[bool] = []  # set once per process
+
+
+def shared_cpu_allocator() -> bool:
+    """Register one CPU arena allocator with ONNX Runtime's environment (once); True when sessions can
+    use it (``session.use_env_allocators``).
+
+    Every session otherwise grows its own arena: a bundle's 30-odd stage sessions each kept a
+    prompt's worth of activations, and peak memory was several times the weights (measured by
+    ``benchmarks/side_by_side.py --parts rss``). One shared arena holds one step's activations.
+    """
+    if not _SHARED_ALLOCATOR:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, None)
+            _SHARED_ALLOCATOR.append(True)
+        except Exception as exc:  # ORT raises its own Fail type
+            _SHARED_ALLOCATOR.append("already" in str(exc))
+    return _SHARED_ALLOCATOR[0]
+
+
 def load_session(
     path: Path, options: ort.SessionOptions, providers: Sequence[str], graph: GraphSpec | None = None
 ) -> ort.InferenceSession:

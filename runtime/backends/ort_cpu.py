@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moedge.formats.manifest import GraphSpec
-from moedge.ort_sessions import load_session, session_options, shared_thread_pool
+from moedge.ort_sessions import load_session, session_options, shared_cpu_allocator, shared_thread_pool
 from moedge.runtime.backends.base import Backend, Runner
 from moedge.runtime.static_cache import InPlace
 
@@ -98,6 +98,8 @@ class OrtCpuBackend(Backend):
             self.options = session_options(
                 intra_op_threads=intra_op_threads, optimize=optimize, spinning=spinning, quiet=True
             )
+        if shared_cpu_allocator():  # one arena for every session, not one each
+            self.options.add_session_config_entry("session.use_env_allocators", "1")
         self.providers = list(providers)
 
     def _make_runner(self, folder: Path, graph: GraphSpec) -> Runner:
