@@ -118,6 +118,11 @@ std::shared_ptr<Ort::Env> shared_env(bool shared_thread_pool, int intra_op_threa
     } else {
       env = new Ort::Env(ORT_LOGGING_LEVEL_WARNING, "moedge_rt", log_to_stderr, nullptr);
     }
+    // One CPU arena for every session that opts in (session.use_env_allocators), not one arena each:
+    // a bundle's stage sessions would otherwise each keep a prompt's worth of activations.
+    const Ort::MemoryInfo cpu_memory("Cpu", OrtArenaAllocator, 0, OrtMemTypeDefault);
+    const Ort::ArenaCfg arena(0, -1, -1, -1);  // ONNX Runtime's defaults
+    env->CreateAndRegisterAllocator(cpu_memory, arena);
     env_shared = shared_thread_pool;
     env_threads = intra_op_threads;
   }
@@ -156,6 +161,7 @@ void Runner::Impl::configure_sessions() {
       so->AddConfigEntry("session.intra_op.allow_spinning", "0");  // hundreds of sessions share the cores
     }
     so->SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    so->AddConfigEntry("session.use_env_allocators", "1");  // the Env's one CPU arena
   }
   provider_options.AddConfigEntry("session.record_ep_graph_assignment_info", "1");  // for check_placement
   add_provider();
