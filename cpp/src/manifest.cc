@@ -1,6 +1,6 @@
 // manifest.json: parsed with nlohmann/json and checked field by field before any bundle file is opened
 // (types, ranges, paths relative and confined to the bundle, every path listed under files, no file
-// used by two graphs). Every failure is one Error naming the manifest field (mirrors moedge.manifest).
+// used by two graphs). Every failure is one Error naming the manifest field (mirrors moedge.formats.manifest).
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>

@@ -43,7 +43,7 @@ struct GraphSpec {
   int64_t bytes = 0;
 };
 
-// How an MoE layer turns router logits into expert choices and weights (moedge.manifest.GatingRule).
+// How an MoE layer turns router logits into expert choices and weights (moedge.formats.manifest.GatingRule).
 struct GatingRule {
   std::string scoring;  // "softmax"
   int top_k = 0;
