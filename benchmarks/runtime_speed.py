@@ -159,21 +159,27 @@ def llama_last_logits(llm: Any) -> np.ndarray:
     return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),))
 
 
-def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> Timer:
-    """A timer of greedy generation in llama.cpp (llama-cpp-python) from a GGUF file."""
+def open_llama(gguf: Path, threads: int, context: int, *, logits_all: bool = False) -> Any:
+    """A llama.cpp model (llama-cpp-python) from a GGUF file, ``threads`` for prompt and decode, a
+    ``context``-token window evaluated in one batch (``logits_all``: keep every position's logits)."""
     try:
         from llama_cpp import Llama
     except ImportError:
         raise MoedgeError("--gguf needs llama-cpp-python (see BENCHMARKS.md for the build flags)") from None
-    n_ctx = len(prompt) + new_tokens + 8  # n_batch = n_ctx: llama-cpp-python keeps n_batch rows of scores
-    llm = Llama(
+    return Llama(
         model_path=str(gguf),
-        n_ctx=n_ctx,
-        n_batch=n_ctx,
+        n_ctx=context,
+        n_batch=context,
         n_threads=threads,
         n_threads_batch=threads,
+        logits_all=logits_all,
         verbose=False,
     )
+
+
+def time_llama_cpp(gguf: Path, prompt: list[int], new_tokens: int, threads: int) -> Timer:
+    """A timer of greedy generation in llama.cpp (llama-cpp-python) from a GGUF file."""
+    llm = open_llama(gguf, threads, len(prompt) + new_tokens + 8)
 
     def once() -> tuple[float, float]:
         llm.reset()

@@ -189,17 +189,9 @@ def load_cpp(bundle: Path, threads: int, ort_lib: Path | None, info: dict[str, A
 def load_llama(gguf: Path, threads: int, context: int) -> Run:
     """llama.cpp (llama-cpp-python) greedy generation: ``eval`` of the prompt, then one token a step,
     each the argmax of the last position's logits (as ``runtime_speed.time_llama_cpp`` times it)."""
-    from llama_cpp import Llama
-    from runtime_speed import llama_last_logits
+    from runtime_speed import llama_last_logits, open_llama
 
-    llm = Llama(
-        model_path=str(gguf),
-        n_ctx=context,
-        n_batch=context,
-        n_threads=threads,
-        n_threads_batch=threads,
-        verbose=False,
-    )
+    llm = open_llama(gguf, threads, context)
 
     def run(ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
         llm.reset()
@@ -539,17 +531,9 @@ def window_scorer(args: argparse.Namespace, name: str, seqlen: int) -> Callable[
         runner = BundleRunner(_bundle(args, name), intra_op_threads=args.threads, shared_pool=True)
         return lambda ids: runner.forward(ids[None])[0][0]
     if name == "llama.cpp":
-        from llama_cpp import Llama
+        from runtime_speed import open_llama
 
-        llm = Llama(
-            model_path=str(args.gguf),
-            n_ctx=seqlen,
-            n_batch=seqlen,
-            n_threads=args.threads,
-            n_threads_batch=args.threads,
-            logits_all=True,
-            verbose=False,
-        )
+        llm = open_llama(args.gguf, args.threads, seqlen, logits_all=True)
 
         def llama(ids: np.ndarray) -> np.ndarray:
             llm.reset()

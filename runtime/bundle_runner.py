@@ -45,6 +45,7 @@ from moedge.runtime.moe_layer import (
     MoeLayer,
     ReferenceExecutor,
     Routing,
+    read_npy,
     run_expert_graph,
 )
 from moedge.runtime.ort_session import KVCache, empty_cache, step_inputs
@@ -264,10 +265,7 @@ class BundleRunner:
         if self._rotary_tables is None:
             assert self.manifest.rotary is not None  # read_manifest requires it for ort-cpu
             path = self.folder / self.manifest.rotary
-            try:
-                table = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise MoedgeError(f"bundle file {path.name} is not a readable .npy ({exc})") from None
+            table = read_npy(path, "cos/sin table")
             if table.ndim != 3 or table.shape[0] != 2 or table.dtype != np.float32:
                 raise MoedgeError(
                     f"bundle file {path.name} must hold float32 (2, positions, head_dim / 2) cos/sin tables, "

@@ -151,13 +151,18 @@ def load_router(folder: Path, spec: MoeSpec) -> np.ndarray:
     """A layer's router weight ``.npy`` (no pickles), checked to be float (experts x hidden)."""
     assert spec.router is not None
     path = folder / spec.router
-    try:
-        weight = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise MoedgeError(f"bundle file {path.name} is not a readable .npy router weight ({exc})") from None
+    weight = read_npy(path, "router weight")
     if weight.ndim != 2 or weight.shape[0] != spec.num_experts or weight.dtype.kind != "f":
         raise MoedgeError(
             f"bundle file {path.name} must hold a float ({spec.num_experts} experts x hidden) router weight, "
             f"got {weight.dtype} {weight.shape}: re-split the bundle with moedge split"
         )
     return weight
+
+
+def read_npy(path: Path, what: str) -> np.ndarray:
+    """A bundle's ``.npy`` file (no pickles), or one error naming the file and ``what`` it should hold."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise MoedgeError(f"bundle file {path.name} is not a readable .npy {what} ({exc})") from None

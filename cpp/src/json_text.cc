@@ -93,23 +93,31 @@ constexpr size_t kMaxNesting = 500;  // a manifest nests about 6 deep; Python's 
 
 }  // namespace
 
+namespace {
+
+// A control character as repr writes it (\n, \r, \t, else \xNN) appended to out; false for any other byte.
+bool append_control_escape(std::string& out, unsigned char c) {
+  if (c == '\n') {
+    out += "\\n";
+  } else if (c == '\r') {
+    out += "\\r";
+  } else if (c == '\t') {
+    out += "\\t";
+  } else if (c < 0x20 || c == 0x7f) {
+    append_hex_escape(out, c);
+  } else {
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 std::string printable(std::string_view text) {
   std::string out;
   out.reserve(text.size());
-  for (const char ch : text) {
-    const auto c = static_cast<unsigned char>(ch);
-    if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      append_hex_escape(out, c);
-    } else {
-      out += ch;
-    }
-  }
+  for (const char ch : text)
+    if (!append_control_escape(out, static_cast<unsigned char>(ch))) out += ch;
   return out;
 }
 
@@ -134,14 +142,7 @@ std::string repr(std::string_view text) {
     if (c == static_cast<unsigned char>(quote) || c == '\\') {
       out += '\\';
       out += text[i];
-    } else if (c == '\n') {
-      out += "\\n";
-    } else if (c == '\r') {
-      out += "\\r";
-    } else if (c == '\t') {
-      out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
-      append_hex_escape(out, c);
+    } else if (append_control_escape(out, c)) {
     } else if (c == 0xC2 && i + 1 < text.size() && static_cast<unsigned char>(text[i + 1]) < 0xA0) {
       append_hex_escape(out, static_cast<unsigned char>(text[++i]));  // U+0080..U+009F, as repr does
     } else {
