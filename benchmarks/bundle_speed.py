@@ -258,7 +258,9 @@ def sizes(fp_bundle: Path, q_bundle: Path) -> dict[str, Any]:
         if fl.moe and ql.moe
         for fe, qe in zip(fl.moe.experts, ql.moe.experts, strict=True)
     ]
-    stage_ratio = [ql.stage.bytes / fl.stage.bytes for fl, ql in zip(fp_m.layers, q_m.layers, strict=True)]
+    stage_ratio = [
+        q.stage.bytes / f.stage.bytes for f, q in zip(fp_m.stage_runs(), q_m.stage_runs(), strict=True)
+    ]
     total = {k: sum(e["bytes"] for e in m.files.values()) for k, m in (("fp32", fp_m), ("w8a8", q_m))}
     out = {
         "expert_bytes_ratio": {"max": max(expert_ratio), "median": statistics.median(expert_ratio)},

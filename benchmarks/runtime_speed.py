@@ -86,7 +86,7 @@ def decode_breakdown(bundle: Path, prompt: list[int], new_tokens: int, threads: 
     from moedge.runtime.decoding import StopRule, generate
 
     manifest = read_manifest(bundle)
-    stages = {id(layer.stage) for layer in manifest.layers}
+    stages = {id(run.stage) for run in manifest.stage_runs()}
 
     def kind_of(graph: Any) -> str:
         if graph is manifest.embedding:

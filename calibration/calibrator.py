@@ -119,6 +119,10 @@ def calibrate(
         keep_most_sensitive(loaded, result, cfg.auto_keep_fp, samples[: cfg.probe_sequences])
         if not retain_fp:
             result.fp_weights = {}
+    if cfg.tie_input_scales:
+        from moedge.calibration.tie import tie_input_scales
+
+        tie_input_scales(model, result, loaded.model_type)
     return result
 
 

@@ -41,6 +41,7 @@ class CalibrationConfig:
     auto_keep_fp: float = 0.0  # fraction of linear parameters the automatic mixed-precision mode may keep
     probe_sequences: int = 8  # calibration sequences the automatic mode measures loss sensitivity on
     quantize_head: bool = False  # the LM head too (final norm smoothed into it), as llama.cpp's Q8_0 does
+    tie_input_scales: bool = False  # one activation scale for q/k/v and for gate/up (calibration/tie.py)
     seed: int = 0
     batch_size: int = 8
 

@@ -31,6 +31,7 @@ class LinearReport:
     rel_error: float  # ||Y_q - Y||² / ||Y||² on the calibration sample, W8A8 vs FP
     params: int
     tokens: int
+    untied_input_scale: float | None = None  # the calibrated scale, when tie_input_scales replaced it
 
     @classmethod
     def from_decision(cls, d: LinearDecision) -> LinearReport:

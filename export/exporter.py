@@ -106,13 +106,15 @@ class _RecipeFacts:
     path: str | None
     method: str | None
     routing: Path | None
+    tied: bool = False  # q/k/v and gate/up share one activation scale (calibration/tie.py)
 
 
 def _recipe_facts(loaded: LoadedModel, recipe: Recipe | None) -> _RecipeFacts:
     """The recipe given to ``export_model``; else the one ``apply_recipe`` recorded in the provenance."""
     if recipe is not None:
         routing = recipe.path / ROUTING_FILE
-        return _RecipeFacts(str(recipe.path), recipe.method, routing if routing.is_file() else None)
+        tied = bool(recipe.meta["config"].get("tie_input_scales"))
+        return _RecipeFacts(str(recipe.path), recipe.method, routing if routing.is_file() else None, tied)
     folder = loaded.provenance.get("recipe")
     if not folder:
         return _RecipeFacts(None, None, None)
@@ -125,6 +127,7 @@ def _quant_summary(recipe: _RecipeFacts, report: Any) -> dict[str, Any]:
     return {
         "recipe": recipe.path,
         "method": recipe.method,
+        "tied_input_scales": recipe.tied,
         "weights": "int8, per output channel, symmetric (DequantizeLinear axis 1, zero point 0)",
         "activations": "int8, per tensor, static, symmetric (QuantizeLinear/DequantizeLinear, zero point 0)",
         "quantized_linears": len(report.quantized),

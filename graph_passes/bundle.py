@@ -32,9 +32,12 @@ from moedge.formats.manifest import (
     sha256_file,
 )
 from moedge.formats.routing import ROUTING_FILE
+from moedge.graph_passes.merge_stages import merge_layer_stages
 from moedge.graph_passes.ort_cpu_target import (
     AttentionSpec,
     FusionRefused,
+    fuse_norms,
+    fuse_residual_joins,
     fuse_stage_for_ort_cpu,
     rotary_caches,
 )
@@ -201,9 +204,10 @@ def split_bundle(
 
     ``target`` is the runtime the layer stages are built for: ``tensorrt`` (standard ONNX ops) or
     ``ort-cpu`` (every layer stage fused for ONNX Runtime's CPU kernels by ``fuse_stage_for_ort_cpu``,
-    plus ``rotary_cache.npy``, the cos/sin tables they read). Embedding, head and experts are the same
-    for both. A model a stage of which cannot be fused is refused with ``FusionRefused`` before
-    anything is written.
+    each run of consecutive dense layers joined into one graph by ``merge_layer_stages``, the embedding
+    stage cut to what the fused stages read, the head's final norm one ``SimplifiedLayerNormalization``,
+    plus ``rotary_cache.npy``, the cos/sin tables the stages read). Experts are the same for both. A model a stage of which cannot be fused is refused with
+    ``FusionRefused`` before anything is written.
     """
     if target not in STAGE_TARGETS:
         raise MoedgeError(f"unknown stage target {target!r}: use {' or '.join(STAGE_TARGETS)}")
@@ -217,6 +221,9 @@ def split_bundle(
     spec = _fuse_for_ort_cpu(info, split) if target == TARGET_ORT_CPU else None
     with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
         writer = _BundleWriter(tmp, validate=validate, progress=progress, fused=spec is not None)
+        if spec is not None:
+            _keep_read_outputs(split)
+            fuse_norms(split.head)
         embedding, layers, head = writer.write_graphs(split)
         shutil.copyfile(info.tokenizer_file, tmp / TOKENIZER_FILE)
         writer.files.append(TOKENIZER_FILE)
@@ -297,13 +304,16 @@ class _BundleWriter:
         self._bar: Any = None  # the progress bar while write_graphs runs
 
     def write_graphs(self, split: SplitModel) -> tuple[GraphSpec, list[LayerSpec], GraphSpec]:
-        """Write embedding, layer stages, experts, router weights and head; a tied head shares weights."""
+        """Write embedding, layer stages, experts, router weights and head; a tied head shares weights.
+        On the ort-cpu target each run of consecutive dense layers is one stage graph."""
         total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
         with tqdm(total=total, desc="writing bundle", unit="graph", disable=not self.progress) as bar:
             self._bar = bar
             embedding = self._save(split.embedding, "stages/embedding.onnx")
-            layers = [self._layer(layer) for layer in split.layers]
-            head = self._save(split.head, "stages/head.onnx")
+            layers: list[LayerSpec] = []
+            for run in _dense_runs(split.layers) if self.fused else [[layer] for layer in split.layers]:
+                layers += self._span(run) if len(run) > 1 else [self._layer(run[0])]
+            head = self._save(split.head, "stages/head.onnx", ort_ops=self.fused)
         dropped = _share_tensors(self.folder, embedding.file, head.file)
         if dropped is not None:  # a tied lm_head now reads the embedding's stored weight
             if dropped:
@@ -320,6 +330,18 @@ class _BundleWriter:
         self._bar.update(1)
         return spec
 
+    def _span(self, run: list[SplitLayer]) -> list[LayerSpec]:
+        """Consecutive dense layers as one stage graph: the first layer's spec spans them all."""
+        first, last = run[0].index, run[-1].index
+        merged = merge_layer_stages([layer.stage for layer in run], [layer.index for layer in run])
+        joins = fuse_residual_joins(merged)
+        log.info("layers %d-%d: one stage graph, %d residual joins fused", first, last, joins)
+        stage = self._save(merged, f"stages/layers_{first:03d}_{last:03d}.onnx", ort_ops=True)
+        self._bar.update(len(run) - 1)
+        return [LayerSpec(index=first, stage=stage, moe=None, span=len(run))] + [
+            LayerSpec(index=layer.index, stage=None, moe=None) for layer in run[1:]
+        ]
+
     def _layer(self, layer: SplitLayer) -> LayerSpec:
         stage = self._save(layer.stage, f"stages/layer_{layer.index:03d}.onnx", ort_ops=self.fused)
         if layer.gating is None:
@@ -335,6 +357,32 @@ class _BundleWriter:
             self.files.append(router)
         moe = MoeSpec(num_experts=len(experts), gating=layer.gating, experts=experts, router=router)
         return LayerSpec(index=layer.index, stage=stage, moe=moe)
+
+
+def _dense_runs(layers: list[SplitLayer]) -> list[list[SplitLayer]]:
+    """The layers in order, grouped: each MoE layer alone, each run of consecutive dense layers together."""
+    runs: list[list[SplitLayer]] = []
+    for layer in layers:
+        if layer.gating is None and runs and runs[-1][-1].gating is None:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return runs
+
+
+def _keep_read_outputs(split: SplitModel) -> None:
+    """The embedding stage without the outputs no layer stage or head reads (the unfused attention's
+    mask and rotary tables, on the ort-cpu target), and without the inputs it then no longer reads."""
+    read = {v.name for layer in split.layers for v in layer.stage.graph.inputs}
+    read |= {v.name for v in split.head.graph.inputs}
+    graph = split.embedding.graph
+    kept = [v for v in graph.outputs if v.name in read]
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    common_passes.RemoveUnusedNodesPass()(split.embedding)
+    used = [v for v in graph.inputs if v.uses()]
+    graph.inputs.clear()
+    graph.inputs.extend(used)
 
 
 _MODEL_META_KEYS = (

@@ -192,12 +192,12 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     expert_sizes = [g.bytes for layer in moe if layer.moe for g in layer.moe.experts]
     stage_bytes = (
-        sum(layer.stage.bytes for layer in manifest.layers) + manifest.embedding.bytes + manifest.head.bytes
+        sum(run.stage.bytes for run in manifest.stage_runs()) + manifest.embedding.bytes + manifest.head.bytes
     )
     lines = [
         f"{folder}  (bundle schema {manifest.schema_version}, {model.get('name')}, {model.get('architecture')}, "
         f"precision {manifest.precision})",
-        f"  graphs: embedding, {len(manifest.layers)} layer stages, "
+        f"  graphs: embedding, {len(manifest.stage_runs())} stages for {len(manifest.layers)} layers, "
         f"{len(expert_sizes)} experts in {len(moe)} MoE layers, head",
         f"  stages {stage_bytes / 2**20:.1f} MiB; experts {sum(expert_sizes) / 2**20:.1f} MiB"
         + (
@@ -214,7 +214,7 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
             f"  quantization: {q.get('method')} recipe, {q.get('quantized_linears')} linears W8A8; "
             f"float: {', '.join(q.get('float_linears', [])[:4])}{' ...' if len(q.get('float_linears', [])) > 4 else ''}"
         )
-    samples = [("layer 0 stage", manifest.layers[0].stage)]
+    samples = [("layer 0 stage", manifest.stage_runs()[0].stage)]
     if moe and moe[0].moe:
         samples.append((f"layer {moe[0].index} expert 0", moe[0].moe.experts[0]))
     for label, graph in samples:

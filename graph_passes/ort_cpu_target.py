@@ -69,6 +69,8 @@ __all__ = [
     "TOTAL_SEQUENCE_LENGTH",
     "AttentionSpec",
     "FusionRefused",
+    "fuse_norms",
+    "fuse_residual_joins",
     "fuse_stage_for_ort_cpu",
     "past_names",
     "present_names",
@@ -417,3 +419,66 @@ def _reroute_shape_reads(graph: ir.Graph, hidden: ir.Value, old_inputs: list[ir.
             raise FusionRefused(
                 f"{user.op_type} node {user.name} outside the attention block reads {value.name}"
             )
+
+
+def fuse_residual_joins(model: ir.Model) -> int:
+    """In joined dense layers (``merge_layer_stages``), each layer's closing residual Add and the next
+    layer's input RMSNorm as one ``SkipSimplifiedLayerNormalization`` (the attention residual and the
+    post-attention norm already are one): its first output is the norm, its fourth the sum, which the
+    next layer's attention residual reads. Returns how many joins were fused; in place.
+    """
+    graph = model.graph
+    fused = 0
+    for norm in [n for n in graph if n.op_type == "SimplifiedLayerNormalization" and n.domain == ""]:
+        total = norm.inputs[0]
+        add = total.producer() if total is not None else None
+        if add is None or add.op_type != "Add" or total is None or total.is_graph_output():
+            continue
+        residual = next((v for v in add.inputs if _is_skip_sum(v)), None)
+        other = next((v for v in add.inputs if v is not residual), None)
+        if residual is None or other is None or not _same_rank3(residual, other):
+            continue
+        epsilon = norm.attributes["epsilon"].as_float() if "epsilon" in norm.attributes else 1e-5
+        skip = _node(
+            graph,
+            norm,
+            "SkipSimplifiedLayerNormalization",
+            [other, residual, norm.inputs[1]],
+            _module(norm),
+            epsilon=epsilon,
+            domain=MS_DOMAIN,
+            num_outputs=4,
+        )
+        _take_over(norm.outputs[0], skip.outputs[0])
+        _take_over(total, skip.outputs[3])
+        fused += 1
+    if fused:
+        common_passes.RemoveUnusedNodesPass()(model)
+        common_passes.TopologicalSortPass()(model)
+    return fused
+
+
+def _is_skip_sum(value: ir.Value | None) -> bool:
+    """``value`` is a SkipSimplifiedLayerNormalization's sum output (a layer's residual stream)."""
+    node = value.producer() if value is not None else None
+    return (
+        value is not None
+        and node is not None
+        and node.op_type == "SkipSimplifiedLayerNormalization"
+        and len(node.outputs) == 4
+        and node.outputs[3] is value
+    )
+
+
+def _same_rank3(a: ir.Value, b: ir.Value) -> bool:
+    """Both (batch, sequence, hidden) as far as their shapes are known (no broadcasting Add)."""
+    if a.shape is None or b.shape is None:
+        return a.shape is not None or b.shape is not None
+    return len(a.shape) == 3 and len(b.shape) == 3 and a.shape[-1] == b.shape[-1]
+
+
+def fuse_norms(model: ir.Model) -> ir.Model:
+    """Every RMSNorm of ``model`` (the head's final norm) as one ``SimplifiedLayerNormalization``; in place."""
+    _replace_other_norms(model.graph)
+    common_passes.RemoveUnusedNodesPass()(model)
+    return model

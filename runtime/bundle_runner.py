@@ -34,6 +34,7 @@ from moedge.formats.manifest import (
     TOTAL_SEQUENCE_LENGTH,
     GraphSpec,
     Manifest,
+    StageRun,
     past_names,
     present_names,
     read_manifest,
@@ -129,6 +130,7 @@ class BundleRunner:
         self.speculative_candidates = speculative_candidates
         self.context = int(model.get("max_position_embeddings") or 0)
         self._rotary_tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._runs = self.manifest.stage_runs()
 
     @property
     def uses_cache(self) -> bool:
@@ -182,15 +184,17 @@ class BundleRunner:
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
         trace: RoutingTrace | None = None,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, Any]:
         """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache.
 
         Rows are left-padded (``attention_mask``). The cache is a list of per-layer key and value arrays
-        (a tensorrt-target bundle) or a :class:`StaticCache` updated in place (an ort-cpu bundle).
+        (a tensorrt-target bundle) or a :class:`StaticCache` updated in place (an ort-cpu bundle). With
+        ``last_only`` the head runs on each row's last position only (batch x 1 x vocab logits).
         """
         input_ids = self._check_ids(input_ids)
         if self.manifest.stage_target == TARGET_ORT_CPU:
-            return self._forward_static(input_ids, past, attention_mask, trace)
+            return self._forward_static(input_ids, past, attention_mask, trace, last_only)
         past = past if past is not None else self.empty_cache(input_ids.shape[0])
         values = step_inputs(input_ids, past[0].shape[2], attention_mask, position_ids)
         for i in range(self.num_layers):
@@ -198,17 +202,31 @@ class BundleRunner:
             values[f"past_key_values.{i}.value"] = past[2 * i + 1]
         values.update(self._run(self.manifest.embedding, values))  # the hidden state and shared tensors
         present: KVCache = []
-        for layer in self.manifest.layers:
-            if self.on_stage is not None:
-                self.on_stage(layer.index)
-            outs = self._run(layer.stage, values)
-            present += [outs[f"present.{layer.index}.key"], outs[f"present.{layer.index}.value"]]
-            if layer.moe is None:
-                values[HIDDEN] = outs[HIDDEN_OUT]
-            else:
-                values[HIDDEN] = self._moe(self.moe_layers[layer.index], outs, trace)
+        for run in self._runs:
+            self._clock(run)
+            outs = self._run(run.stage, values)
+            for layer in run.layers:
+                present += [outs[f"present.{layer.index}.key"], outs[f"present.{layer.index}.value"]]
+            values[HIDDEN] = self._stage_output(run, outs, trace)
+        if last_only:
+            values[HIDDEN] = values[HIDDEN][:, -1:]
         logits = self._run(self.manifest.head, values)[LOGITS]
         return logits, present
+
+    def _clock(self, run: StageRun) -> None:
+        """Tell ``on_stage`` about each layer the stage runs, before it runs."""
+        if self.on_stage is not None:
+            for layer in run.layers:
+                self.on_stage(layer.index)
+
+    def _stage_output(
+        self, run: StageRun, outs: dict[str, np.ndarray], trace: RoutingTrace | None
+    ) -> np.ndarray:
+        """The hidden state after the stage's last layer (its MoE part too, for an MoE layer)."""
+        last = run.last
+        if last.moe is None:
+            return outs[HIDDEN_OUT]
+        return self._moe(self.moe_layers[last.index], outs, trace)
 
     def _forward_static(
         self,
@@ -216,6 +234,7 @@ class BundleRunner:
         past: StaticCache | None,
         attention_mask: np.ndarray | None,
         trace: RoutingTrace | None,
+        last_only: bool,
     ) -> tuple[np.ndarray, StaticCache]:
         """An ort-cpu bundle's step: rows right-padded for GroupQueryAttention, the KV cache in place."""
         rows, seq = input_ids.shape
@@ -232,17 +251,20 @@ class BundleRunner:
         past.reserve(int(total.max()), self.context)
         values = self._static_inputs(ids, past.lengths, total)
         values.update(self._run(self.manifest.embedding, values))
-        for layer in self.manifest.layers:
-            if self.on_stage is not None:
-                self.on_stage(layer.index)
-            buffers = past.bound(layer.index, (*past_names(layer.index), *present_names(layer.index)))
-            outs = self._run(layer.stage, values, buffers)
-            if layer.moe is None:
-                values[HIDDEN] = outs[HIDDEN_OUT]
-            else:
-                values[HIDDEN] = self._moe(self.moe_layers[layer.index], outs, trace)
-        logits = self._run(self.manifest.head, values)[LOGITS]
+        for run in self._runs:
+            self._clock(run)
+            buffers = [
+                b
+                for layer in run.layers
+                for b in past.bound(layer.index, (*past_names(layer.index), *present_names(layer.index)))
+            ]
+            outs = self._run(run.stage, values, buffers)
+            values[HIDDEN] = self._stage_output(run, outs, trace)
         past.lengths = total
+        if last_only:  # each row's last token sits at counts - 1 (right-padded)
+            values[HIDDEN] = values[HIDDEN][np.arange(rows), counts - 1][:, None]
+            return self._run(self.manifest.head, values)[LOGITS], past
+        logits = self._run(self.manifest.head, values)[LOGITS]
         return left_padded(logits, counts), past
 
     def _static_inputs(self, ids: np.ndarray, before: np.ndarray, total: np.ndarray) -> dict[str, np.ndarray]:

@@ -50,7 +50,8 @@ class ModelCosts:
         moe = [layer for layer in manifest.layers if layer.moe]
         model = manifest.model
         kv = 2 * len(manifest.layers) * int(model["num_kv_heads"]) * int(model["head_dim"]) * 2
-        stages = {layer.index: cost(layer.stage.bytes) for layer in manifest.layers}
+        # a stage spanning several dense layers is counted at its first layer
+        stages = {layer.index: cost(layer.stage.bytes if layer.stage else 0) for layer in manifest.layers}
         # the embedding and lm_head stay FP32 in every bundle (a tied head stores nothing of its own)
         embedding = GraphCost(bytes=manifest.embedding.bytes, params=manifest.embedding.bytes // 4)
         head = GraphCost(bytes=manifest.head.bytes, params=manifest.head.bytes // 4)

@@ -38,8 +38,10 @@ class CausalLM(Protocol):
         past: Any = None,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, Any]:
-        """Logits (batch x seq x vocab) for ``input_ids`` after ``past``, and the extended cache."""
+        """Logits (batch x seq x vocab) for ``input_ids`` after ``past``, and the extended cache; with
+        ``last_only`` only each row's last position's (batch x 1 x vocab: what sampling reads)."""
         ...
 
 
@@ -227,7 +229,11 @@ def generate_into(
             decided.clear()
             start = time.perf_counter()
             logits, batch.past = model.forward(
-                batch.step, past=batch.past, attention_mask=batch.mask, position_ids=batch.positions
+                batch.step,
+                past=batch.past,
+                attention_mask=batch.mask,
+                position_ids=batch.positions,
+                last_only=True,
             )
             tokens = [sample(logits[r, -1], rng, sampling) for r in range(len(batch.active))]
             if on_step is not None:

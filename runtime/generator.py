@@ -195,7 +195,7 @@ class Generator:
         stage graphs on the stage backend, and every expert's CPU session (misses run there)."""
         for graph in [
             self.manifest.embedding,
-            *[layer.stage for layer in self.manifest.layers],
+            *[run.stage for run in self.manifest.stage_runs()],
             self.manifest.head,
         ]:
             self.gpu.runner(self.folder, graph).activate()
@@ -269,8 +269,10 @@ class Generator:
         past: Any = None,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, Any]:
-        """One forward step through the cached runtime: logits for ``input_ids`` (batch x seq) after ``past``.
+        """One forward step through the cached runtime: logits for ``input_ids`` (batch x seq) after ``past``
+        (``last_only``: only each row's last position's).
 
         Experts run where the scheduler places them (as in :meth:`generate`); the step counts in the
         metrics and the modeled clock. Returns the logits and the extended KV cache.
@@ -282,7 +284,7 @@ class Generator:
         if self.scheduler is not None:
             self.scheduler.begin_step(int(ids.size), context, rows=int(ids.shape[0]))
         logits, present = self.runner.forward(
-            ids, past=past, attention_mask=attention_mask, position_ids=position_ids
+            ids, past=past, attention_mask=attention_mask, position_ids=position_ids, last_only=last_only
         )
         if self.scheduler is not None:
             self.scheduler.end_step()

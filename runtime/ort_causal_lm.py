@@ -49,8 +49,10 @@ class OrtCausalLM:
         past: KVCache | None = None,
         attention_mask: np.ndarray | None = None,
         position_ids: np.ndarray | None = None,
+        last_only: bool = False,
     ) -> tuple[np.ndarray, KVCache]:
-        """Logits for ``input_ids`` (batch x seq) after ``past``; returns the extended cache."""
+        """Logits for ``input_ids`` (batch x seq) after ``past`` (``last_only``: the last position's,
+        cut from the graph's full output); returns the extended cache."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch = input_ids.shape[0]
         if self.info.with_cache:
@@ -65,4 +67,5 @@ class OrtCausalLM:
             assert past is not None
             feeds.update(zip(self.info.inputs[3:], past, strict=True))
         outputs = self.session.run(None, feeds)
-        return outputs[0], list(outputs[1:])
+        logits = outputs[0][:, -1:] if last_only else outputs[0]
+        return logits, list(outputs[1:])

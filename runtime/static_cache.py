@@ -111,6 +111,8 @@ def right_padded(ids: np.ndarray, attention_mask: np.ndarray | None) -> tuple[np
 def left_padded(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Right-padded per-position ``values`` (rows x seq x ...) back in the caller's left-padded layout."""
     seq = values.shape[1]
+    if bool((counts == seq).all()):
+        return values  # no row is padded
     out = np.zeros_like(values)
     for row, n in enumerate(counts.tolist()):
         out[row, seq - n :] = values[row, :n]

@@ -191,6 +191,14 @@ Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, 
     m.files[rel] = {sha.get<std::string>(), bytes};
   }
 
+  // Before the layers: an ort-cpu bundle's layers may share one stage graph.
+  if (const json* target = Reader::optional(raw, "stage_target")) {
+    if (!target->is_string() || (*target != "tensorrt" && *target != "ort-cpu"))
+      r.fail("stage_target", "'tensorrt' or 'ort-cpu'", *target);
+    if (*target == "ort-cpu")
+      throw Error(where + ": stage_target is 'ort-cpu' (layer stages on ONNX Runtime's fused CPU kernels), which " +
+                  "moedge-run does not run yet: split the export with `moedge split --target tensorrt`");
+  }
   const json& layers = r.array(r.get(raw, "layers", "layers"), "layers", true);
   const json& model = raw["model"];
   for (const char* key : {"num_layers", "num_hidden_layers"}) {
@@ -205,13 +213,6 @@ Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, 
   m.head = parse_graph(r, r.get(raw, "head", "head"), "head");
   if (const json* tokenizer = Reader::optional(raw, "tokenizer")) m.tokenizer = r.path(*tokenizer, "tokenizer");
   if (const json* routing = Reader::optional(raw, "routing")) m.routing = r.path(*routing, "routing");
-  if (const json* target = Reader::optional(raw, "stage_target")) {
-    if (!target->is_string() || (*target != "tensorrt" && *target != "ort-cpu"))
-      r.fail("stage_target", "'tensorrt' or 'ort-cpu'", *target);
-    if (*target == "ort-cpu")
-      throw Error(where + ": stage_target is 'ort-cpu' (layer stages on ONNX Runtime's fused CPU kernels), which " +
-                  "moedge-run does not run yet: split the export with `moedge split --target tensorrt`");
-  }
   if (const auto extra = raw.find("extra"); extra != raw.end()) r.object(*extra, "extra");
 
   for (const auto& [field, rel] : named_paths(m))

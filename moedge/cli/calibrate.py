@@ -127,6 +127,12 @@ def _add_quantization_flags(cal: argparse.ArgumentParser) -> None:
         help="quantize lm_head too (W8A8, final norm smoothed into it; a tied head gets its own int8 copy): "
         "a quarter of an FP32 head's bytes and time, as llama.cpp's Q8_0 does",
     )
+    cal.add_argument(
+        "--tie-input-scales",
+        action="store_true",
+        help="one activation scale for q/k/v and one for gate/up (the largest calibrated): the input is "
+        "quantized once and moedge split --target ort-cpu packs them into one int8 matmul",
+    )
 
 
 def execute(opts: CalibrateOptions) -> int:
@@ -155,6 +161,7 @@ def execute(opts: CalibrateOptions) -> int:
         keep_fp=opts.keep_fp or (),
         auto_keep_fp=opts.auto_keep_fp,
         quantize_head=opts.quantize_head,
+        tie_input_scales=opts.tie_input_scales,
         seed=opts.seed,
         batch_size=opts.batch_size,
     )

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moedge import inputs
-from moedge.cli.common import EXIT_OK, CommandOptions, add_environment_flags, model_help, set_handler
+from moedge.cli.common import (
+    EXIT_OK,
+    CommandOptions,
+    add_environment_flags,
+    model_help,
+    set_handler,
+    warn_no_effect,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +27,7 @@ class ExportOptions(CommandOptions):
     no_cache: bool
     opset: int
     recipe: Path | None
+    tie_input_scales: bool
     validate: bool
     cache_dir: Path | None
 
@@ -46,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "--recipe", type=Path, help="a calibration recipe folder: export the W8A8 QDQ graph it describes"
     )
+    export.add_argument(
+        "--tie-input-scales",
+        action="store_true",
+        help="with --recipe: tie q/k/v's and gate/up's activation scales as moedge calibrate "
+        "--tie-input-scales does, for a recipe made without it (the recipe folder is not changed)",
+    )
     add_environment_flags(export)
     export.add_argument("--validate", action="store_true", help="run the ONNX checker after every graph pass")
     set_handler(export, ExportOptions, execute)
@@ -63,6 +77,12 @@ def execute(opts: ExportOptions) -> int:
         from moedge.formats.recipe import load_recipe
 
         recipe = load_recipe(opts.recipe)  # a bad recipe fails before the model loads
+        if opts.tie_input_scales:
+            from moedge.calibration.tie import tie_recipe_scales
+
+            recipe = tie_recipe_scales(recipe)
+    else:
+        warn_no_effect(["--tie-input-scales"] if opts.tie_input_scales else [], "without --recipe")
     loaded = load_model(opts.model, cache_dir=opts.cache_dir)
     if recipe is not None:
         from moedge.calibration.recipe import apply_recipe

@@ -46,8 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=TARGET_TENSORRT,
         help=f"runtime the layer stages are built for: {TARGET_TENSORRT} (default; standard ONNX ops that "
         f"TensorRT, moedge-run and every ONNX Runtime run) or {TARGET_ORT_CPU} (ONNX Runtime's fused CPU "
-        "kernels: GroupQueryAttention with an in-place KV cache; head size a multiple of 16; refused "
-        "otherwise, writing nothing)",
+        "kernels: GroupQueryAttention with an in-place KV cache, consecutive dense layers joined into one "
+        "graph; head size a multiple of 16; refused otherwise, writing nothing)",
     )
     set_handler(split, SplitOptions, execute)
 
@@ -61,8 +61,12 @@ def execute(opts: SplitOptions) -> int:
     )
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     experts = sum(len(layer.moe.experts) for layer in moe if layer.moe is not None)
+    runs = len(manifest.stage_runs())
+    stages = f"{runs} layer stage" + ("s" if runs != 1 else "")
+    if runs != len(manifest.layers):
+        stages += f" for {len(manifest.layers)} layers"
     print(
-        f"bundle {opts.output}: {len(manifest.layers)} layer stages, {experts} expert graphs "
+        f"bundle {opts.output}: {stages}, {experts} expert graphs "
         f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}, "
         f"stages for {manifest.stage_target}"
     )

@@ -17,10 +17,12 @@ import re
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from moedge._errors import MoedgeError
 from moedge.formats.external_data import external_files
+from moedge.formats.json_fields import FieldReader as _Reader
+from moedge.formats.json_fields import show as _show
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -117,11 +119,30 @@ class MoeSpec:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One decoder layer: its stage graph and, for MoE layers, its experts."""
+    """One decoder layer: its stage graph and, for MoE layers, its experts.
+
+    A stage may run several consecutive dense layers (``span`` > 1, written by ``moedge split --target
+    ort-cpu``): it reads and writes each covered layer's KV cache, and the layers it covers have no
+    stage of their own (``stage`` None).
+    """
 
     index: int
-    stage: GraphSpec
+    stage: GraphSpec | None
     moe: MoeSpec | None = None
+    span: int = 1
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One stage graph and the decoder layers it runs, in order (one, or a span of dense layers)."""
+
+    stage: GraphSpec
+    layers: list[LayerSpec]
+
+    @property
+    def last(self) -> LayerSpec:
+        """The last layer the stage runs: its output is the next stage's input."""
+        return self.layers[-1]
 
 
 @dataclass
@@ -151,16 +172,28 @@ class Manifest:
         """Every graph of the bundle, in run order."""
         out = [self.embedding]
         for layer in self.layers:
-            out.append(layer.stage)
+            if layer.stage is not None:
+                out.append(layer.stage)
             if layer.moe is not None:
                 out += layer.moe.experts
         return [*out, self.head]
+
+    def stage_runs(self) -> list[StageRun]:
+        """The layer stages in run order, each with the layers it runs."""
+        runs: list[StageRun] = []
+        for layer in self.layers:
+            if layer.stage is not None:
+                runs.append(StageRun(layer.stage, [layer]))
+            else:  # covered by the previous stage's span (parse_manifest checks it)
+                runs[-1].layers.append(layer)
+        return runs
 
     def named_graphs(self) -> list[tuple[str, GraphSpec]]:
         """Every graph with its manifest field path (``layers[3].moe.experts[5]``), in run order."""
         out = [("embedding", self.embedding)]
         for i, layer in enumerate(self.layers):
-            out.append((f"layers[{i}].stage", layer.stage))
+            if layer.stage is not None:
+                out.append((f"layers[{i}].stage", layer.stage))
             if layer.moe is not None:
                 out += [(f"layers[{i}].moe.experts[{j}]", g) for j, g in enumerate(layer.moe.experts)]
         return [*out, ("head", self.head)]
@@ -191,68 +224,11 @@ class Manifest:
 
 MAX_FILE_BYTES = 1 << 62  # a byte count any runtime can add up without overflowing int64
 MAX_DIM = 1 << 16  # heads, head size, experts per layer
+MAX_LAYERS = 1 << 16
 MAX_VOCAB = 1 << 31
 MAX_ROPE_THETA = 1e12  # RoPE base: real models use 1e4 to 1e8
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIX = "re-split the bundle with moedge split"
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-class _Reader:
-    """Typed access to the raw manifest JSON; every failure names the field and what it must be."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-        self.graph_files: set[str] = set()  # a file serves one graph: checked as graphs are read
-
-    def fail(self, field_path: str, description: str, value: Any) -> NoReturn:
-        raise MoedgeError(f"{self.where}: {field_path} must be {description}, got {_show(value)}")
-
-    def get(self, obj: dict[str, Any], key: str, field_path: str) -> Any:
-        if key not in obj:
-            raise MoedgeError(f"{self.where}: {field_path} is missing")
-        return obj[key]
-
-    def obj(self, value: Any, field_path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(field_path, "an object", value)
-        return value
-
-    def array(self, value: Any, field_path: str, *, nonempty: bool = False) -> list[Any]:
-        if not isinstance(value, list) or (nonempty and not value):
-            self.fail(field_path, "a non-empty array" if nonempty else "an array", value)
-        return value
-
-    def string(self, value: Any, field_path: str) -> str:
-        if not isinstance(value, str) or not value:
-            self.fail(field_path, "a non-empty string", value)
-        return value
-
-    def boolean(self, value: Any, field_path: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(field_path, "a boolean", value)
-        return value
-
-    def integer(self, value: Any, field_path: str, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.fail(field_path, f"an integer in [{lo}, {hi}]", value)
-        return value
-
-    def optional_int(self, obj: dict[str, Any], key: str, field_path: str, lo: int, hi: int) -> None:
-        if obj.get(key) is not None:
-            self.integer(obj[key], field_path, lo, hi)
-
-    def optional_float(self, obj: dict[str, Any], key: str, field_path: str, lo: float, hi: float) -> None:
-        """A number (int or float, not a boolean) in (lo, hi], when present and not null."""
-        value = obj.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int | float) or not lo < value <= hi
-        ):
-            self.fail(field_path, f"a number in ({lo:g}, {hi:g}]", value)
 
 
 def relative_path(value: Any, field_path: str, where: str) -> str:
@@ -343,7 +319,35 @@ def _layer(r: _Reader, d: Any, i: int) -> LayerSpec:
             experts=[_graph(r, e, f"{f}.moe.experts[{j}]") for j, e in enumerate(experts)],
             router=None if router is None else relative_path(router, f + ".moe.router", r.where),
         )
-    return LayerSpec(index=i, stage=_graph(r, r.get(d, "stage", f + ".stage"), f + ".stage"), moe=spec)
+    stage = r.get(d, "stage", f + ".stage")
+    return LayerSpec(
+        index=i,
+        stage=None if stage is None else _graph(r, stage, f + ".stage"),
+        moe=spec,
+        span=r.integer(d.get("span", 1), f + ".span", 1, MAX_LAYERS),
+    )
+
+
+def _check_spans(r: _Reader, layers: list[LayerSpec]) -> None:
+    """Every layer has a stage or lies in an earlier stage's span of dense layers."""
+    covered_to = -1  # the last layer the latest stage runs
+    for i, layer in enumerate(layers):
+        f = f"layers[{i}]"
+        if layer.stage is None:
+            if i > covered_to:
+                r.fail(f + ".stage", "a graph (no earlier layer's stage spans this layer)", None)
+            if layer.moe is not None:
+                r.fail(f + ".moe", "null (a layer inside a span is dense)", "an MoE layer")
+            if layer.span != 1:
+                r.fail(f + ".span", "1 (the layer has no stage)", layer.span)
+            continue
+        if i <= covered_to:
+            r.fail(f + ".stage", "null (an earlier layer's stage spans this layer)", "a graph")
+        if layer.span > 1 and layer.moe is not None:
+            r.fail(f + ".span", "1 for an MoE layer", layer.span)
+        if i + layer.span > len(layers):
+            r.fail(f + ".span", f"at most {len(layers) - i} (the layers from here on)", layer.span)
+        covered_to = i + layer.span - 1
 
 
 def _model(r: _Reader, d: Any) -> dict[str, Any]:
@@ -428,6 +432,7 @@ def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest
         schema_version=version,
         extra=r.obj(raw.get("extra", {}), "extra"),
     )
+    _check_spans(r, manifest.layers)
     root = Path(os.path.realpath(folder))
     for field_path, rel in manifest.named_paths():
         if rel not in files:

@@ -108,6 +108,44 @@ def test_manifest_describes_every_graph_and_file(bundles):
     assert all(layer.moe and layer.moe.gating.normalize_top_k for layer in mixtral.layers)
 
 
+@pytest.mark.parametrize(
+    ("kind", "edit", "error"),
+    [
+        ("llama", {0: {"span": 2}, 1: {"stage": None}}, None),  # one stage runs both dense layers
+        (
+            "llama",
+            {1: {"stage": None}},
+            r"layers\[1\]\.stage must be a graph \(no earlier layer's stage spans",
+        ),
+        ("llama", {0: {"span": 2}}, r"layers\[1\]\.stage must be null \(an earlier layer's stage spans"),
+        ("llama", {0: {"span": 3}, 1: {"stage": None}}, r"layers\[0\]\.span must be at most 2"),
+        ("llama", {0: {"span": 0}}, r"layers\[0\]\.span must be an integer in \[1, "),
+        ("llama", {0: {"stage": None}}, r"layers\[0\]\.stage must be a graph"),
+        ("mixtral", {0: {"span": 2}, 1: {"stage": None}}, r"layers\[0\]\.span must be 1 for an MoE layer"),
+    ],
+)
+def test_a_stage_spans_only_consecutive_dense_layers(bundles, tmp_path, kind, edit, error):
+    """A layer without a stage must lie in an earlier dense layer's span; spans stay inside the model."""
+    from moedge.formats.manifest import MANIFEST_FILE, parse_manifest
+
+    raw = json.loads((bundles(kind) / MANIFEST_FILE).read_text())
+    dropped = []
+    for index, changes in edit.items():
+        if changes.get("stage", 0) is None:
+            dropped.append(raw["layers"][index]["stage"]["file"])
+        raw["layers"][index].update(changes)
+    for rel in dropped:  # a graph no layer names is no longer a listed graph file
+        raw["files"].pop(rel, None)
+    if error is None:
+        manifest = parse_manifest(raw, bundles(kind))
+        runs = manifest.stage_runs()
+        assert len(runs) == 1 and [layer.index for layer in runs[0].layers] == [0, 1]
+        assert [g.file for g in manifest.graphs()].count(runs[0].stage.file) == 1
+    else:
+        with pytest.raises(MoedgeError, match=error):
+            parse_manifest(raw, bundles(kind))
+
+
 def test_dense_bundle_has_one_stage_per_layer_and_no_experts(bundles):
     manifest = read_manifest(bundles("llama"))
     assert [layer.moe for layer in manifest.layers] == [None, None]

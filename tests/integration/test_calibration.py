@@ -302,3 +302,53 @@ def test_every_activation_range_mode(mode):
     else:
         assert min(ratios) < 1.0  # the range was chosen, not copied from the maximum
     assert torch.isfinite(_logits(loaded.model, _ids(1, 16, 3))).all()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral"])
+def test_tied_input_scales_quantize_each_shared_input_once(kind, tmp_path):
+    """--tie-input-scales: q/k/v share one scale, each FFN's gate/up another (the largest calibrated);
+    the same tie applied to an untied recipe gives the same scales; an ort-cpu split packs every group."""
+    import onnx
+
+    from moedge.calibration.quant import FakeQuantLinear
+    from moedge.calibration.tie import tie_groups, tie_input_scales, tie_recipe_scales
+    from moedge.export.exporter import export_model
+    from moedge.graph_passes.bundle import split_bundle
+
+    loaded = build_tiny(kind)
+    result = calibrate(loaded, _samples(), CalibrationConfig(method="haq"), progress=False)
+    groups = tie_groups([n for n, r in result.linears.items() if r.quantized], loaded.model_type)
+    layers = len(decoder_layers(loaded.model))
+    ffns = layers * (get_config(loaded.model_type).num_experts(loaded.model.config) or 1)
+    assert len(groups) == layers + ffns  # one q/k/v group per layer, one gate/up group per FFN
+    modules = dict(loaded.model.named_modules())
+    for group in groups:  # tiny models often calibrate equal scales: make the first of each larger
+        first = modules[group[0]]
+        assert isinstance(first, FakeQuantLinear)
+        first.input_scale *= 1.5
+        result.linears[group[0]].input_scale = first.input_scale
+    untied = save_recipe(loaded, result, tmp_path / "untied")
+    retied = tie_recipe_scales(load_recipe(untied))
+    assert retied.meta["config"]["tie_input_scales"] is True
+    assert json.loads((untied / "recipe.json").read_text())["config"]["tie_input_scales"] is False
+    assert tie_input_scales(loaded.model, result, loaded.model_type) == sum(len(g) - 1 for g in groups)
+    for group in groups:
+        top = result.linears[group[0]].input_scale
+        for name in group:
+            assert result.linears[name].input_scale == top == modules[name].input_scale  # type: ignore[union-attr]
+            assert retied.meta["linears"][name]["input_scale"] == top, name
+        assert all(result.linears[n].untied_input_scale is not None for n in group[1:])
+    export = export_model(apply_recipe(build_tiny(kind), retied), tmp_path / "export", recipe=retied)
+    bundle = split_bundle(export.out_dir, tmp_path / "bundle", target="ort-cpu", progress=False)
+    for run in bundle.stage_runs():
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "bundle" / run.stage.file)).graph.node]
+        dense = sum(layer.moe is None for layer in run.layers)
+        # per layer: q/k/v packed into one quantized matmul (+ o); a dense MLP's gate/up too (+ down)
+        assert ops.count("QuantizeLinear") == 2 * len(run.layers) + 2 * dense, run.stage.file
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["moedge"]["quantization"]["tied_input_scales"] is True
+    fresh = build_tiny(kind)  # the calibration option itself
+    tied = calibrate(
+        fresh, _samples(), CalibrationConfig(method="haq", tie_input_scales=True), progress=False
+    )
+    assert all(len({tied.linears[n].input_scale for n in g}) == 1 for g in groups)

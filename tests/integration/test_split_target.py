@@ -1,8 +1,10 @@
 """``moedge split --target``: ort-cpu bundles (fused layer stages, rotary tables) and the refusals.
 
 An ort-cpu split of a tiny model must differ from the tensorrt split of the same export only in its
-layer stages, ``rotary_cache.npy`` and the manifest fields that say so; a model whose stages cannot be
-fused (stories260K: head size 8) is refused in one line, writing nothing.
+layer stages, its embedding stage (cut to what the fused stages read), ``rotary_cache.npy`` and the
+manifest fields that say so; a dense model's layers become one stage graph that computes what the
+tensorrt split's stages compute; a model whose stages cannot be fused (stories260K: head size 8) is
+refused in one line, writing nothing.
 """
 
 from __future__ import annotations
@@ -124,26 +126,70 @@ def test_every_graphs_manifest_io_is_its_onnx_files_io(ort_bundle):
 
 
 def _stage_files(manifest: Manifest) -> set[str]:
-    """The layer stages' files (graph and external data)."""
-    names = [f for layer in manifest.layers for f in (layer.stage.file, layer.stage.file + ".data")]
+    """The stages' files (graph and external data): embedding, layers, head."""
+    graphs = [run.stage for run in manifest.stage_runs()] + [manifest.embedding, manifest.head]
+    names = [f for graph in graphs for f in (graph.file, graph.file + ".data")]
     return {f for f in names if f in manifest.files}
 
 
-def test_only_the_layer_stages_differ_from_a_tensorrt_split(ort_bundle, bundles):
+def test_only_the_stages_differ_from_a_tensorrt_split(ort_bundle, bundles):
     trt_bundle = bundles(KIND)  # the same export, split with the default target
     ort, trt = read_manifest(ort_bundle), read_manifest(trt_bundle)
     assert trt.stage_target == TARGET_TENSORRT and trt.rotary is None
     shared = set(ort.files) - _stage_files(ort) - {ROTARY_FILE}
     assert shared == set(trt.files) - _stage_files(trt)
-    assert any(f.startswith("experts/") for f in shared) and "stages/embedding.onnx" in shared
+    assert any(f.startswith("experts/") for f in shared)
     for rel in sorted(shared):
         assert (ort_bundle / rel).read_bytes() == (trt_bundle / rel).read_bytes(), rel
         assert ort.files[rel] == trt.files[rel], rel
-    assert (ort.embedding, ort.head) == (trt.embedding, trt.head)
+    assert ort.head.input_names == trt.head.input_names and ort.head.outputs == trt.head.outputs
+    head_ops = [n.op_type for n in onnx.load(str(ort_bundle / ort.head.file)).graph.node]
+    assert head_ops.count("SimplifiedLayerNormalization") == 1 and "Pow" not in head_ops
+    # the fused stages read no mask or rotary tables from the embedding: it maps ids to hidden states
+    assert ort.embedding.input_names == ["input_ids"] and ort.embedding.output_names == ["hidden_states"]
+    assert len(trt.embedding.output_names) > 1
     for a, b in zip(ort.layers, trt.layers, strict=True):
-        assert a.moe == b.moe
+        assert a.moe == b.moe and a.span == b.span == 1  # MoE layers: one stage each
+        assert a.stage is not None and b.stage is not None
         assert a.stage.input_names != b.stage.input_names
     assert ort.model == trt.model
+
+
+def test_a_dense_models_layers_are_one_stage_graph(tiny_exports, bundles, tmp_path):
+    """tiny-llama: both dense layers in one graph, reading each layer's KV buffers, whose tokens and
+    logits are the tensorrt split's (through the one generation loop, on both caches)."""
+    from moedge.runtime import greedy
+    from moedge.runtime.bundle_runner import BundleRunner
+
+    out = tmp_path / "bundle"
+    split_bundle(tiny_exports("llama"), out, target="ort-cpu", progress=False, validate=True)
+    manifest = read_manifest(out, verify=True)
+    runs = manifest.stage_runs()
+    assert len(runs) == 1 and [layer.index for layer in runs[0].layers] == [0, 1]
+    first, second = manifest.layers
+    assert first.span == 2 and first.stage is not None and second.stage is None
+    assert first.stage.file == "stages/layers_000_001.onnx"
+    assert first.stage.input_names == [
+        "hidden_states",
+        *past_names(0),
+        SEQLENS_K,
+        TOTAL_SEQUENCE_LENGTH,
+        COS_CACHE,
+        SIN_CACHE,
+        *past_names(1),
+    ]
+    assert first.stage.output_names == [*present_names(0), *present_names(1), "hidden_states_out"]
+    ops = [n.op_type for n in onnx.load(str(out / first.stage.file)).graph.node]
+    assert ops.count("GroupQueryAttention") == 2
+    # layer 0's closing residual Add and layer 1's input norm became one SkipSimplifiedLayerNormalization
+    assert (
+        ops.count("SkipSimplifiedLayerNormalization") == 3 and ops.count("SimplifiedLayerNormalization") == 1
+    )
+    ids = np.array([[3, 17, 42, 5, 9, 11]], dtype=np.int64)
+    fused, reference = BundleRunner(out), BundleRunner(bundles("llama"))
+    np.testing.assert_allclose(fused.forward(ids)[0], reference.forward(ids)[0], rtol=1e-4, atol=1e-4)
+    prompt = ids[0].tolist()
+    assert greedy(fused, prompt, max_new_tokens=12) == greedy(reference, prompt, max_new_tokens=12)
 
 
 def test_moedge_build_refuses_an_ort_cpu_bundle(ort_bundle, capsys):

@@ -1,0 +1,72 @@
+"""One activation scale for the linears that read the same input in one graph (q/k/v; gate/up).
+
+HAQ picks each linear's static activation scale on its own, so q, k and v (and an MLP's gate and up)
+quantize the same input three (two) times on three (two) grids. Tied to one scale, the input is
+quantized once and ONNX Runtime's CPU target packs the linears into one int8 matmul
+(``graph_passes/pack_linears.py``): fewer kernels per token. The tied scale is the largest of the
+group's calibrated scales, so no linear clips more than calibration chose; the others get a coarser
+grid, whose perplexity cost ``benchmarks/side_by_side.py`` measures. Weights are unchanged (a per-tensor
+activation scale does not enter GPTQ's weight rounding).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Iterable
+
+from torch import nn
+
+from moedge.arch import get_config
+from moedge.calibration.quant import FakeQuantLinear
+from moedge.calibration.result import CalibrationResult
+from moedge.formats.recipe import Recipe
+
+
+def tie_groups(names: Iterable[str], model_type: str) -> list[list[str]]:
+    """The groups of ``names`` (full linear names) that read one input in one graph, two or more each:
+    a layer's q/k/v, a dense MLP's or an expert's input linears (gate/up), in the family's naming."""
+    smap = get_config(model_type).smoothing
+    roles = {name.rsplit(".", 1)[-1]: "attention" for name in smap.qkv}
+    roles.update({name: "mlp" for name in (*smap.mlp.inputs, *smap.expert_mlp.inputs)})
+    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        if leaf in roles:
+            groups[(parent, roles[leaf])].append(name)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
+
+
+def tie_input_scales(model: nn.Module, result: CalibrationResult, model_type: str) -> int:
+    """Tie the calibrated ``model``'s activation scales (and ``result``'s reports) per ``tie_groups``;
+    each changed report keeps its calibrated scale as ``untied_input_scale``. Returns how many changed."""
+    quantized = [n for n, r in result.linears.items() if r.quantized and r.input_scale is not None]
+    modules = dict(model.named_modules())
+    changed = 0
+    for group in tie_groups(quantized, model_type):
+        top = max(float(result.linears[n].input_scale or 0.0) for n in group)
+        for name in group:
+            report = result.linears[name]
+            module = modules.get(name)
+            if report.input_scale == top or not isinstance(module, FakeQuantLinear):
+                continue
+            report.untied_input_scale, report.input_scale = report.input_scale, top
+            module.input_scale = top
+            changed += 1
+    return changed
+
+
+def tie_recipe_scales(recipe: Recipe) -> Recipe:
+    """``recipe`` as if it had been calibrated with ``tie_input_scales`` (``config.tie_input_scales``
+    true): the same tie on its recorded scales, in memory; the folder is not touched."""
+    meta = copy.deepcopy(recipe.meta)
+    linears = meta["linears"]
+    quantized = [n for n, r in linears.items() if r.get("quantized")]
+    for group in tie_groups(quantized, str(meta["model"]["model_type"])):
+        top = max(float(linears[n]["input_scale"]) for n in group)
+        for name in group:
+            if linears[name]["input_scale"] != top:
+                linears[name]["untied_input_scale"] = linears[name]["input_scale"]
+                linears[name]["input_scale"] = top
+    meta["config"]["tie_input_scales"] = True
+    return Recipe(recipe.path, meta)
