@@ -32,6 +32,7 @@ from moedge.formats.manifest import (
     sha256_file,
 )
 from moedge.formats.routing import ROUTING_FILE
+from moedge.graph_passes.int8_embedding import embed_with_head_codes
 from moedge.graph_passes.merge_stages import merge_layer_stages
 from moedge.graph_passes.ort_cpu_target import (
     AttentionSpec,
@@ -224,6 +225,8 @@ def split_bundle(
         if spec is not None:
             _keep_read_outputs(split)
             fuse_norms(split.head)
+            if embed_with_head_codes(split.embedding, split.head):
+                log.info("embedding: the int8 head's codes (the FP32 table left out)")
         embedding, layers, head = writer.write_graphs(split)
         shutil.copyfile(info.tokenizer_file, tmp / TOKENIZER_FILE)
         writer.files.append(TOKENIZER_FILE)

@@ -251,3 +251,47 @@ def test_a_model_that_cannot_be_fused_is_refused_writing_nothing(data_dir, tmp_p
     code, _, err = _run(capsys, "-q", "split", str(export), "-o", str(out))  # the default target splits it
     assert code == 0, err
     assert read_manifest(out).stage_target == TARGET_TENSORRT
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_int8_head_serves_as_the_embedding_table(tmp_path, tied):
+    """--quantize-head on a model with tied embeddings: the ort-cpu bundle's embedding reads the head's
+    int8 codes (stored once) and its FP32 table leaves the bundle; an untied head leaves the table FP32."""
+    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
+    from moedge.export.exporter import export_model
+    from moedge.runtime.bundle_runner import BundleRunner
+    from moedge.testbeds import build_tiny
+
+    def tiny():
+        loaded = build_tiny("llama")
+        if tied:
+            model = loaded.model
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return loaded
+
+    loaded = tiny()
+    samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
+    config = CalibrationConfig(method="haq", quantize_head=True)
+    save_recipe(loaded, calibrate(loaded, samples, config, progress=False), tmp_path / "recipe")
+    export_model(apply_recipe(tiny(), tmp_path / "recipe"), tmp_path / "export")
+    split_bundle(tmp_path / "export", tmp_path / "trt", progress=False)
+    split_bundle(tmp_path / "export", tmp_path / "cpu", target="ort-cpu", progress=False, validate=True)
+    cpu, trt = read_manifest(tmp_path / "cpu", verify=True), read_manifest(tmp_path / "trt")
+    embedding = onnx.load(str(tmp_path / "cpu" / cpu.embedding.file), load_external_data=False)
+    kinds = {
+        onnx.TensorProto.DataType.Name(t.data_type) for t in embedding.graph.initializer if len(t.dims) == 2
+    }
+    assert kinds == ({"INT8"} if tied else {"FLOAT"})
+    table = 256 * int(cpu.model["hidden_size"]) * 4  # the FP32 (vocab, hidden) table
+    assert (trt.embedding.bytes + trt.head.bytes) - (cpu.embedding.bytes + cpu.head.bytes) > (
+        0.7 * table if tied else -0.1 * table
+    )
+    if tied:  # the head's codes live in the embedding's data file: one copy
+        head = onnx.load(str(tmp_path / "cpu" / cpu.head.file), load_external_data=False)
+        locations = {e.value for t in head.graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {"embedding.onnx.data"}
+    ids = np.random.default_rng(3).integers(0, 256, (1, 24))
+    got, want = BundleRunner(tmp_path / "cpu").forward(ids)[0], BundleRunner(tmp_path / "trt").forward(ids)[0]
+    # int8 rows of the table: close to the FP32 table's logits, not equal
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
