@@ -50,7 +50,7 @@ from moedge.runtime.moe_layer import (
     run_expert_graph,
 )
 from moedge.runtime.ort_session import KVCache, empty_cache, step_inputs
-from moedge.runtime.static_cache import MIN_CAPACITY, InPlace, StaticCache, left_padded, right_padded
+from moedge.runtime.static_cache import InPlace, StaticCache, initial_capacity, left_padded, right_padded
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class BundleRunner:
         ids, counts = right_padded(input_ids, attention_mask)
         if past is None:
             past = StaticCache(
-                rows, self.num_layers, self.num_kv_heads, self.head_dim, max(MIN_CAPACITY, 2 * seq)
+                rows, self.num_layers, self.num_kv_heads, self.head_dim, initial_capacity(seq)
             )
         elif seq > 1 and rows > 1:
             raise MoedgeError("an ort-cpu bundle continues a batch one token per row at a time")

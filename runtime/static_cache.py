@@ -19,6 +19,13 @@ import onnxruntime as ort
 from moedge._errors import MoedgeError
 
 MIN_CAPACITY = 256
+DECODE_ROOM = 64  # positions a first allocation leaves for decoding beyond the prompt
+
+
+def initial_capacity(prompt: int) -> int:
+    """The buffers' first capacity for a ``prompt``-token first step: room for it and ``DECODE_ROOM``
+    more, in whole multiples of ``MIN_CAPACITY`` (later steps grow it by doubling)."""
+    return MIN_CAPACITY * -(-(prompt + DECODE_ROOM) // MIN_CAPACITY)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from moedge._errors import MoedgeError
 from moedge.graph_passes.bundle import split_bundle
 from moedge.runtime import BundleRunner, Generator, greedy
 from moedge.runtime.decoding import StopRule, generate
-from moedge.runtime.static_cache import MIN_CAPACITY, StaticCache
+from moedge.runtime.static_cache import DECODE_ROOM, MIN_CAPACITY, StaticCache
 
 KINDS = ("llama", "mixtral", "qwen2-moe")
 PROMPTS = [[1, 5, 9, 17, 33], [2, 4, 6]]
@@ -69,8 +69,14 @@ def test_batched_generation_with_rows_leaving_matches_one_by_one(kind, pair):
 
 def test_the_cache_grows_past_its_first_capacity_and_keeps_its_rows(pair):
     portable, fused = (BundleRunner(b) for b in pair("llama"))
-    prompt = list(np.random.default_rng(0).integers(1, 250, MIN_CAPACITY - 4))
-    assert greedy(fused, prompt, max_new_tokens=12) == greedy(portable, prompt, max_new_tokens=12)
+    prompt = list(np.random.default_rng(0).integers(1, 250, MIN_CAPACITY - DECODE_ROOM))
+    new = DECODE_ROOM + 8  # decoding crosses the first capacity
+    assert greedy(fused, prompt, max_new_tokens=new) == greedy(portable, prompt, max_new_tokens=new)
+    _, past = fused.forward(np.asarray([prompt]))
+    assert past.capacity == MIN_CAPACITY
+    for token in range(new):
+        _, past = fused.forward(np.asarray([[token + 1]]), past=past)
+    assert past.capacity == 2 * MIN_CAPACITY and int(past.lengths[0]) == len(prompt) + new
 
 
 def test_generator_on_a_fused_moe_bundle_is_the_reference(pair):
