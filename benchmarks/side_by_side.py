@@ -18,16 +18,26 @@ child that imports only its engine, its VmHWM; for moedge-cpp that child's ``moe
 ``ppl`` (perplexity on the first ``--ppl-windows`` non-overlapping 512-token windows of WikiText-2 test:
 moedge ``BundleRunner.forward`` logits, llama.cpp ``logits_all``, GenAI's ``model.onnx`` run directly in
 an ORT session with empty past tensors; moedge-run has no full-logits output, and its graphs are the
-trt bundle's). A run of some parts keeps the other parts' runs and results from the file it extends.
+Python engines'). A run of some parts keeps the other parts' runs and results from the file it extends.
 
     MOEDGE_DATA=../shared/data .venv-peers/bin/python benchmarks/side_by_side.py \\
         --parts speed,bytes,rss --repeats 5
 
 Engines: moedge-py-trt, moedge-py-cpu (``BundleRunner``, one shared ORT pool, through the runtime's
-generation loop), moedge-cpp (``build/cpp/moedge-run`` on the trt bundle, ``--shared-pool``, a fresh
-process per run with ``--warmup``), llama.cpp (Q8_0), genai-int8, genai-int4, genai-fp32, and the FP32
-bundles moedge-py-fp32-trt / moedge-py-fp32-cpu when their folders exist. Writes
-``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
+generation loop), moedge-cpp and moedge-cpp-trt (``build/cpp/moedge-run`` on the cpu and the trt
+bundle, ``--shared-pool``, a fresh process per run with ``--warmup``), llama.cpp (Q8_0), genai-int8,
+genai-int4, genai-fp32, and, when their folders exist, moedge-py-untied-trt (the same HAQ recipe
+exported without ``--tie-input-scales``: what the tie costs) and the FP32 bundles moedge-py-fp32-trt /
+moedge-py-fp32-cpu. Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
+
+The moedge bundles (``~/.cache/moedge/bundles``), from the HAQ ``--quantize-head`` recipe of
+docs/RESULTS.md (``R``)::
+
+    moedge export smollm2-135m --recipe R --tie-input-scales -o smollm2-w8a8tied-export
+    moedge split smollm2-w8a8tied-export -o smollm2-w8a8tied-trt
+    moedge split smollm2-w8a8tied-export -o smollm2-w8a8tied-cpu --target ort-cpu
+    moedge export smollm2-135m --recipe R -o smollm2-w8a8-export      # untied: -o smollm2-w8a8-trt
+    moedge export smollm2-135m -o smollm2-fp32-export                # FP32: -trt and -cpu likewise
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ ENGINES = (
     "moedge-py-trt",
     "moedge-py-cpu",
     "moedge-cpp",
+    "moedge-cpp-trt",
+    "moedge-py-untied-trt",
     "llama.cpp",
     "genai-int8",
     "genai-int4",
@@ -68,11 +80,17 @@ ENGINES = (
     "moedge-py-fp32-trt",
     "moedge-py-fp32-cpu",
 )
-OPTIONAL = ("moedge-py-fp32-trt", "moedge-py-fp32-cpu")  # run by default only where the bundle exists
+OPTIONAL = (  # run by default only where the bundle exists
+    "moedge-py-untied-trt",
+    "moedge-py-fp32-trt",
+    "moedge-py-fp32-cpu",
+)
 LABELS = {
     "moedge-py-trt": "moedge W8A8 bundle, tensorrt-target stages (Python)",
     "moedge-py-cpu": "moedge W8A8 bundle, ort-cpu target (Python)",
-    "moedge-cpp": "moedge W8A8 bundle, tensorrt target, C++ moedge-run",
+    "moedge-cpp": "moedge W8A8 bundle, ort-cpu target, C++ moedge-run",
+    "moedge-cpp-trt": "moedge W8A8 bundle, tensorrt target, C++ moedge-run",
+    "moedge-py-untied-trt": "moedge W8A8 bundle without --tie-input-scales, tensorrt target (Python)",
     "llama.cpp": "llama.cpp Q8_0 (llama-cpp-python)",
     "genai-int8": "ORT GenAI model builder int8",
     "genai-int4": "ORT GenAI model builder int4",
@@ -80,7 +98,7 @@ LABELS = {
     "moedge-py-fp32-trt": "moedge FP32 bundle, tensorrt-target stages (Python)",
     "moedge-py-fp32-cpu": "moedge FP32 bundle, ort-cpu target (Python)",
 }
-AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp")  # greedy tokens that must be identical
+AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp", "moedge-cpp-trt")  # greedy tokens, identical
 # Files of a model folder that are not the model: tokenizer and chat template (a GGUF carries its own).
 TOKENIZER_FILES = {
     "tokenizer.json",
@@ -114,7 +132,9 @@ def _bundle(args: argparse.Namespace, name: str) -> Path:
     return {
         "moedge-py-trt": args.trt_bundle,
         "moedge-py-cpu": args.cpu_bundle,
-        "moedge-cpp": args.trt_bundle,
+        "moedge-cpp": args.cpu_bundle,
+        "moedge-cpp-trt": args.trt_bundle,
+        "moedge-py-untied-trt": args.untied_trt_bundle,
         "moedge-py-fp32-trt": args.fp32_trt_bundle,
         "moedge-py-fp32-cpu": args.fp32_cpu_bundle,
     }[name]
@@ -242,7 +262,7 @@ def load_engine(args: argparse.Namespace, engine: Engine, context: int) -> None:
     """Create the engine's sessions or model (timed as ``load_s``) and set its run function."""
     start = time.perf_counter()
     name = engine.name
-    if name == "moedge-cpp":
+    if name.startswith("moedge-cpp"):
         engine.run = load_cpp(_bundle(args, name), args.threads, args.cpp_ort_lib, engine.info)
     elif name.startswith("moedge-py"):
         engine.run = load_bundle(_bundle(args, name), args.threads)
@@ -250,7 +270,7 @@ def load_engine(args: argparse.Namespace, engine: Engine, context: int) -> None:
         engine.run = load_llama(args.gguf, args.threads, context)
     else:
         engine.run = load_genai(args.peers / name, args.threads)
-    engine.load_s = None if name == "moedge-cpp" else time.perf_counter() - start  # cpp: per run
+    engine.load_s = None if name.startswith("moedge-cpp") else time.perf_counter() - start  # cpp: per run
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -413,10 +433,11 @@ def rss_child(args: argparse.Namespace) -> None:
     starts from does not inflate the figure) and take its peak from ``getrusage(RUSAGE_CHILDREN)``."""
     name = args.rss_child
     ids = [int(t) for t in Path(args.ids_file).read_text().split()]
-    if name == "moedge-cpp":
+    if name.startswith("moedge-cpp"):
         before = _hwm_bytes()
         start = time.perf_counter()
-        doc = _run_cpp(args.trt_bundle, ids, args.new_tokens, args.threads, args.cpp_ort_lib, warmup=False)
+        bundle = _bundle(args, name)
+        doc = _run_cpp(bundle, ids, args.new_tokens, args.threads, args.cpp_ort_lib, warmup=False)
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         out = {"hwm_after_imports": None, "hwm_after_load": None, "hwm": peak, "wrapper_hwm": before}
         out.update(process_s=time.perf_counter() - start, tokens=doc["generations"][0]["token_ids"])
@@ -444,6 +465,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     """The flags a child process needs to build the same engines."""
     out = ["--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]
     out += ["--trt-bundle", str(args.trt_bundle), "--cpu-bundle", str(args.cpu_bundle)]
+    out += ["--untied-trt-bundle", str(args.untied_trt_bundle)]
     out += ["--fp32-trt-bundle", str(args.fp32_trt_bundle), "--fp32-cpu-bundle", str(args.fp32_cpu_bundle)]
     out += ["--peers", str(args.peers), "--gguf", str(args.gguf)]
     out += ["--cpp-ort-lib", str(args.cpp_ort_lib)] if args.cpp_ort_lib else []
@@ -479,7 +501,7 @@ def rss(
                 "peak_rss_after_load_bytes": child["hwm_after_load"],
                 "process_s": time.perf_counter() - start,
                 "process": "moedge-run (started by a small python child; its ru_maxrss)"
-                if name == "moedge-cpp"
+                if name.startswith("moedge-cpp")
                 else "python child importing only this engine (VmHWM)",
                 "tokens": child["tokens"],
             }
@@ -575,7 +597,7 @@ def perplexity_part(
     rows: dict[str, Any] = {}
     runs: list[dict[str, Any]] = []
     for name in names:
-        if name == "moedge-cpp":
+        if name.startswith("moedge-cpp"):
             continue
         score = window_scorer(args, name, args.seqlen)
         start = time.perf_counter()
@@ -658,7 +680,7 @@ def table(results: dict[str, Any]) -> str:
     agree = results.get("speed", {}).get("agreement")
     if agree:
         lines.append(
-            f"greedy tokens identical (moedge-py-trt, moedge-py-cpu, moedge-cpp): long "
+            f"greedy tokens identical ({', '.join(AGREE)}): long "
             f"{agree['long']['required_all_identical']}, short {agree['short']['required_all_identical']}"
         )
     return "\n".join(lines)
@@ -678,8 +700,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ppl-windows", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512, help="perplexity window")
     parser.add_argument("--settle", type=float, default=0.2, help="seconds of idle before each run")
-    parser.add_argument("--trt-bundle", type=Path, default=BUNDLES / "smollm2-w8a8-trt")
-    parser.add_argument("--cpu-bundle", type=Path, default=BUNDLES / "smollm2-w8a8-cpu")
+    parser.add_argument("--trt-bundle", type=Path, default=BUNDLES / "smollm2-w8a8tied-trt")
+    parser.add_argument("--cpu-bundle", type=Path, default=BUNDLES / "smollm2-w8a8tied-cpu")
+    parser.add_argument("--untied-trt-bundle", type=Path, default=BUNDLES / "smollm2-w8a8-trt")
     parser.add_argument("--fp32-trt-bundle", type=Path, default=BUNDLES / "smollm2-fp32-trt")
     parser.add_argument("--fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-fp32-cpu")
     parser.add_argument("--peers", type=Path, default=PEERS, help="genai-int8/int4/fp32 folders")
@@ -724,7 +747,8 @@ def main() -> None:
     short_ids = long_ids[: args.short_prompt_tokens]
     previous = read_result(args.out)
     inputs = [*(p for n in names for p in engine_files(args, n)), *dataset_files("wikitext2")]
-    inputs += [BINARY] if "moedge-cpp" in names else []
+    cpp_names = [n for n in names if n.startswith("moedge-cpp")]
+    inputs += [BINARY] if cpp_names else []
     inputs = list(dict.fromkeys(inputs))
     runs, earlier_inputs = carry_over(previous, lambda r: r.get("part") not in parts, inputs)
     results: dict[str, Any] = {}
@@ -733,7 +757,7 @@ def main() -> None:
     flags: dict[str, Any] = {}
     if PEER_BUILD.is_file():
         flags["peer_build"] = json.loads(PEER_BUILD.read_text())
-    if "moedge-cpp" in names:
+    if cpp_names:
         flags["moedge-run"] = {
             "binary": BINARY,
             "ort_lib": args.cpp_ort_lib or "the ORT SDK it was built with",
@@ -744,7 +768,7 @@ def main() -> None:
         if part == "speed":
             engines = [Engine(n, engine_files(args, n)) for n in names]
             out, new_runs = speed(args, engines, long_ids, short_ids, stamp)
-            cpp = next((e for e in engines if e.name == "moedge-cpp"), None)
+            cpp = next((e for e in engines if e.name.startswith("moedge-cpp")), None)
             if cpp is not None:
                 flags.setdefault("moedge-run", {})["onnxruntime"] = cpp.info.get("onnxruntime")
         elif part == "rss":
