@@ -1,7 +1,8 @@
 // libFuzzer target for the bundle loader's first line of defence: manifest.json text goes through
 // moedge::parse_manifest (JSON, schema, path confinement) and moedge::check_files (stat, sizes, each
 // graph's external data, sha256) against a tiny bundle folder written at start-up; the same bytes also
-// go through moedge::onnx_external_locations (the ONNX protobuf walker). No ONNX Runtime here.
+// go through moedge::onnx_external_locations (the ONNX protobuf walker) and the rotary .npy checks, as a
+// whole file and as the header dict of one. No ONNX Runtime here.
 //
 // Every input must end in a Manifest or in one moedge::Error with a short one-line message; a crash, a
 // hang, a sanitizer report, any other exception (nlohmann's, std::out_of_range) or a bad message is a
@@ -19,6 +20,7 @@
 #include <fstream>
 #include <string>
 
+#include "../src/bundle_internal.h"  // check_rotary_npy
 #include "moedge/runtime.h"
 
 namespace {
@@ -98,6 +100,20 @@ bool good_message(const std::string& message) {
   return false;
 }
 
+// The rotary .npy checks on `bytes`: they pass or end in one short line about the file.
+void check_npy(const std::string& bytes) {
+  try {
+    moedge::detail::check_rotary_npy(bytes, "rotary_cache.npy", 16);
+  } catch (const moedge::Error& e) {
+    const std::string message = e.what();
+    if (message.rfind("bundle file rotary_cache.npy ", 0) != 0 || message.size() > 2000 ||
+        message.find_first_of("\n\r") != std::string::npos) {
+      std::fprintf(stderr, "moedge-fuzz: a .npy message that is not one short clean line: %s\n", message.c_str());
+      std::abort();
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerInitialize(int*, char***) {
@@ -115,6 +131,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   } catch (const moedge::Error& e) {
     if (std::string(e.what()) != "not a well-formed ONNX protobuf") std::abort();
   }
+  check_npy(text);
+  std::string as_header("\x93NUMPY\x02\x00", 8);  // the input as the dict of a format 2.0 header
+  for (int shift = 0; shift < 32; shift += 8) as_header += static_cast<char>(size >> shift & 0xff);
+  check_npy(as_header + text);
   try {
     const moedge::Manifest manifest = moedge::parse_manifest(text, g_bundle, "manifest.json");
     moedge::check_files(g_bundle, manifest, true);

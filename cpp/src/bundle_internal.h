@@ -1,5 +1,5 @@
 // Internal to moedge_rt's bundle loader (manifest.cc, files.cc, paths.cc, json_text.cc, onnx_external.cc,
-// plan.cc): shared limits, message helpers, path checks and the typed manifest reader. Not installed.
+// plan.cc, npy.cc): shared limits, message helpers, path checks and the typed manifest reader. Not installed.
 #pragma once
 
 #include <unistd.h>
@@ -19,6 +19,7 @@ using nlohmann::json;
 
 constexpr int64_t kMaxDim = int64_t{1} << 16;    // heads, head size, experts per layer
 constexpr int64_t kMaxVocab = int64_t{1} << 31;  // vocabulary size and context are below this
+constexpr int64_t kMaxLayers = int64_t{1} << 16;  // the largest span a layer's stage may have
 constexpr size_t kShownChars = 40;               // a value shown in a message, at most
 constexpr const char* kResplit = "re-split the bundle with moedge split";
 constexpr const char* kWritePlan = "write the plan for this bundle with `moedge profile --plan`";
@@ -78,6 +79,19 @@ std::string bundle_folder(const std::string& bundle_dir);
 // The contents of a regular file of at most kMaxJsonBytes; stat before open, so a FIFO or a device is
 // refused without being opened. `what` names the file in messages ("plan file x.json").
 std::string read_small_file(const std::string& path, const std::string& what, const std::string& fix);
+
+// ---- npy.cc: an ort-cpu bundle's rotary tables
+
+struct RotaryTables {
+  int64_t positions = 0;
+  int64_t half = 0;              // head_dim / 2
+  std::vector<float> cos, sin;  // positions x half each
+};
+// The cos/sin tables of <bundle_dir>/<rel>: a float32 (2, positions, head_dim / 2) C-order .npy whose
+// size is its header's plus the tables'; anything else is one Error naming the file.
+RotaryTables read_rotary(const std::string& bundle_dir, const std::string& rel, int head_dim);
+// The same checks on a whole file's bytes, reading nothing (the fuzz target uses it).
+void check_rotary_npy(std::string_view bytes, const std::string& rel, int head_dim);
 
 // ---- manifest.cc: the manifest's graphs and file names in messages
 

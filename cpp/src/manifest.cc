@@ -1,6 +1,6 @@
 // manifest.json: parsed with nlohmann/json and checked field by field before any bundle file is opened
-// (types, ranges, paths relative and confined to the bundle, every path listed under files, no file
-// used by two graphs). Every failure is one Error naming the manifest field (mirrors moedge.formats.manifest).
+// (types, ranges, each layer's stage or the earlier stage whose span runs it, paths relative and confined
+// to the bundle, every path listed under files, no file used by two graphs). Every failure is one Error naming the manifest field (mirrors moedge.formats.manifest).
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -88,8 +88,34 @@ LayerSpec parse_layer(const Reader& r, const json& d, size_t i) {
     if (const json* router = Reader::optional(*moe, "router")) spec.router = r.path(*router, fm + ".router");
     layer.moe = std::move(spec);
   }
-  layer.stage = parse_graph(r, r.get(d, "stage", f + ".stage"), f + ".stage");
+  const json& stage = r.get(d, "stage", f + ".stage");
+  if (!stage.is_null()) layer.stage = parse_graph(r, stage, f + ".stage");
+  if (const auto span = d.find("span"); span != d.end())  // absent: 1; null is not an integer
+    layer.span = static_cast<int>(r.integer(*span, f + ".span", 1, kMaxLayers));
   return layer;
+}
+
+// Every layer has a stage or lies in an earlier stage's span of dense layers.
+void check_spans(const Reader& r, const std::vector<LayerSpec>& layers) {
+  int64_t covered_to = -1;  // the last layer the latest stage runs
+  const auto count = static_cast<int64_t>(layers.size());
+  for (int64_t i = 0; i < count; ++i) {
+    const LayerSpec& layer = layers[static_cast<size_t>(i)];
+    const std::string f = "layers[" + std::to_string(i) + "]";
+    if (!layer.stage) {
+      if (i > covered_to) r.fail(f + ".stage", "a graph (no earlier layer's stage spans this layer)", json(nullptr));
+      if (layer.moe) r.fail_shown(f + ".moe", "null (a layer inside a span is dense)", show_text("an MoE layer"));
+      if (layer.span != 1) r.fail_shown(f + ".span", "1 (the layer has no stage)", std::to_string(layer.span));
+      continue;
+    }
+    if (i <= covered_to)
+      r.fail_shown(f + ".stage", "null (an earlier layer's stage spans this layer)", show_text("a graph"));
+    if (layer.span > 1 && layer.moe) r.fail_shown(f + ".span", "1 for an MoE layer", std::to_string(layer.span));
+    if (i + layer.span > count)
+      r.fail_shown(f + ".span", "at most " + std::to_string(count - i) + " (the layers from here on)",
+                   std::to_string(layer.span));
+    covered_to = i + layer.span - 1;
+  }
 }
 
 // model: the fields a runtime reads, typed and in range.
@@ -127,6 +153,7 @@ std::vector<std::pair<std::string, std::string>> named_paths(const Manifest& m) 
       out.emplace_back("layers[" + std::to_string(i) + "].moe.router", m.layers[i].moe->router);
   if (!m.tokenizer.empty()) out.emplace_back("tokenizer", m.tokenizer);
   if (!m.routing.empty()) out.emplace_back("routing", m.routing);
+  if (!m.rotary.empty()) out.emplace_back("rotary", m.rotary);
   return out;
 }
 
@@ -136,7 +163,7 @@ std::vector<std::pair<std::string, const GraphSpec*>> named_graphs(const Manifes
   std::vector<std::pair<std::string, const GraphSpec*>> out{{"embedding", &m.embedding}};
   for (size_t i = 0; i < m.layers.size(); ++i) {
     const std::string f = "layers[" + std::to_string(i) + "]";
-    out.emplace_back(f + ".stage", &m.layers[i].stage);
+    if (m.layers[i].stage) out.emplace_back(f + ".stage", &*m.layers[i].stage);
     if (m.layers[i].moe)
       for (size_t j = 0; j < m.layers[i].moe->experts.size(); ++j)
         out.emplace_back(f + ".moe.experts[" + std::to_string(j) + "]", &m.layers[i].moe->experts[j]);
@@ -191,14 +218,6 @@ Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, 
     m.files[rel] = {sha.get<std::string>(), bytes};
   }
 
-  // Before the layers: an ort-cpu bundle's layers may share one stage graph.
-  if (const json* target = Reader::optional(raw, "stage_target")) {
-    if (!target->is_string() || (*target != "tensorrt" && *target != "ort-cpu"))
-      r.fail("stage_target", "'tensorrt' or 'ort-cpu'", *target);
-    if (*target == "ort-cpu")
-      throw Error(where + ": stage_target is 'ort-cpu' (layer stages on ONNX Runtime's fused CPU kernels), which " +
-                  "moedge-run does not run yet: split the export with `moedge split --target tensorrt`");
-  }
   const json& layers = r.array(r.get(raw, "layers", "layers"), "layers", true);
   const json& model = raw["model"];
   for (const char* key : {"num_layers", "num_hidden_layers"}) {
@@ -213,7 +232,17 @@ Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, 
   m.head = parse_graph(r, r.get(raw, "head", "head"), "head");
   if (const json* tokenizer = Reader::optional(raw, "tokenizer")) m.tokenizer = r.path(*tokenizer, "tokenizer");
   if (const json* routing = Reader::optional(raw, "routing")) m.routing = r.path(*routing, "routing");
+  if (const auto target = raw.find("stage_target"); target != raw.end()) {  // absent: tensorrt; null is refused
+    if (!target->is_string() || (*target != "tensorrt" && *target != "ort-cpu"))
+      r.fail("stage_target", "'tensorrt' or 'ort-cpu'", *target);
+    m.stage_target = target->get<std::string>();
+  }
+  const json* rotary = Reader::optional(raw, "rotary");
+  if (m.stage_target == "ort-cpu" && rotary == nullptr)
+    r.fail("rotary", "the cos/sin table file an ort-cpu bundle's stages read", json(nullptr));
+  if (rotary != nullptr) m.rotary = r.path(*rotary, "rotary");
   if (const auto extra = raw.find("extra"); extra != raw.end()) r.object(*extra, "extra");
+  check_spans(r, m.layers);
 
   for (const auto& [field, rel] : named_paths(m))
     if (m.files.count(rel) == 0) throw Error(where + ": " + field + " " + show_text(rel) + " is not listed under files");

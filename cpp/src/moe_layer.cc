@@ -84,7 +84,7 @@ void Runner::Impl::after_miss(const Key& key, const GraphSpec& g, const std::set
 
 Ort::Value Runner::Impl::moe(const LayerSpec& layer, Values& v) {
   const MoeSpec& spec = *layer.moe;
-  const std::string where = layer.stage.file;
+  const std::string where = layer.stage ? layer.stage->file : "layers[" + std::to_string(layer.index) + "]";
   Ort::Value& x = need(v, "moe_input", where);
   const auto xshape = float_shape(x, where + " moe_input");
   if (xshape.size() != 2) throw Error(where + ": moe_input must be (tokens, hidden)");

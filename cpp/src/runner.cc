@@ -1,10 +1,14 @@
 // Runner: a bundle's stage and expert graphs in ONNX Runtime sessions, the manifest's gating rule, a KV
 // cache, and an expert cache on the provider under a byte budget. Mirrors moedge.runtime.BundleRunner:
-// same step inputs, same routing, experts combined in ascending index order, so both give the same bits.
+// same step inputs, same routing, experts combined in ascending index order, the head on the last
+// position only, so both give the same bits. Both stage targets: tensorrt (the KV cache goes in as
+// past_key_values.L.key|value and comes back grown as present.L.key|value) and ort-cpu (fused stages
+// that update per-layer KV buffers in place, with GroupQueryAttention's lengths and cos/sin tables).
 // This file: construction, the KV cache, one forward step and the public Runner (sessions.cc opens and
 // runs graphs; moe_layer.cc computes an MoE layer).
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -18,10 +22,15 @@ using namespace detail;
 
 Runner::Impl::Impl(const std::string& bundle, RunnerOptions options) : dir(bundle), opt(std::move(options)) {
   m = read_manifest(dir, opt.verify);
-  for (size_t i = 0; i < m.layers.size(); ++i) {
-    const std::string idx = std::to_string(m.layers[i].index);
-    present_slot["present." + idx + ".key"] = 2 * i;
-    present_slot["present." + idx + ".value"] = 2 * i + 1;
+  in_place = m.stage_target == "ort-cpu";
+  if (in_place) {
+    rotary = read_rotary(dir, m.rotary, m.head_dim);
+  } else {
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      const std::string idx = std::to_string(m.layers[i].index);
+      present_slot["present." + idx + ".key"] = 2 * i;
+      present_slot["present." + idx + ".value"] = 2 * i + 1;
+    }
   }
   configure_sessions();
   if (opt.policy != CachePolicy::Lru && opt.policy != CachePolicy::Pinned)
@@ -45,13 +54,15 @@ Runner::Impl::Impl(const std::string& bundle, RunnerOptions options) : dir(bundl
     stats.peak_expert_bytes = cache->peak();
     stats.per_layer_slots = cache->per_layer_slots();
   }
-  for (const GraphSpec* g : stage_graphs()) stages[g->file] = open(*g, provider_options);
+  // An ort-cpu bundle's stages are built for ONNX Runtime's CPU kernels and its KV buffers live on the CPU.
+  for (const GraphSpec* g : stage_graphs()) stages[g->file] = open(*g, in_place ? cpu_options : provider_options);
   reset();
 }
 
 std::vector<const GraphSpec*> Runner::Impl::stage_graphs() const {
   std::vector<const GraphSpec*> out{&m.embedding};
-  for (const auto& layer : m.layers) out.push_back(&layer.stage);
+  for (const auto& layer : m.layers)
+    if (layer.stage) out.push_back(&*layer.stage);
   out.push_back(&m.head);
   return out;
 }
@@ -66,9 +77,61 @@ const GraphSpec& Runner::Impl::expert_graph(const Key& key) const {
 
 void Runner::Impl::reset() {
   past.clear();
-  for (size_t i = 0; i < m.layers.size(); ++i)
-    for (int kv = 0; kv < 2; ++kv) past.push_back(tensor<float>({1, m.num_kv_heads, 0, m.head_dim}));
+  capacity = 0;
+  if (!in_place)
+    for (size_t i = 0; i < m.layers.size(); ++i)
+      for (int kv = 0; kv < 2; ++kv) past.push_back(tensor<float>({1, m.num_kv_heads, 0, m.head_dim}));
   cached = 0;
+}
+
+void Runner::Impl::reserve(int64_t positions) {
+  if (!past.empty() && positions <= capacity) return;
+  int64_t grown = past.empty() ? kMinCapacity * ((positions + kDecodeRoom + kMinCapacity - 1) / kMinCapacity)
+                              : std::max(positions, 2 * capacity);
+  if (!past.empty() && m.context > 0) grown = std::min(grown, m.context);  // step() refused more than the context
+  const int64_t heads = m.num_kv_heads, dim = m.head_dim;
+  int64_t count = 0;
+  if (__builtin_mul_overflow(heads * dim, grown, &count) || count > (int64_t{1} << 40))
+    throw Error("a KV cache of " + std::to_string(grown) + " positions is too large: shorten the prompt");
+  std::vector<Ort::Value> buffers;
+  for (size_t i = 0; i < 2 * m.layers.size(); ++i) {
+    Ort::Value buffer = tensor<float>({1, heads, grown, dim});
+    float* to = buffer.GetTensorMutableData<float>();
+    std::memset(to, 0, static_cast<size_t>(count) * sizeof(float));
+    if (!past.empty()) {  // each head's first `capacity` positions, as they were
+      const float* from = past[i].GetTensorData<float>();
+      const auto row = static_cast<size_t>(capacity * dim) * sizeof(float);
+      for (int64_t h = 0; h < heads; ++h) std::memcpy(to + h * grown * dim, from + h * capacity * dim, row);
+    }
+    buffers.push_back(std::move(buffer));
+  }
+  past = std::move(buffers);
+  capacity = grown;
+}
+
+void Runner::Impl::static_inputs(Values& v, int64_t seq) {
+  const int64_t total = cached + seq;
+  if (total > rotary.positions)
+    throw Error(std::to_string(total) + " tokens exceed the " + std::to_string(rotary.positions) +
+                " positions of the bundle's rotary tables: shorten the prompt or generate fewer tokens");
+  Ort::Value seqlens = tensor<int32_t>({1});
+  *seqlens.GetTensorMutableData<int32_t>() = static_cast<int32_t>(total - 1);  // below 2^31: the tables' bound
+  const int64_t scalar_shape[1] = {0};  // not read: a scalar has no dimensions
+  Ort::Value total_length = Ort::Value::CreateTensor<int32_t>(alloc, scalar_shape, 0);
+  *total_length.GetTensorMutableData<int32_t>() = static_cast<int32_t>(total);
+  v.emplace("seqlens_k", std::move(seqlens));
+  v.emplace("total_sequence_length", std::move(total_length));
+  const auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  const int64_t table_shape[2] = {rotary.positions, rotary.half};
+  const auto table_size = static_cast<size_t>(rotary.positions * rotary.half);
+  v.emplace("cos_cache", Ort::Value::CreateTensor<float>(cpu, rotary.cos.data(), table_size, table_shape, 2));
+  v.emplace("sin_cache", Ort::Value::CreateTensor<float>(cpu, rotary.sin.data(), table_size, table_shape, 2));
+  for (const auto& t : m.embedding.inputs)  // an embedding that lists a past reads its shape, never its values
+    if (t.name.rfind("past_key_values.", 0) == 0 && !v.count(t.name)) {
+      Ort::Value zeros = tensor<float>({1, m.num_kv_heads, cached, m.head_dim});
+      std::fill_n(zeros.GetTensorMutableData<float>(), m.num_kv_heads * cached * m.head_dim, 0.0f);
+      v.emplace(t.name, std::move(zeros));
+    }
 }
 
 std::vector<float> Runner::Impl::step(const std::vector<int64_t>& ids) {
@@ -91,17 +154,23 @@ std::vector<float> Runner::Impl::step(const std::vector<int64_t>& ids) {
   v.emplace("input_ids", std::move(input_ids));
   v.emplace("attention_mask", std::move(mask));
   v.emplace("position_ids", std::move(positions));
-  std::vector<Ort::Value> present;
-  for (size_t i = 0; i < 2 * m.layers.size(); ++i) present.emplace_back(nullptr);
-  try {  // a failed step consumed the cache: the sequence starts over (reset)
-    for (size_t i = 0; i < m.layers.size(); ++i) {
-      const std::string idx = std::to_string(m.layers[i].index);
-      v.emplace("past_key_values." + idx + ".key", std::move(past[2 * i]));
-      v.emplace("past_key_values." + idx + ".value", std::move(past[2 * i + 1]));
+  std::vector<Ort::Value> present;  // tensorrt: the grown cache, by present_slot
+  for (size_t i = 0; i < present_slot.size(); ++i) present.emplace_back(nullptr);
+  try {  // a failed step consumed (tensorrt) or half-wrote (ort-cpu) the cache: the sequence starts over
+    if (in_place) {
+      reserve(cached + seq);
+      static_inputs(v, seq);
+    } else {
+      for (size_t i = 0; i < m.layers.size(); ++i) {
+        const std::string idx = std::to_string(m.layers[i].index);
+        v.emplace("past_key_values." + idx + ".key", std::move(past[2 * i]));
+        v.emplace("past_key_values." + idx + ".value", std::move(past[2 * i + 1]));
+      }
     }
     auto merge = [&](const GraphSpec& g, std::vector<Ort::Value>&& outs) {
       for (size_t o = 0; o < outs.size(); ++o) {
         const std::string& name = g.outputs[o].name;
+        if (!outs[o]) continue;  // updated in place
         if (auto slot = present_slot.find(name); slot != present_slot.end()) {
           present[slot->second] = std::move(outs[o]);
         } else {
@@ -110,14 +179,37 @@ std::vector<float> Runner::Impl::step(const std::vector<int64_t>& ids) {
       }
     };
     merge(m.embedding, run(*stages.at(m.embedding.file), m.embedding, v));
-    for (const auto& layer : m.layers) {
-      merge(layer.stage, run(*stages.at(layer.stage.file), layer.stage, v));
-      if (layer.moe) {
-        v.insert_or_assign("hidden_states", moe(layer, v));
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+      if (!m.layers[i].stage) continue;  // run by an earlier layer's stage (parse_manifest checked the spans)
+      const GraphSpec& g = *m.layers[i].stage;
+      const size_t end = i + static_cast<size_t>(m.layers[i].span);  // the layers this stage runs: [i, end)
+      if (in_place) {
+        std::vector<InPlace> buffers;
+        for (size_t j = i; j < end; ++j) {
+          const std::string idx = std::to_string(m.layers[j].index);
+          buffers.push_back({"past_key." + idx, "present_key." + idx, &past[2 * j]});
+          buffers.push_back({"past_value." + idx, "present_value." + idx, &past[2 * j + 1]});
+        }
+        merge(g, run_in_place(*stages.at(g.file), g, v, buffers));
       } else {
-        v.insert_or_assign("hidden_states", std::move(need(v, "hidden_states_out", layer.stage.file)));
+        merge(g, run(*stages.at(g.file), g, v));
+      }
+      const LayerSpec& last = m.layers[end - 1];
+      if (last.moe) {
+        v.insert_or_assign("hidden_states", moe(last, v));
+      } else {
+        v.insert_or_assign("hidden_states", std::move(need(v, "hidden_states_out", g.file)));
       }
     }
+    // The head on the last position only, as BundleRunner.forward(..., last_only=True) runs it.
+    Ort::Value& hidden = need(v, "hidden_states", m.embedding.file);
+    const auto hshape = float_shape(hidden, "the hidden state before the head");
+    if (hshape.size() != 3 || hshape[0] != 1 || hshape[1] < 1)
+      throw Error("the hidden state before the head must be (1, tokens, hidden): " + std::string(kResplit));
+    Ort::Value last_row = tensor<float>({1, 1, hshape[2]});
+    std::copy_n(hidden.GetTensorData<float>() + (hshape[1] - 1) * hshape[2], hshape[2],
+                last_row.GetTensorMutableData<float>());
+    v.insert_or_assign("hidden_states", std::move(last_row));
     first(m.head.outputs, m.head, "outputs");
     auto logits = run(*stages.at(m.head.file), m.head, v);
     const auto shape = float_shape(logits.at(0), m.head.file + " logits");
@@ -126,7 +218,7 @@ std::vector<float> Runner::Impl::step(const std::vector<int64_t>& ids) {
     const float* data = logits.at(0).GetTensorData<float>() + (numel(shape) / vocab - 1) * vocab;  // last position
     for (const auto& [name, slot] : present_slot)
       if (!present[slot]) throw Error("no stage of the bundle outputs " + name + ": the bundle is incomplete");
-    past = std::move(present);
+    if (!in_place) past = std::move(present);
     cached += seq;
     return std::vector<float>(data, data + vocab);
   } catch (const Ort::Exception& e) {

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "bundle_internal.h"
 #include "expert_cache.h"
 #include "moedge/runtime.h"
 #include "onnxruntime_cxx_api.h"
@@ -22,6 +23,17 @@ namespace detail {
 
 using Values = std::unordered_map<std::string, Ort::Value>;
 using Key = ExpertCache::Key;
+
+// A graph input and output bound to the same value, which the graph updates in place (an ort-cpu
+// stage's KV buffer: past_key.L and present_key.L).
+struct InPlace {
+  std::string input;
+  std::string output;
+  Ort::Value* value;
+};
+
+constexpr int64_t kMinCapacity = 256;  // an ort-cpu KV buffer's capacity is a multiple of this
+constexpr int64_t kDecodeRoom = 64;    // positions the first allocation leaves beyond the first step
 
 // ---- sessions.cc
 
@@ -59,8 +71,13 @@ struct Runner::Impl {
   std::map<Key, std::unique_ptr<Ort::Session>> resident;        // experts on the provider
   std::map<Key, std::unique_ptr<Ort::Session>> cpu;             // experts run on the CPU (misses)
   std::optional<detail::ExpertCache> cache;
-  std::vector<Ort::Value> past;                          // key and value of every layer
-  std::unordered_map<std::string, size_t> present_slot;  // "present.<layer>.key|value" -> index in past
+  // Key and value of every layer (2i, 2i + 1). tensorrt target: (1, kv_heads, cached, head_dim), replaced
+  // each step. ort-cpu target: (1, kv_heads, capacity, head_dim), updated in place; none before a step.
+  std::vector<Ort::Value> past;
+  std::unordered_map<std::string, size_t> present_slot;  // tensorrt: "present.<layer>.key|value" -> index in past
+  bool in_place = false;                                  // the ort-cpu target
+  int64_t capacity = 0;                                   // ort-cpu: positions each buffer holds
+  detail::RotaryTables rotary;                            // ort-cpu: the cos/sin tables
   int64_t cached = 0;
   RunStats stats;
 
@@ -70,6 +87,11 @@ struct Runner::Impl {
   const GraphSpec& expert_graph(const Key& key) const;
   void reset();
   std::vector<float> step(const std::vector<int64_t>& ids);
+  // ort-cpu: room for `positions` per buffer (the first step allocates positions + kDecodeRoom rounded up
+  // to a multiple of kMinCapacity, then doubling, at most the context), as moedge.runtime.static_cache.
+  void reserve(int64_t positions);
+  // ort-cpu: what the embedding and the fused stages read besides the hidden state and the KV buffers.
+  void static_inputs(Values& v, int64_t seq);
 
   // sessions.cc
   void configure_sessions();  // env, both SessionOptions, the provider
@@ -78,6 +100,10 @@ struct Runner::Impl {
   void check_placement(const Ort::Session& session, const GraphSpec& g) const;
   // Run `g` with inputs taken from `values` by name; returns its outputs in graph order.
   std::vector<Ort::Value> run(Ort::Session& session, const GraphSpec& g, Values& values);
+  // The same through an I/O binding with each `in_place` value bound as its input and its output; the
+  // other outputs land on the CPU. Returns the outputs in graph order, empty for the in-place ones.
+  std::vector<Ort::Value> run_in_place(Ort::Session& session, const GraphSpec& g, Values& values,
+                                       const std::vector<detail::InPlace>& in_place);
 
   // moe_layer.cc
   Ort::Session& expert_session(const Key& key, const GraphSpec& g, bool* on_cpu);

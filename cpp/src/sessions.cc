@@ -1,11 +1,12 @@
 // ONNX Runtime's side of a Runner: the process's one Ort::Env, session options, the execution provider,
-// opening a graph (and checking the provider holds some of it), running one, and ORT's errors and log as
-// one-line messages.
+// opening a graph (and checking the provider holds some of it), running one (by value, or through an I/O
+// binding with values updated in place), and ORT's errors and log as one-line messages.
 #include <algorithm>
 #include <cstdio>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -239,6 +240,46 @@ std::vector<Ort::Value> Runner::Impl::run(Ort::Session& session, const GraphSpec
                                       out_names.data(), out_names.size(), raw.data()));
   std::vector<Ort::Value> outs;
   for (OrtValue* v : raw) outs.emplace_back(v);
+  return outs;
+}
+
+std::vector<Ort::Value> Runner::Impl::run_in_place(Ort::Session& session, const GraphSpec& g, Values& values,
+                                                   const std::vector<InPlace>& in_place) {
+  auto lists = [](const std::vector<TensorSpec>& specs, const std::string& name) {
+    return std::any_of(specs.begin(), specs.end(), [&](const TensorSpec& t) { return t.name == name; });
+  };
+  Ort::IoBinding binding(session);
+  std::set<std::string> bound_inputs, bound_outputs;
+  for (const InPlace& b : in_place) {  // bound first: their outputs come first in the binding's outputs
+    if (!lists(g.inputs, b.input) || !lists(g.outputs, b.output))
+      throw Error(g.file + " does not take " + b.input + " and output " + b.output +
+                  ", the KV buffer moedge_rt updates in place: re-split the bundle with moedge split --target ort-cpu");
+    binding.BindInput(b.input.c_str(), *b.value);
+    binding.BindOutput(b.output.c_str(), *b.value);
+    bound_inputs.insert(b.input);
+    bound_outputs.insert(b.output);
+  }
+  for (const auto& t : g.inputs) {
+    if (bound_inputs.count(t.name)) continue;
+    auto it = values.find(t.name);
+    if (it == values.end()) throw Error(g.file + " needs input " + t.name + ", which no earlier stage provides");
+    binding.BindInput(t.name.c_str(), it->second);
+  }
+  const auto cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
+  std::vector<size_t> others;  // graph positions of the outputs bound to the CPU, in binding order
+  for (size_t o = 0; o < g.outputs.size(); ++o)
+    if (!bound_outputs.count(g.outputs[o].name)) {
+      binding.BindOutput(g.outputs[o].name.c_str(), cpu);
+      others.push_back(o);
+    }
+  session.Run(Ort::RunOptions{}, binding);
+  std::vector<Ort::Value> got = binding.GetOutputValues();
+  if (got.size() != in_place.size() + others.size())
+    throw Error(g.file + ": ONNX Runtime returned " + std::to_string(got.size()) + " outputs, not " +
+                std::to_string(in_place.size() + others.size()));
+  std::vector<Ort::Value> outs;
+  for (size_t o = 0; o < g.outputs.size(); ++o) outs.emplace_back(nullptr);
+  for (size_t k = 0; k < others.size(); ++k) outs[others[k]] = std::move(got[in_place.size() + k]);
   return outs;
 }
 

@@ -49,6 +49,7 @@ class CalibrateOptions(CommandOptions):
     keep_fp: tuple[str, ...] | None
     auto_keep_fp: float
     quantize_head: bool
+    tie_input_scales: bool
     batch_size: int
     threads: int | None
     cache_dir: Path | None

@@ -285,10 +285,6 @@ def ort_cpu(rotary: str | None = None, *, list_it: bool = True) -> Callable[[Pat
     return mark if rotary is None else chain(mark, point("rotary", rotary, list_it=list_it))
 
 
-# moedge-run's one line for any ort-cpu bundle (it runs tensorrt stages only)
-ORT_CPU_CPP = dict.fromkeys(CPP_SURFACES, r"stage_target is 'ort-cpu'.*moedge split --target tensorrt")
-
-
 G = "layers.1.moe.gating"
 E = "layers.1.moe.experts.2"
 CASES = [
@@ -399,15 +395,15 @@ CASES = [
     Case("expert-is-fifo", replace_with_fifo(EXPERT), r"is not a regular file"),
     Case("absurd-listed-size", set_file(STAGE, 2**62, "bytes"), SIZE),
     # the stage target: unknown targets, an ort-cpu bundle without its rotary tables or with them outside
-    # the bundle (moedge-run refuses every ort-cpu bundle in its one line before looking at rotary)
+    # the bundle
     Case("stage-target-gpu", setter("stage_target", "gpu"), must("stage_target")),
     Case("stage-target-int", setter("stage_target", 1), must("stage_target")),
-    Case("ort-cpu-without-rotary", ort_cpu(), must("rotary"), extra=ORT_CPU_CPP),
-    Case("rotary-dotdot", ort_cpu("../outside/fifo", list_it=False), ESCAPE, extra=ORT_CPU_CPP),
+    Case("ort-cpu-without-rotary", ort_cpu(), must("rotary")),
+    Case("rotary-dotdot", ort_cpu("../outside/fifo", list_it=False), ESCAPE),
     Case("rotary-absolute", ort_cpu("{fifo}"), ESCAPE),  # listed too: moedge-run refuses the files key
-    Case("rotary-unlisted", ort_cpu("rotary_cache.npy", list_it=False), UNLISTED, extra=ORT_CPU_CPP),
-    # fields only the Python runtime reads (moedge-run ignores them: a tensorrt bundle's rotary is unused)
-    Case("rotary-dotdot-tensorrt", point("rotary", "../outside/fifo", list_it=False), ESCAPE, PY_SURFACES),
+    Case("rotary-unlisted", ort_cpu("rotary_cache.npy", list_it=False), UNLISTED),
+    Case("rotary-dotdot-tensorrt", point("rotary", "../outside/fifo", list_it=False), ESCAPE),
+    # fields only the Python runtime reads (moedge-run ignores them)
     Case("num-heads-0", setter("model.num_heads", 0), must("model.num_heads"), PY_SURFACES),
     Case("rope-theta-string", setter("model.rope_theta", "1e4"), must("model.rope_theta"), PY_SURFACES),
     Case("rope-theta-negative", setter("model.rope_theta", -1.0), must("model.rope_theta"), PY_SURFACES),

@@ -222,13 +222,20 @@ def test_cli_calibrate_then_eval_with_the_recipe(tmp_path, capsys, data_dir):
     code = main(
         [
             *["-q", "calibrate", "stories260k", "-o", str(out), "--calib-data", "demo"],
-            *["--calib-windows", "8", "--seqlen", "64", "--data-dir", str(data_dir)],
+            *["--calib-windows", "8", "--seqlen", "64", "--data-dir", str(data_dir), "--tie-input-scales"],
         ]
     )
     printed = capsys.readouterr().out
     assert code == 0 and "wrote" in printed and (out / "recipe.json").is_file()
     meta = json.loads((out / "recipe.json").read_text())
     assert meta["calibration_data"] == "demo" and meta["samples"] == 8 and meta["config"]["method"] == "haq"
+    assert meta["config"]["tie_input_scales"] is True
+    export = tmp_path / "export"
+    code = main(
+        ["-q", "export", "stories260k", "--recipe", str(out), "--tie-input-scales", "-o", str(export)]
+    )
+    assert code == 0
+    assert json.loads((export / "config.json").read_text())["moedge"]["quantization"]["tied_input_scales"]
     ppl = {}
     for label, extra in (("fp", []), ("w8a8", ["--recipe", str(out)])):
         record = tmp_path / f"{label}.json"

@@ -58,10 +58,13 @@ struct MoeSpec {
   std::string router;  // .npy of the router weight, relative to the bundle; empty when absent
 };
 
+// One decoder layer. A stage may run `span` consecutive dense layers (an ort-cpu bundle joins them into
+// one graph); the layers it covers have no stage of their own and no moe (parse_manifest checks it).
 struct LayerSpec {
   int index = 0;
-  GraphSpec stage;
+  std::optional<GraphSpec> stage;  // empty: the layer runs inside an earlier layer's stage
   std::optional<MoeSpec> moe;
+  int span = 1;  // layers the stage runs, from this one on
 };
 
 struct FileEntry {
@@ -84,6 +87,10 @@ struct Manifest {
   std::map<std::string, FileEntry> files;
   std::string tokenizer;  // relative to the bundle; empty when absent
   std::string routing;    // relative to the bundle; empty when absent
+  // What the layer stages are built for: "tensorrt" (standard ONNX ops, the KV cache as inputs and
+  // outputs) or "ort-cpu" (ONNX Runtime's GroupQueryAttention, the KV cache updated in place).
+  std::string stage_target = "tensorrt";
+  std::string rotary;  // ort-cpu: .npy of the cos/sin tables, relative to the bundle; empty when absent
 
   // Bytes of every routed expert, as stored; saturates at kMaxBytes.
   int64_t expert_bytes() const;
@@ -95,7 +102,7 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify = true);
 
 // The manifest of the bundle at `bundle_dir` from the text of its manifest.json, checked before any
 // bundle file is opened: types and ranges of every field this library reads; every path the manifest
-// names (files keys, graph files, routers, tokenizer, routing) relative, normalised and, symlinks
+// names (files keys, graph files, routers, tokenizer, routing, rotary) relative, normalised and, symlinks
 // resolved, inside the bundle; each of them listed under files; no file used by two graphs. `where`
 // names the manifest in messages. Opens nothing: only stats and resolves paths under `bundle_dir`.
 Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, const std::string& where);
@@ -190,6 +197,10 @@ struct RunStats {
 // Runner may only be destroyed or assigned to. The Runners alive in a process share one ONNX Runtime
 // environment (Ort::Env), made by the first and released with the last, so they must agree on
 // shared_thread_pool and, with a shared pool, on intra_op_threads (else the constructor throws).
+// Both stage targets run. A tensorrt bundle's stages take the KV cache as inputs and return it grown;
+// an ort-cpu bundle's stages (always on the CPU: they are built for its kernels; experts still follow
+// the provider) update per-layer buffers in place, which grow by doubling from max(256, 2 x the first
+// step's tokens) up to the context, as moedge.runtime.static_cache.StaticCache does.
 class Runner {
  public:
   explicit Runner(const std::string& bundle_dir, RunnerOptions options = {});
