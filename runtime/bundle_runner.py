@@ -240,9 +240,7 @@ class BundleRunner:
         rows, seq = input_ids.shape
         ids, counts = right_padded(input_ids, attention_mask)
         if past is None:
-            past = StaticCache(
-                rows, self.num_layers, self.num_kv_heads, self.head_dim, initial_capacity(seq)
-            )
+            past = StaticCache(rows, self.num_layers, self.num_kv_heads, self.head_dim, initial_capacity(seq))
         elif seq > 1 and rows > 1:
             raise MoedgeError("an ort-cpu bundle continues a batch one token per row at a time")
         if past.rows != rows:
