@@ -27,8 +27,11 @@ Engines: moedge-py-trt, moedge-py-cpu (``BundleRunner``, one shared ORT pool, th
 generation loop), moedge-cpp and moedge-cpp-trt (``build/cpp/moedge-run`` on the cpu and the trt
 bundle, ``--shared-pool``, a fresh process per run with ``--warmup``), llama.cpp (Q8_0), genai-int8,
 genai-int4, genai-fp32, and, when their folders exist, moedge-py-untied-trt (the same HAQ recipe
-exported without ``--tie-input-scales``: what the tie costs) and the FP32 bundles moedge-py-fp32-trt /
-moedge-py-fp32-cpu. Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
+exported without ``--tie-input-scales``: what the tie costs), the FP32 bundles moedge-py-fp32-trt /
+moedge-py-fp32-cpu, and smollm2-135m-moe's W8A8 and FP32 ort-cpu bundles moedge-py-moe-cpu /
+moedge-py-moe-fp32-cpu (speed only, every expert on the CPU; ``moe_bar`` in the speed results compares
+the W8A8 one with 0.85 x the dense bundle's decode scaled by their weight bytes read per token, and with
+its FP32 twin). Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
 
 The moedge bundles (``~/.cache/moedge/bundles``), from the HAQ ``--quantize-head`` recipe of
 docs/RESULTS.md (``R``)::
@@ -38,6 +41,8 @@ docs/RESULTS.md (``R``)::
     moedge split smollm2-w8a8tied-export -o smollm2-w8a8tied-cpu --target ort-cpu
     moedge export smollm2-135m --recipe R -o smollm2-w8a8-export      # untied: -o smollm2-w8a8-trt
     moedge export smollm2-135m -o smollm2-fp32-export                # FP32: -trt and -cpu likewise
+    moedge calibrate smollm2-135m-moe --method rtn --quantize-head --tie-input-scales --calib-windows 32 \
+        -o M   # then export with --recipe M and split --target ort-cpu: smollm2-moe-w8a8-cpu (and FP32)
 """
 
 from __future__ import annotations
@@ -79,12 +84,17 @@ ENGINES = (
     "genai-fp32",
     "moedge-py-fp32-trt",
     "moedge-py-fp32-cpu",
+    "moedge-py-moe-cpu",
+    "moedge-py-moe-fp32-cpu",
 )
 OPTIONAL = (  # run by default only where the bundle exists
     "moedge-py-untied-trt",
     "moedge-py-fp32-trt",
     "moedge-py-fp32-cpu",
+    "moedge-py-moe-cpu",
+    "moedge-py-moe-fp32-cpu",
 )
+MOE_ENGINES = ("moedge-py-moe-cpu", "moedge-py-moe-fp32-cpu")  # smollm2-135m-moe: speed only
 LABELS = {
     "moedge-py-trt": "moedge W8A8 bundle, tensorrt-target stages (Python)",
     "moedge-py-cpu": "moedge W8A8 bundle, ort-cpu target (Python)",
@@ -97,6 +107,8 @@ LABELS = {
     "genai-fp32": "ORT GenAI model builder fp32",
     "moedge-py-fp32-trt": "moedge FP32 bundle, tensorrt-target stages (Python)",
     "moedge-py-fp32-cpu": "moedge FP32 bundle, ort-cpu target (Python)",
+    "moedge-py-moe-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, every expert on the CPU (Python)",
+    "moedge-py-moe-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, every expert on the CPU (Python)",
 }
 AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp", "moedge-cpp-trt")  # greedy tokens, identical
 # Files of a model folder that are not the model: tokenizer and chat template (a GGUF carries its own).
@@ -137,6 +149,8 @@ def _bundle(args: argparse.Namespace, name: str) -> Path:
         "moedge-py-untied-trt": args.untied_trt_bundle,
         "moedge-py-fp32-trt": args.fp32_trt_bundle,
         "moedge-py-fp32-cpu": args.fp32_cpu_bundle,
+        "moedge-py-moe-cpu": args.moe_cpu_bundle,
+        "moedge-py-moe-fp32-cpu": args.moe_fp32_cpu_bundle,
     }[name]
 
 
@@ -368,6 +382,7 @@ def speed(
                 for what in ("prompt", "decode"):
                     key = f"{what}_tokens_per_s"
                     row[f"{what}_vs_{peer}"] = row[key] / rows[peer][key]
+    moe = moe_bar(args, rows)
     result = {
         "workload": {
             "prompt_tokens": len(long_ids),
@@ -382,7 +397,47 @@ def speed(
         "engines": rows,
         "agreement": agreement(runs, [e.name for e in engines]),
     }
+    if moe:
+        result["moe_bar"] = moe
     return result, runs
+
+
+def weight_bytes_per_token(bundle: Path) -> int:
+    """Weight bytes a decode step reads: every stage graph, the head, and per MoE layer top_k experts of
+    the layer's mean expert bytes (the embedding reads one row: left out)."""
+    from moedge.formats.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    total = sum(run.stage.bytes for run in manifest.stage_runs()) + manifest.head.bytes
+    for layer in manifest.layers:
+        if layer.moe is not None:
+            mean = sum(g.bytes for g in layer.moe.experts) / len(layer.moe.experts)
+            total += int(layer.moe.gating.top_k * mean)
+    return total
+
+
+def moe_bar(args: argparse.Namespace, rows: dict[str, Any]) -> dict[str, Any] | None:
+    """Issue 16's MoE line: the W8A8 MoE bundle's decode against 0.85 x (dense bytes per token / MoE
+    bytes per token) x the dense W8A8 bundle's decode, and against its FP32 twin's (bar 1.6x)."""
+    if "moedge-py-moe-cpu" not in rows or "moedge-py-cpu" not in rows:
+        return None
+    dense_bytes = weight_bytes_per_token(args.cpu_bundle)
+    moe_bytes = weight_bytes_per_token(args.moe_cpu_bundle)
+    dense, moe = (
+        rows["moedge-py-cpu"]["decode_tokens_per_s"],
+        rows["moedge-py-moe-cpu"]["decode_tokens_per_s"],
+    )
+    bar = 0.85 * dense_bytes / moe_bytes * dense
+    out: dict[str, Any] = {
+        "dense_weight_bytes_per_token": dense_bytes,
+        "moe_weight_bytes_per_token": moe_bytes,
+        "moe_decode_tokens_per_s": moe,
+        "bar_tokens_per_s": bar,
+        "moe_over_bar": moe / bar,
+    }
+    if "moedge-py-moe-fp32-cpu" in rows:
+        out["moe_over_fp32_twin"] = moe / rows["moedge-py-moe-fp32-cpu"]["decode_tokens_per_s"]
+    return out
 
 
 def agreement(runs: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
@@ -467,6 +522,12 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     out += ["--trt-bundle", str(args.trt_bundle), "--cpu-bundle", str(args.cpu_bundle)]
     out += ["--untied-trt-bundle", str(args.untied_trt_bundle)]
     out += ["--fp32-trt-bundle", str(args.fp32_trt_bundle), "--fp32-cpu-bundle", str(args.fp32_cpu_bundle)]
+    out += [
+        "--moe-cpu-bundle",
+        str(args.moe_cpu_bundle),
+        "--moe-fp32-cpu-bundle",
+        str(args.moe_fp32_cpu_bundle),
+    ]
     out += ["--peers", str(args.peers), "--gguf", str(args.gguf)]
     out += ["--cpp-ort-lib", str(args.cpp_ort_lib)] if args.cpp_ort_lib else []
     return out
@@ -481,7 +542,7 @@ def rss(
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.txt"  # the child's token ids, one per line
         ids_file.write_text("\n".join(str(t) for t in long_ids))
-        for name in names:
+        for name in [n for n in names if n not in MOE_ENGINES]:  # the bars are the dense bundle's
             time.sleep(args.settle)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", name]
             cmd += ["--ids-file", str(ids_file), *_child_argv(args)]
@@ -597,7 +658,7 @@ def perplexity_part(
     rows: dict[str, Any] = {}
     runs: list[dict[str, Any]] = []
     for name in names:
-        if name.startswith("moedge-cpp"):
+        if name.startswith("moedge-cpp") or name in MOE_ENGINES:
             continue
         score = window_scorer(args, name, args.seqlen)
         start = time.perf_counter()
@@ -705,6 +766,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--untied-trt-bundle", type=Path, default=BUNDLES / "smollm2-w8a8-trt")
     parser.add_argument("--fp32-trt-bundle", type=Path, default=BUNDLES / "smollm2-fp32-trt")
     parser.add_argument("--fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-fp32-cpu")
+    parser.add_argument("--moe-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-w8a8-cpu")
+    parser.add_argument("--moe-fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-fp32-cpu")
     parser.add_argument("--peers", type=Path, default=PEERS, help="genai-int8/int4/fp32 folders")
     parser.add_argument("--gguf", type=Path, default=PEERS / "smollm2-135m.Q8_0.gguf")
     parser.add_argument("--cpp-ort-lib", type=Path, help="moedge-run --ort-lib (default: its SDK's)")
