@@ -31,7 +31,8 @@ exported without ``--tie-input-scales``: what the tie costs), the FP32 bundles m
 moedge-py-fp32-cpu, and smollm2-135m-moe's W8A8 and FP32 ort-cpu bundles moedge-py-moe-cpu /
 moedge-py-moe-fp32-cpu (speed only, every expert on the CPU; ``moe_bar`` in the speed results compares
 the W8A8 one with 0.85 x the dense bundle's decode scaled by their weight bytes read per token, and with
-its FP32 twin). Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
+its FP32 twin), and moedge-fake-quant (perplexity only: ``--recipe``'s PyTorch fake-quant model with
+its input scales tied, the reference both W8A8 bundles must match). Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
 
 The moedge bundles (``~/.cache/moedge/bundles``), from the HAQ ``--quantize-head`` recipe of
 docs/RESULTS.md (``R``)::
@@ -86,15 +87,18 @@ ENGINES = (
     "moedge-py-fp32-cpu",
     "moedge-py-moe-cpu",
     "moedge-py-moe-fp32-cpu",
+    "moedge-fake-quant",
 )
-OPTIONAL = (  # run by default only where the bundle exists
+OPTIONAL = (  # run by default only where the bundle (recipe) exists
     "moedge-py-untied-trt",
     "moedge-py-fp32-trt",
     "moedge-py-fp32-cpu",
     "moedge-py-moe-cpu",
     "moedge-py-moe-fp32-cpu",
+    "moedge-fake-quant",
 )
 MOE_ENGINES = ("moedge-py-moe-cpu", "moedge-py-moe-fp32-cpu")  # smollm2-135m-moe: speed only
+PPL_ONLY = ("moedge-fake-quant",)  # the recipe's PyTorch fake-quant model: the accuracy reference
 LABELS = {
     "moedge-py-trt": "moedge W8A8 bundle, tensorrt-target stages (Python)",
     "moedge-py-cpu": "moedge W8A8 bundle, ort-cpu target (Python)",
@@ -109,6 +113,7 @@ LABELS = {
     "moedge-py-fp32-cpu": "moedge FP32 bundle, ort-cpu target (Python)",
     "moedge-py-moe-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, every expert on the CPU (Python)",
     "moedge-py-moe-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, every expert on the CPU (Python)",
+    "moedge-fake-quant": "the recipe's PyTorch fake-quant model, input scales tied (the bundles' reference)",
 }
 AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp", "moedge-cpp-trt")  # greedy tokens, identical
 # Files of a model folder that are not the model: tokenizer and chat template (a GGUF carries its own).
@@ -156,6 +161,8 @@ def _bundle(args: argparse.Namespace, name: str) -> Path:
 
 def engine_files(args: argparse.Namespace, name: str) -> list[Path]:
     """The model files (a folder or a file) an engine reads."""
+    if name == "moedge-fake-quant":
+        return [args.recipe]
     if name.startswith("moedge-"):
         return [_bundle(args, name)]
     if name == "llama.cpp":
@@ -542,7 +549,7 @@ def rss(
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.txt"  # the child's token ids, one per line
         ids_file.write_text("\n".join(str(t) for t in long_ids))
-        for name in [n for n in names if n not in MOE_ENGINES]:  # the bars are the dense bundle's
+        for name in [n for n in names if n not in (*MOE_ENGINES, *PPL_ONLY)]:  # the dense bars' engines
             time.sleep(args.settle)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", name]
             cmd += ["--ids-file", str(ids_file), *_child_argv(args)]
@@ -613,6 +620,18 @@ def window_scorer(args: argparse.Namespace, name: str, seqlen: int) -> Callable[
 
         runner = BundleRunner(_bundle(args, name), intra_op_threads=args.threads, shared_pool=True)
         return lambda ids: runner.forward(ids[None])[0][0]
+    if name == "moedge-fake-quant":
+        import torch
+
+        from moedge.calibration.recipe import apply_recipe
+        from moedge.calibration.tie import tie_recipe_scales
+        from moedge.evaluation import torch_logits
+        from moedge.formats.recipe import load_recipe
+        from moedge.loading import load_model
+
+        torch.set_num_threads(args.threads)
+        loaded = apply_recipe(load_model("smollm2-135m"), tie_recipe_scales(load_recipe(args.recipe)))
+        return torch_logits(loaded.model)
     if name == "llama.cpp":
         from runtime_speed import open_llama
 
@@ -767,6 +786,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fp32-trt-bundle", type=Path, default=BUNDLES / "smollm2-fp32-trt")
     parser.add_argument("--fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-fp32-cpu")
     parser.add_argument("--moe-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-w8a8-cpu")
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        default=CACHE / "recipes" / "smollm2-135m-haq-head",
+        help="the W8A8 bundles' recipe (its fake-quant model, scales tied, scores perplexity)",
+    )
     parser.add_argument("--moe-fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-fp32-cpu")
     parser.add_argument("--peers", type=Path, default=PEERS, help="genai-int8/int4/fp32 folders")
     parser.add_argument("--gguf", type=Path, default=PEERS / "smollm2-135m.Q8_0.gguf")
@@ -829,7 +854,7 @@ def main() -> None:
         start, part_load = time.perf_counter(), _loadavg()
         print(f"{part}:", flush=True)
         if part == "speed":
-            engines = [Engine(n, engine_files(args, n)) for n in names]
+            engines = [Engine(n, engine_files(args, n)) for n in names if n not in PPL_ONLY]
             out, new_runs = speed(args, engines, long_ids, short_ids, stamp)
             cpp = next((e for e in engines if e.name.startswith("moedge-cpp")), None)
             if cpp is not None:
@@ -837,7 +862,7 @@ def main() -> None:
         elif part == "rss":
             out, new_runs = rss(args, names, long_ids, stamp)
         elif part == "bytes":
-            out, new_runs = disk_bytes(args, names), []
+            out, new_runs = disk_bytes(args, [n for n in names if n not in PPL_ONLY]), []
         else:
             out, new_runs = perplexity_part(args, names, stamp)
         out["command"] = command_line()

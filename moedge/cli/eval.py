@@ -18,6 +18,7 @@ from moedge.cli.common import (
     add_environment_flags,
     model_help,
     set_handler,
+    warn_no_effect,
 )
 
 BACKENDS = ("auto", "torch", "ort")
@@ -35,6 +36,7 @@ class EvalOptions(CommandOptions):
     threads: int | None
     json: Path | None
     recipe: Path | None
+    tie_input_scales: bool
     cache_dir: Path | None
     quiet: bool
 
@@ -61,6 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--recipe", type=Path, help="evaluate the fake-quant model of this recipe folder (PyTorch)"
     )
+    ev.add_argument(
+        "--tie-input-scales",
+        action="store_true",
+        help="with --recipe: q/k/v's and gate/up's activation scales tied, as moedge export "
+        "--tie-input-scales exports them",
+    )
     add_environment_flags(ev)
     set_handler(ev, EvalOptions, execute)
 
@@ -82,6 +90,8 @@ def execute(opts: EvalOptions) -> int:
         backend = "ort" if is_exported_folder(opts.model) or is_bundle else "torch"
     if backend == "ort" and opts.recipe is not None:
         raise MoedgeError("--recipe evaluates the fake-quant PyTorch model: drop --backend ort or the recipe")
+    if opts.tie_input_scales and opts.recipe is None:
+        warn_no_effect(["--tie-input-scales"], "without --recipe")
     if backend == "ort" and is_bundle:
         score, ids, label = _bundle_scorer(opts, text.text)
     elif backend == "ort":
@@ -164,7 +174,11 @@ def _torch_scorer(opts: EvalOptions, text: str) -> tuple[Any, Any, str]:
         from moedge.formats.recipe import load_recipe
 
         recipe = load_recipe(opts.recipe)
+        if opts.tie_input_scales:
+            from moedge.calibration.tie import tie_recipe_scales
+
+            recipe = tie_recipe_scales(recipe)
         apply_recipe(loaded, recipe)
-        label = f"pytorch fake-quant W8A8 ({recipe.method} recipe)"
+        label = f"pytorch fake-quant W8A8 ({recipe.method} recipe{', tied input scales' if opts.tie_input_scales else ''})"
     ids = np.asarray(loaded.encode(text), dtype=np.int64)
     return torch_logits(loaded.model), ids, label
