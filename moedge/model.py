@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from tokenizers import Tokenizer
-
-if TYPE_CHECKING:  # torch/transformers stay off the runtime import path
+if TYPE_CHECKING:  # torch, transformers and tokenizers stay off the runtime import path
+    from tokenizers import Tokenizer
     from transformers import PreTrainedModel
 
 

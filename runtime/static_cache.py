@@ -19,13 +19,13 @@ import onnxruntime as ort
 from moedge._errors import MoedgeError
 
 MIN_CAPACITY = 256
-DECODE_ROOM = 64  # positions a first allocation leaves for decoding beyond the prompt
+DECODE_ROOM = 64  # positions a first allocation leaves for decoding beyond the prompt (a multiple of 64)
 
 
 def initial_capacity(prompt: int) -> int:
     """The buffers' first capacity for a ``prompt``-token first step: room for it and ``DECODE_ROOM``
-    more, in whole multiples of ``MIN_CAPACITY`` (later steps grow it by doubling)."""
-    return MIN_CAPACITY * -(-(prompt + DECODE_ROOM) // MIN_CAPACITY)
+    more, rounded up to a multiple of 64, at least ``MIN_CAPACITY`` (later steps grow it by doubling)."""
+    return max(MIN_CAPACITY, 64 * -(-(prompt + DECODE_ROOM) // 64))
 
 
 @dataclass

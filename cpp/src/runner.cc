@@ -86,7 +86,8 @@ void Runner::Impl::reset() {
 
 void Runner::Impl::reserve(int64_t positions) {
   if (!past.empty() && positions <= capacity) return;
-  int64_t grown = past.empty() ? kMinCapacity * ((positions + kDecodeRoom + kMinCapacity - 1) / kMinCapacity)
+  int64_t grown = past.empty() ? std::max(kMinCapacity, kCapacityStep * ((positions + kDecodeRoom + kCapacityStep - 1) /
+                                                                         kCapacityStep))
                               : std::max(positions, 2 * capacity);
   if (!past.empty() && m.context > 0) grown = std::min(grown, m.context);  // step() refused more than the context
   const int64_t heads = m.num_kv_heads, dim = m.head_dim;

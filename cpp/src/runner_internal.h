@@ -32,7 +32,8 @@ struct InPlace {
   Ort::Value* value;
 };
 
-constexpr int64_t kMinCapacity = 256;  // an ort-cpu KV buffer's capacity is a multiple of this
+constexpr int64_t kMinCapacity = 256;  // an ort-cpu KV buffer's first capacity, at least
+constexpr int64_t kCapacityStep = 64;  // the first capacity is a multiple of this
 constexpr int64_t kDecodeRoom = 64;    // positions the first allocation leaves beyond the first step
 
 // ---- sessions.cc
@@ -88,7 +89,8 @@ struct Runner::Impl {
   void reset();
   std::vector<float> step(const std::vector<int64_t>& ids);
   // ort-cpu: room for `positions` per buffer (the first step allocates positions + kDecodeRoom rounded up
-  // to a multiple of kMinCapacity, then doubling, at most the context), as moedge.runtime.static_cache.
+  // to a multiple of kCapacityStep, at least kMinCapacity; then doubling, at most the context), as
+  // moedge.runtime.static_cache.
   void reserve(int64_t positions);
   // ort-cpu: what the embedding and the fused stages read besides the hidden state and the KV buffers.
   void static_inputs(Values& v, int64_t seq);
