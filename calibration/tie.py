@@ -27,6 +27,8 @@ def tie_groups(names: Iterable[str], model_type: str) -> list[list[str]]:
     """The groups of ``names`` (full linear names) that read one input in one graph, two or more each:
     a layer's q/k/v, a dense MLP's or an expert's input linears (gate/up), in the family's naming."""
     smap = get_config(model_type).smoothing
+    if smap is None:  # no map of which linears share an input: nothing to tie
+        return []
     roles = {name.rsplit(".", 1)[-1]: "attention" for name in smap.qkv}
     roles.update({name: "mlp" for name in (*smap.mlp.inputs, *smap.expert_mlp.inputs)})
     groups: dict[tuple[str, str], list[str]] = defaultdict(list)

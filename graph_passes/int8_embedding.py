@@ -113,8 +113,10 @@ def _rewrite(model: ir.Model, gather: ir.Node, q: np.ndarray, scale: np.ndarray,
     out = gather.outputs[0]
 
     def init(name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        value.shape, value.dtype = ir.Shape(array.shape), value.const_value.dtype  # type: ignore[union-attr]
+        tensor = ir.tensor(array, name=name)
+        value = ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor
+        )
         graph.register_initializer(value)
         return value
 
@@ -131,7 +133,7 @@ def _rewrite(model: ir.Model, gather: ir.Node, q: np.ndarray, scale: np.ndarray,
     hidden = ir.node("Mul", [scaled.outputs[0], inverse])
     graph.insert_before(gather, [column, real, rows, token_scale, expanded, scaled, hidden])
     new = hidden.outputs[0]
-    new.dtype, new.shape = out.dtype, out.shape
+    new.type, new.shape = out.type, out.shape
     out.replace_all_uses_with(new, replace_graph_outputs=True)
     out.name = f"{HIDDEN}.fp32_table"
     new.name = HIDDEN
