@@ -32,6 +32,7 @@ WRITERS = {
     "haq_spread_study.py",
     "mixed_precision_sensitivity.py",
     "quant_noise_floor.py",
+    "rotation_probe.py",
     "runtime_bench.py",
     "testbed_report.py",
 }
