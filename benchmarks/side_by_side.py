@@ -97,6 +97,7 @@ OPTIONAL = (  # run by default only where the bundle (recipe) exists
     "moedge-py-moe-fp32-cpu",
     "moedge-fake-quant",
 )
+CPP_ENGINES = ("moedge-cpp", "moedge-cpp-trt")  # moedge-run processes: no full logits, no load time
 MOE_ENGINES = ("moedge-py-moe-cpu", "moedge-py-moe-fp32-cpu")  # smollm2-135m-moe: speed only
 PPL_ONLY = ("moedge-fake-quant",)  # the recipe's PyTorch fake-quant model: the accuracy reference
 LABELS = {
@@ -283,7 +284,7 @@ def load_engine(args: argparse.Namespace, engine: Engine, context: int) -> None:
     """Create the engine's sessions or model (timed as ``load_s``) and set its run function."""
     start = time.perf_counter()
     name = engine.name
-    if name.startswith("moedge-cpp"):
+    if name in CPP_ENGINES:
         engine.run = load_cpp(_bundle(args, name), args.threads, args.cpp_ort_lib, engine.info)
     elif name.startswith("moedge-py"):
         engine.run = load_bundle(_bundle(args, name), args.threads)
@@ -291,7 +292,7 @@ def load_engine(args: argparse.Namespace, engine: Engine, context: int) -> None:
         engine.run = load_llama(args.gguf, args.threads, context)
     else:
         engine.run = load_genai(args.peers / name, args.threads)
-    engine.load_s = None if name.startswith("moedge-cpp") else time.perf_counter() - start  # cpp: per run
+    engine.load_s = None if name in CPP_ENGINES else time.perf_counter() - start  # cpp: per run
 
 
 # ------------------------------------------------------------------------------------------------ speed
@@ -495,7 +496,7 @@ def rss_child(args: argparse.Namespace) -> None:
     starts from does not inflate the figure) and take its peak from ``getrusage(RUSAGE_CHILDREN)``."""
     name = args.rss_child
     ids = [int(t) for t in Path(args.ids_file).read_text().split()]
-    if name.startswith("moedge-cpp"):
+    if name in CPP_ENGINES:
         before = _hwm_bytes()
         start = time.perf_counter()
         bundle = _bundle(args, name)
@@ -569,7 +570,7 @@ def rss(
                 "peak_rss_after_load_bytes": child["hwm_after_load"],
                 "process_s": time.perf_counter() - start,
                 "process": "moedge-run (started by a small python child; its ru_maxrss)"
-                if name.startswith("moedge-cpp")
+                if name in CPP_ENGINES
                 else "python child importing only this engine (VmHWM)",
                 "tokens": child["tokens"],
             }
@@ -677,7 +678,7 @@ def perplexity_part(
     rows: dict[str, Any] = {}
     runs: list[dict[str, Any]] = []
     for name in names:
-        if name.startswith("moedge-cpp") or name in MOE_ENGINES:
+        if name in CPP_ENGINES or name in MOE_ENGINES:
             continue
         score = window_scorer(args, name, args.seqlen)
         start = time.perf_counter()
@@ -835,7 +836,7 @@ def main() -> None:
     short_ids = long_ids[: args.short_prompt_tokens]
     previous = read_result(args.out)
     inputs = [*(p for n in names for p in engine_files(args, n)), *dataset_files("wikitext2")]
-    cpp_names = [n for n in names if n.startswith("moedge-cpp")]
+    cpp_names = [n for n in names if n in CPP_ENGINES]
     inputs += [BINARY] if cpp_names else []
     inputs = list(dict.fromkeys(inputs))
     runs, earlier_inputs = carry_over(previous, lambda r: r.get("part") not in parts, inputs)
@@ -856,7 +857,7 @@ def main() -> None:
         if part == "speed":
             engines = [Engine(n, engine_files(args, n)) for n in names if n not in PPL_ONLY]
             out, new_runs = speed(args, engines, long_ids, short_ids, stamp)
-            cpp = next((e for e in engines if e.name.startswith("moedge-cpp")), None)
+            cpp = next((e for e in engines if e.name in CPP_ENGINES), None)
             if cpp is not None:
                 flags.setdefault("moedge-run", {})["onnxruntime"] = cpp.info.get("onnxruntime")
         elif part == "rss":

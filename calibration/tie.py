@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from torch import nn
 
@@ -39,23 +39,33 @@ def tie_groups(names: Iterable[str], model_type: str) -> list[list[str]]:
     return [sorted(group) for group in groups.values() if len(group) > 1]
 
 
+def tied_scales(scales: Mapping[str, float], model_type: str) -> dict[str, float]:
+    """The linears of ``scales`` (quantized linear -> calibrated activation scale) whose scale the tie
+    changes, with the group's largest scale each (see ``tie_groups``)."""
+    changed: dict[str, float] = {}
+    for group in tie_groups(scales, model_type):
+        top = max(scales[name] for name in group)
+        changed.update({name: top for name in group if scales[name] != top})
+    return changed
+
+
 def tie_input_scales(model: nn.Module, result: CalibrationResult, model_type: str) -> int:
     """Tie the calibrated ``model``'s activation scales (and ``result``'s reports) per ``tie_groups``;
     each changed report keeps its calibrated scale as ``untied_input_scale``. Returns how many changed."""
-    quantized = [n for n, r in result.linears.items() if r.quantized and r.input_scale is not None]
     modules = dict(model.named_modules())
-    changed = 0
-    for group in tie_groups(quantized, model_type):
-        top = max(float(result.linears[n].input_scale or 0.0) for n in group)
-        for name in group:
-            report = result.linears[name]
-            module = modules.get(name)
-            if report.input_scale == top or not isinstance(module, FakeQuantLinear):
-                continue
-            report.untied_input_scale, report.input_scale = report.input_scale, top
-            module.input_scale = top
-            changed += 1
-    return changed
+    scales = {
+        name: float(report.input_scale)
+        for name, report in result.linears.items()
+        if report.quantized
+        and report.input_scale is not None
+        and isinstance(modules.get(name), FakeQuantLinear)
+    }
+    changed = tied_scales(scales, model_type)
+    for name, top in changed.items():
+        report = result.linears[name]
+        report.untied_input_scale, report.input_scale = report.input_scale, top
+        modules[name].input_scale = top  # type: ignore[assignment]
+    return len(changed)
 
 
 def tie_recipe_scales(recipe: Recipe) -> Recipe:
@@ -63,12 +73,8 @@ def tie_recipe_scales(recipe: Recipe) -> Recipe:
     true): the same tie on its recorded scales, in memory; the folder is not touched."""
     meta = copy.deepcopy(recipe.meta)
     linears = meta["linears"]
-    quantized = [n for n, r in linears.items() if r.get("quantized")]
-    for group in tie_groups(quantized, str(meta["model"]["model_type"])):
-        top = max(float(linears[n]["input_scale"]) for n in group)
-        for name in group:
-            if linears[name]["input_scale"] != top:
-                linears[name]["untied_input_scale"] = linears[name]["input_scale"]
-                linears[name]["input_scale"] = top
+    scales = {name: float(rec["input_scale"]) for name, rec in linears.items() if rec.get("quantized")}
+    for name, top in tied_scales(scales, str(meta["model"]["model_type"])).items():
+        linears[name]["untied_input_scale"], linears[name]["input_scale"] = linears[name]["input_scale"], top
     meta["config"]["tie_input_scales"] = True
     return Recipe(recipe.path, meta)

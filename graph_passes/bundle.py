@@ -222,11 +222,6 @@ def split_bundle(
     spec = _fuse_for_ort_cpu(info, split) if target == TARGET_ORT_CPU else None
     with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
         writer = _BundleWriter(tmp, validate=validate, progress=progress, fused=spec is not None)
-        if spec is not None:
-            _keep_read_outputs(split)
-            fuse_norms(split.head)
-            if embed_with_head_codes(split.embedding, split.head):
-                log.info("embedding: the int8 head's codes (the FP32 table left out)")
         embedding, layers, head = writer.write_graphs(split)
         shutil.copyfile(info.tokenizer_file, tmp / TOKENIZER_FILE)
         writer.files.append(TOKENIZER_FILE)
@@ -267,7 +262,9 @@ def _split(info: ExportInfo) -> SplitModel:
 
 def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel) -> AttentionSpec:
     """Replace every layer stage of ``split`` by its ``fuse_stage_for_ort_cpu`` rewrite, for cos/sin
-    tables of the model's whole context; one refusal (the first layer that cannot be fused) refuses all."""
+    tables of the model's whole context (one refusal, the first layer that cannot be fused, refuses
+    all); then cut the embedding to what the fused stages read, fuse the head's norm, and give the
+    embedding a tied int8 head's codes. Before anything is written."""
     fallback = "split with --target tensorrt (standard ONNX stages every runtime runs)"
     context = info.config.get("max_position_embeddings")
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
@@ -287,6 +284,10 @@ def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel) -> AttentionSpec:
                 f"--target ort-cpu refused: layer {layer.index} of {info.name} cannot use ONNX Runtime's "
                 f"fused CPU kernels ({_reason(exc)}): {fallback}"
             ) from None
+    _keep_read_outputs(split)
+    fuse_norms(split.head)
+    if embed_with_head_codes(split.embedding, split.head):
+        log.info("embedding: the int8 head's codes (the FP32 table left out)")
     return spec
 
 

@@ -269,8 +269,9 @@ class BundleRunner:
         """What the embedding and the fused stages read besides the hidden state and the KV buffers."""
         rows, seq = ids.shape
         longest = int(total.max())
-        values = step_inputs(ids, 0, None, before[:, None] + np.arange(seq))
-        values["attention_mask"] = np.ones((rows, longest), dtype=np.int64)
+        values = step_inputs(
+            ids, longest - seq, None, before[:, None] + np.arange(seq)
+        )  # mask: (rows, longest)
         shape = (rows, self.num_kv_heads, longest - seq, self.head_dim)
         for name in self.manifest.embedding.input_names:  # it reads a past's shape, never its values
             if name.startswith("past_key_values."):
