@@ -31,7 +31,8 @@ exported without ``--tie-input-scales``: what the tie costs), the FP32 bundles m
 moedge-py-fp32-cpu, and smollm2-135m-moe's W8A8 and FP32 ort-cpu bundles moedge-py-moe-cpu /
 moedge-py-moe-fp32-cpu (speed only, every expert on the CPU; ``moe_bar`` in the speed results compares
 the W8A8 one with 0.85 x the dense bundle's decode scaled by their weight bytes read per token, and with
-its FP32 twin), and moedge-fake-quant (perplexity only: ``--recipe``'s PyTorch fake-quant model with
+its FP32 twin), the same two exports split with ``--experts-in-graph`` moedge-py-moe-graph-cpu /
+moedge-py-moe-graph-fp32-cpu (speed only; ``moe_bar``'s ``in_graph_*`` figures), and moedge-fake-quant (perplexity only: ``--recipe``'s PyTorch fake-quant model with
 its input scales tied, the reference both W8A8 bundles must match). Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
 
 The moedge bundles (``~/.cache/moedge/bundles``), from the HAQ ``--quantize-head`` recipe of
@@ -44,6 +45,7 @@ docs/RESULTS.md (``R``)::
     moedge export smollm2-135m -o smollm2-fp32-export                # FP32: -trt and -cpu likewise
     moedge calibrate smollm2-135m-moe --method rtn --quantize-head --tie-input-scales --calib-windows 32 \
         -o M   # then export with --recipe M and split --target ort-cpu: smollm2-moe-w8a8-cpu (and FP32)
+    moedge split smollm2-moe-w8a8-export -o smollm2-moe-w8a8-cpu-graph --target ort-cpu --experts-in-graph
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ ENGINES = (
     "moedge-py-fp32-cpu",
     "moedge-py-moe-cpu",
     "moedge-py-moe-fp32-cpu",
+    "moedge-py-moe-graph-cpu",
+    "moedge-py-moe-graph-fp32-cpu",
     "moedge-fake-quant",
 )
 OPTIONAL = (  # run by default only where the bundle (recipe) exists
@@ -95,10 +99,17 @@ OPTIONAL = (  # run by default only where the bundle (recipe) exists
     "moedge-py-fp32-cpu",
     "moedge-py-moe-cpu",
     "moedge-py-moe-fp32-cpu",
+    "moedge-py-moe-graph-cpu",
+    "moedge-py-moe-graph-fp32-cpu",
     "moedge-fake-quant",
 )
 CPP_ENGINES = ("moedge-cpp", "moedge-cpp-trt")  # moedge-run processes: no full logits, no load time
-MOE_ENGINES = ("moedge-py-moe-cpu", "moedge-py-moe-fp32-cpu")  # smollm2-135m-moe: speed only
+MOE_ENGINES = (  # smollm2-135m-moe: speed only
+    "moedge-py-moe-cpu",
+    "moedge-py-moe-fp32-cpu",
+    "moedge-py-moe-graph-cpu",
+    "moedge-py-moe-graph-fp32-cpu",
+)
 PPL_ONLY = ("moedge-fake-quant",)  # the recipe's PyTorch fake-quant model: the accuracy reference
 LABELS = {
     "moedge-py-trt": "moedge W8A8 bundle, tensorrt-target stages (Python)",
@@ -114,6 +125,8 @@ LABELS = {
     "moedge-py-fp32-cpu": "moedge FP32 bundle, ort-cpu target (Python)",
     "moedge-py-moe-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, every expert on the CPU (Python)",
     "moedge-py-moe-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, every expert on the CPU (Python)",
+    "moedge-py-moe-graph-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, --experts-in-graph (Python)",
+    "moedge-py-moe-graph-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, --experts-in-graph (Python)",
     "moedge-fake-quant": "the recipe's PyTorch fake-quant model, input scales tied (the bundles' reference)",
 }
 AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp", "moedge-cpp-trt")  # greedy tokens, identical
@@ -157,6 +170,8 @@ def _bundle(args: argparse.Namespace, name: str) -> Path:
         "moedge-py-fp32-cpu": args.fp32_cpu_bundle,
         "moedge-py-moe-cpu": args.moe_cpu_bundle,
         "moedge-py-moe-fp32-cpu": args.moe_fp32_cpu_bundle,
+        "moedge-py-moe-graph-cpu": args.moe_graph_cpu_bundle,
+        "moedge-py-moe-graph-fp32-cpu": args.moe_graph_fp32_cpu_bundle,
     }[name]
 
 
@@ -445,6 +460,15 @@ def moe_bar(args: argparse.Namespace, rows: dict[str, Any]) -> dict[str, Any] | 
     }
     if "moedge-py-moe-fp32-cpu" in rows:
         out["moe_over_fp32_twin"] = moe / rows["moedge-py-moe-fp32-cpu"]["decode_tokens_per_s"]
+    if "moedge-py-moe-graph-cpu" in rows:  # the same model, experts dispatched inside the graph
+        graph = rows["moedge-py-moe-graph-cpu"]["decode_tokens_per_s"]
+        out["in_graph_decode_tokens_per_s"] = graph
+        out["in_graph_over_bar"] = graph / bar
+        out["in_graph_over_runtime_dispatch"] = graph / moe
+        if "moedge-py-moe-graph-fp32-cpu" in rows:
+            out["in_graph_over_fp32_twin"] = (
+                graph / rows["moedge-py-moe-graph-fp32-cpu"]["decode_tokens_per_s"]
+            )
     return out
 
 
@@ -535,6 +559,10 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         str(args.moe_cpu_bundle),
         "--moe-fp32-cpu-bundle",
         str(args.moe_fp32_cpu_bundle),
+        "--moe-graph-cpu-bundle",
+        str(args.moe_graph_cpu_bundle),
+        "--moe-graph-fp32-cpu-bundle",
+        str(args.moe_graph_fp32_cpu_bundle),
     ]
     out += ["--peers", str(args.peers), "--gguf", str(args.gguf)]
     out += ["--cpp-ort-lib", str(args.cpp_ort_lib)] if args.cpp_ort_lib else []
@@ -794,6 +822,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the W8A8 bundles' recipe (its fake-quant model, scales tied, scores perplexity)",
     )
     parser.add_argument("--moe-fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-fp32-cpu")
+    parser.add_argument(
+        "--moe-graph-cpu-bundle",
+        type=Path,
+        default=BUNDLES / "smollm2-moe-w8a8-cpu-graph",
+        help="the W8A8 MoE export split with --target ort-cpu --experts-in-graph",
+    )
+    parser.add_argument(
+        "--moe-graph-fp32-cpu-bundle", type=Path, default=BUNDLES / "smollm2-moe-fp32-cpu-graph"
+    )
     parser.add_argument("--peers", type=Path, default=PEERS, help="genai-int8/int4/fp32 folders")
     parser.add_argument("--gguf", type=Path, default=PEERS / "smollm2-135m.Q8_0.gguf")
     parser.add_argument("--cpp-ort-lib", type=Path, help="moedge-run --ort-lib (default: its SDK's)")

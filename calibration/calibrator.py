@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,15 @@ from moedge.calibration.mixed_precision import _probe_loss as _probe_loss
 from moedge.calibration.mixed_precision import keep_most_sensitive
 from moedge.calibration.observers import InputObserver, observe_layer
 from moedge.calibration.quant import FakeQuantLinear
+from moedge.calibration.residual_rotation import rotate_residual
 from moedge.calibration.result import CalibrationResult, FpWeight, LinearReport
+from moedge.calibration.rotation import (
+    ONLINE_ROTATIONS,
+    RESIDUAL_ROTATIONS,
+    hadamard_factors,
+    input_rotation,
+    rotate_input,
+)
 from moedge.calibration.smoothing import SmoothingPlan, smooth_layer
 from moedge.formats.routing import RoutingRecorder
 from moedge.model import LoadedModel
@@ -96,6 +104,10 @@ def calibrate(
     torch.manual_seed(cfg.seed)
     model.eval()
     split_experts(model, arch)
+    if cfg.rotate in RESIDUAL_ROTATIONS:  # the FP model, exactly, before any layer is observed
+        rotate_residual(model, loaded.model_type, cfg.seed, name=loaded.name)
+    if cfg.rotate in ONLINE_ROTATIONS:
+        _check_rotatable(model)  # before the long layer loop, not in the middle of it
     num_experts = arch.num_experts(model.config)
     top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
     run = _Run(
@@ -202,6 +214,18 @@ def _calibrate_model(model: nn.Module, cache: Inputs, run: _Run, progress: bool)
         run.add(_calibrate_head(model, cache, run))
 
 
+def _check_rotatable(model: nn.Module) -> None:
+    """Refuse, naming the linear, a model with an MLP output linear whose input width has no rotation."""
+    for index in range(len(decoder_layers(model))):
+        spec = layer_spec(model, index)
+        for name in spec.mlp_outputs:
+            width = int(spec.linears[name].in_features)
+            try:
+                hadamard_factors(width)
+            except MoedgeError as exc:
+                raise MoedgeError(f"layer {index} {name}: {exc}") from None
+
+
 def _capture_inputs(model: nn.Module, samples: Sequence[np.ndarray], batch_size: int) -> Inputs:
     """The inputs of decoder layer 0 for every calibration batch (the model stops there)."""
     layers = decoder_layers(model)
@@ -284,9 +308,44 @@ def calibrate_layer(
             histogram=config.range_mode.histogram,
         )
     plan = smooth_layer(spec, obs, keep, config, alpha_fixed, qualified)
+    if config.rotate in ONLINE_ROTATIONS:
+        _rotate_mlp_outputs(layer, spec, inputs, obs, plan, keep, hessian_keys, config)
     decisions = _decide_linears(spec, obs, plan, keep, config, qualified)
     fp_weights = swap_linears(layer, spec, decisions, retain_fp=retain_fp)
     return LayerOutcome(decisions, plan.alphas, fp_weights)
+
+
+def _rotate_mlp_outputs(
+    layer: nn.Module,
+    spec: LayerSpec,
+    inputs: Inputs,
+    obs: dict[str, InputObserver],
+    plan: SmoothingPlan,
+    keep: set[str],
+    hessian_keys: set[str],
+    config: CalibrationConfig,
+) -> None:
+    """Rotate the input of every quantized MLP output linear (after its smoothing fold), then observe
+    those inputs again, rotated: their decisions read the new statistics, with no smoothing left to apply."""
+    rotated = [n for n in spec.mlp_outputs if n not in keep]
+    for name in rotated:
+        rotate_input(spec.linears[name])
+    keys = {spec.input_key[n] for n in rotated}
+    if not keys:
+        return
+    obs.update(
+        observe_layer(
+            layer,
+            {k: spec.observed[k] for k in sorted(keys)},
+            inputs,
+            hessian_keys=keys & hessian_keys,
+            sample_tokens=config.sample_tokens,
+            seed=config.seed,
+            histogram=config.range_mode.histogram,
+        )
+    )
+    for name in rotated:
+        plan.linears[name] = replace(plan.linears[name], cols=None)
 
 
 def _decide_linears(
@@ -308,6 +367,7 @@ def _decide_linears(
             log.warning("%s: no calibration token was routed to it; %s", full, what)
             if name not in keep:
                 idle_clip = peer_clip(decisions.values(), full)
+        rotation = input_rotation(lin)
         decisions[name] = quantize_linear(
             full,
             lin.weight,
@@ -316,6 +376,7 @@ def _decide_linears(
             smoothing=plan.linears[name],
             keep_fp=name in keep,
             idle_clip=idle_clip,
+            input_rotation=None if rotation is None else rotation.name,
         )
     return decisions
 
@@ -334,7 +395,7 @@ def swap_linears(
         assert d.qweight is not None and d.weight_scale is not None and d.input_scale is not None
         lin = spec.linears[name]
         bias = lin.bias.detach() if lin.bias is not None else None
-        fq = FakeQuantLinear(d.qweight, d.weight_scale, bias, d.input_scale)
+        fq = FakeQuantLinear(d.qweight, d.weight_scale, bias, d.input_scale, rotation=input_rotation(lin))
         parent_name, _, leaf = name.rpartition(".")
         parent = layer.get_submodule(parent_name) if parent_name else layer
         if retain_fp:

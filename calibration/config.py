@@ -8,6 +8,7 @@ from moedge._errors import MoedgeError
 from moedge.arch import smoothing_map
 from moedge.calibration.layers import SmoothGroup
 from moedge.calibration.ranges import RANGE_MODES, RangeMode, range_mode
+from moedge.calibration.rotation import ROTATIONS
 from moedge.formats.recipe import METHODS
 
 ACT_CLIPS = tuple(RANGE_MODES)
@@ -42,6 +43,10 @@ class CalibrationConfig:
     probe_sequences: int = 8  # calibration sequences the automatic mode measures loss sensitivity on
     quantize_head: bool = False  # the LM head too (final norm smoothed into it), as llama.cpp's Q8_0 does
     tie_input_scales: bool = False  # one activation scale for q/k/v and for gate/up (calibration/tie.py)
+    # "online": Hadamard-rotate every MLP output linear's input (calibration/rotation.py); "offline":
+    # rotate the residual stream by random_hadamard(hidden, seed) (calibration/residual_rotation.py);
+    # "full": both
+    rotate: str = "none"
     seed: int = 0
     batch_size: int = 8
 
@@ -52,6 +57,8 @@ class CalibrationConfig:
             raise MoedgeError(
                 f"unknown activation clipping {self.act_clip!r}; choose one of {', '.join(ACT_CLIPS)}"
             )
+        if self.rotate not in ROTATIONS:
+            raise MoedgeError(f"unknown rotation {self.rotate!r}; choose one of {', '.join(ROTATIONS)}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise MoedgeError(f"--alpha must be in [0, 1], got {self.alpha}")
         if not 0.0 <= self.auto_keep_fp < 1.0:

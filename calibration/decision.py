@@ -39,6 +39,7 @@ class LinearDecision:
     rel_error: float  # ||Y_q - Y||² / ||Y||² on the calibration sample, W8A8 vs FP
     params: int
     tokens: int
+    input_rotation: str | None = None  # the online rotation of the input (rotation.OnlineHadamard.name)
 
     @property
     def quantized(self) -> bool:
@@ -55,12 +56,14 @@ def quantize_linear(
     smoothing: LinearSmoothing | None = None,
     keep_fp: bool = False,
     idle_clip: float | None = None,
+    input_rotation: str | None = None,
 ) -> LinearDecision:
     """Decide one linear: ``weight`` [out, in] (already smoothed) whose input ``stats`` observed.
 
     ``smoothing`` says how the input was smoothed (its column scale divides the observed rows and
     the Hessian); ``keep_fp`` keeps the linear in FP with its measurements only. ``idle_clip`` is the
-    range used when no token reached the input (else 1.0). Nothing passed in is modified.
+    range used when no token reached the input (else 1.0); ``input_rotation`` names the online rotation
+    the observed input already went through (recorded only). Nothing passed in is modified.
     """
     sm = smoothing or LinearSmoothing()
     absmax = stats.absmax if stats.absmax is not None else torch.zeros(weight.shape[1])
@@ -82,6 +85,7 @@ def quantize_linear(
         rel_error=0.0,
         params=weight.numel(),
         tokens=stats.tokens,
+        input_rotation=input_rotation,
     )
     if keep_fp:
         return kept

@@ -69,6 +69,7 @@ class LayerSpec:
     groups: list[SmoothGroup]
     routers: list[str]  # FP-only modules (router, shared-expert gate), names relative to the layer
     experts_module: nn.Module | None = None
+    mlp_outputs: list[str] = field(default_factory=list)  # each MLP's last linear (down_proj, fc2)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -243,6 +244,7 @@ def _mlp(spec: LayerSpec, mlp: nn.Module, prefix: str, form: MlpMap, keys: tuple
     spec.input_key[full(form.output)] = out_key
     spec.observed.setdefault(in_key, spec.linears[full(form.inputs[0])])  # an MoE layer's is the router
     spec.observed[out_key] = spec.linears[full(form.output)]
+    spec.mlp_outputs.append(full(form.output))
     producer = spec.linears[full(form.producer)]
     spec.groups.append(SmoothGroup(group, "rows", producer, [full(form.output)], out_key))
     return [full(name) for name in form.inputs]

@@ -12,6 +12,7 @@ from torch import nn
 
 from moedge._errors import MoedgeError
 from moedge.calibration.result import CalibrationResult, FpWeight, LinearReport
+from moedge.calibration.rotation import as_rotated, input_rotation
 from moedge.model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,15 @@ def _auto_keep(
 
 
 def _fp_linear(entry: FpWeight) -> nn.Linear:
-    _, _, w, b = entry
+    """The FP linear an entry holds, rotating its input like the module it replaces does."""
+    parent, leaf, w, b = entry
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
     with torch.no_grad():
         lin.weight.copy_(w)
         if b is not None:
             lin.bias.copy_(b)
-    return lin
+    rotation = input_rotation(getattr(parent, leaf, None))
+    return lin if rotation is None else as_rotated(lin, rotation)
 
 
 def _probe_loss(model: nn.Module, probe: list[torch.Tensor]) -> float:

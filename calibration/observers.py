@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
+from moedge.calibration.rotation import input_rotation
 
 HIST_LO, HIST_HI, HIST_PER_OCTAVE = -24, 24, 8  # |x| bins from 2^-24 to 2^24
 
@@ -172,8 +173,9 @@ def observe(
     for key, module in modules.items():
         obs = observers[key]
 
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...], obs: InputObserver = obs) -> None:
-            obs.update(args[0])
+        def hook(m: nn.Module, args: tuple[torch.Tensor, ...], obs: InputObserver = obs) -> None:
+            rotation = input_rotation(m)  # a rotated linear's input is what it quantizes
+            obs.update(args[0] if rotation is None else rotation(args[0]))
 
         handles.append(module.register_forward_pre_hook(hook))
     try:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
+from moedge.calibration.rotation import OnlineHadamard
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class FakeQuantLinear(nn.Module):
         weight_scale: torch.Tensor,
         bias: torch.Tensor | None,
         input_scale: float,
+        rotation: OnlineHadamard | None = None,
     ) -> None:
         super().__init__()
         if qweight.dtype != torch.int8 or qweight.dim() != 2:
@@ -78,13 +80,17 @@ class FakeQuantLinear(nn.Module):
         self.register_buffer("weight", qweight.to(torch.float32) * self.weight_scale[:, None])
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.input_scale = float(input_scale)
+        self.rotation = rotation  # an online input rotation (rotation.OnlineHadamard), applied first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize-dequantize the input, then the float matmul with the dequantized weight.
+        """Rotate the input (when the linear has an online rotation), quantize-dequantize it, then the
+        float matmul with the dequantized weight.
 
         Under autograd the rounding passes gradients straight through (values are unchanged), which
         the sensitivity analysis of the automatic mixed-precision mode needs.
         """
+        if self.rotation is not None:
+            x = self.rotation(x)
         xq = fake_quant_act(x, self.input_scale)
         if x.requires_grad:
             xq = x + (xq - x).detach()

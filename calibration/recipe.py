@@ -20,7 +20,9 @@ from torch import nn
 from moedge._errors import MoedgeError
 from moedge.calibration.layers import decoder_layers, head_modules, untie_head
 from moedge.calibration.quant import FakeQuantLinear
+from moedge.calibration.residual_rotation import residual_rotation_of, restore_residual_rotation
 from moedge.calibration.result import CalibrationResult
+from moedge.calibration.rotation import RESIDUAL_ROTATIONS, as_rotated, rotation_for
 from moedge.formats.recipe import RECIPE_FILE, RECIPE_FILES, WEIGHTS_FILE, Recipe, load_recipe, write_recipe
 from moedge.model import LoadedModel
 from moedge.paths import OutputKind, atomic_folder, check_output_folder
@@ -95,9 +97,14 @@ def save_recipe(
                     continue
                 for pname, p in module.named_parameters(recurse=False):
                     tensors[f"{full}.{pname}"] = _array(p.detach().to(torch.float32))
+        fingerprint = model_fingerprint(model)
+        rotation = residual_rotation_of(model)
+        if rotation is not None:  # the embedding is E Q now: the recipe names the original table
+            fingerprint["embedding_sha256"] = rotation.embedding_sha256
         meta = {
             "moedge_version": moedge.__version__,
-            "model": {"name": loaded.name, "source": loaded.source, **model_fingerprint(model)},
+            "model": {"name": loaded.name, "source": loaded.source, **fingerprint},
+            "residual_rotation": None if rotation is None else rotation.to_dict(),
             "quantization": {
                 "weights": "int8, symmetric, per output channel, codes in [-127, 127]",
                 "activations": "int8, static, symmetric, per tensor, zero point 0 (QuantizeLinear semantics)",
@@ -148,25 +155,49 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
-def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -> LoadedModel:
-    """Turn ``loaded`` (the FP model the recipe was made from) into the recipe's fake-quant model, in place."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _prepare_model(loaded: LoadedModel, rec: Recipe) -> None:
+    """Refuse a model the recipe was not made for; split its experts and rebuild a rotated residual
+    stream's embedding and head, as calibration left them before its first layer."""
     from moedge.arch import get_config
     from moedge.arch.per_expert import split_experts
 
-    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    model = loaded.model
     want = rec.meta["model"]
-    have = model_fingerprint(model)
+    have = model_fingerprint(loaded.model)
     mismatch = [k for k, v in have.items() if want.get(k) != v]
     if mismatch:
         raise MoedgeError(
             f"recipe {rec.path} was made for {want.get('name')} ({want.get('model_type')}, "
             f"{want.get('num_layers')} layers); this model ({loaded.name}) differs in {', '.join(mismatch)}"
         )
-    split_experts(model, get_config(loaded.model_type))
+    split_experts(loaded.model, get_config(loaded.model_type))
+    _restore_rotation(loaded.model, rec)
+
+
+def _restore_rotation(model: nn.Module, rec: Recipe) -> None:
+    """Rebuild a rotated residual stream's embedding and head (``--rotate offline``/``full``) from the
+    recipe's seed; the decoder layers and the final norm's weights then come from the recipe's tensors."""
+    record = rec.meta.get("residual_rotation")
+    rotate = rec.meta["config"].get("rotate")
+    if record is None and rotate not in RESIDUAL_ROTATIONS:
+        return
+    if not isinstance(record, dict):
+        raise MoedgeError(
+            f"recipe {rec.path}: config.rotate is {rotate!r} but field residual_rotation is {record!r}: "
+            "the recipe is damaged; re-run `moedge calibrate`"
+        )
+    restore_residual_rotation(
+        model, record, embedding_sha256=str(rec.meta["model"]["embedding_sha256"]), where=str(rec.path)
+    )
+
+
+def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -> LoadedModel:
+    """Turn ``loaded`` (the FP model the recipe was made from) into the recipe's fake-quant model, in place."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    rec = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    model = loaded.model
+    _prepare_model(loaded, rec)
     try:
         tensors = load_file(str(rec.path / WEIGHTS_FILE))
     except SafetensorError as exc:
@@ -175,6 +206,7 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
         ) from None
     used: set[str] = set()
     scales = {n: r["input_scale"] for n, r in rec.meta["linears"].items() if r["quantized"]}
+    rotations = {n: r["input_rotation"] for n, r in rec.meta["linears"].items() if r.get("input_rotation")}
     if "lm_head.qweight" in tensors:
         untie_head(model)
     with torch.no_grad():
@@ -195,8 +227,13 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                             f"{list(weight.shape) if weight is not None else 'none'}: the recipe is another model's"
                         )
                     bias = tensors.get(f"{full}.bias")
+                    rotation = rotation_for(rotations[full], rows_cols[1]) if full in rotations else None
                     fq = FakeQuantLinear(
-                        tensors[f"{full}.qweight"], tensors[f"{full}.weight_scale"], bias, scales[full]
+                        tensors[f"{full}.qweight"],
+                        tensors[f"{full}.weight_scale"],
+                        bias,
+                        scales[full],
+                        rotation=rotation,
                     )
                     if rel:
                         unit.set_submodule(rel, fq)
@@ -220,6 +257,12 @@ def apply_recipe(loaded: LoadedModel, recipe: Recipe | str | os.PathLike[str]) -
                         )
                     p.copy_(tensors[key])
                     used.add(key)
+                if full in rotations and full not in scales:  # an FP linear kept with its rotated weight
+                    if not isinstance(module, nn.Linear):
+                        raise MoedgeError(
+                            f"recipe {rec.path}: {full} has an input rotation but is not a linear"
+                        )
+                    as_rotated(module, rotation_for(rotations[full], int(module.in_features)))
     unused = sorted(set(tensors) - used)
     if unused:
         raise MoedgeError(f"recipe {rec.path} holds tensors this model has no place for, e.g. {unused[0]}")

@@ -32,6 +32,7 @@ class LinearReport:
     params: int
     tokens: int
     untied_input_scale: float | None = None  # the calibrated scale, when tie_input_scales replaced it
+    input_rotation: str | None = None  # the online rotation of the input (rotation.OnlineHadamard.name)
 
     @classmethod
     def from_decision(cls, d: LinearDecision) -> LinearReport:
@@ -48,6 +49,7 @@ class LinearReport:
             rel_error=d.rel_error,
             params=d.params,
             tokens=d.tokens,
+            input_rotation=d.input_rotation,
         )
 
 

@@ -132,6 +132,12 @@ def _quant_summary(recipe: _RecipeFacts, report: Any) -> dict[str, Any]:
         "activations": "int8, per tensor, static, symmetric (QuantizeLinear/DequantizeLinear, zero point 0)",
         "quantized_linears": len(report.quantized),
         "float_linears": sorted(set(report.float_linears)),
+        "rotated_inputs": sorted(set(report.rotated_inputs)),
+        "input_rotation": (
+            "normalised Hadamard, reshape + two small constant MatMuls before the input's QuantizeLinear"
+            if report.rotated_inputs
+            else None
+        ),
     }
 
 

@@ -33,6 +33,7 @@ def fake_quant_as_linear(model: nn.Module) -> Iterator[dict[str, Any]]:
     Q/DQ nodes on the exported graph; the fake-quant modules are restored on exit.
     """
     from moedge.calibration.quant import FakeQuantLinear
+    from moedge.calibration.rotation import as_rotated
     from moedge.graph_passes.insert_qdq import LinearQuant
 
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
@@ -46,6 +47,8 @@ def fake_quant_as_linear(model: nn.Module) -> Iterator[dict[str, Any]]:
                 lin.weight.copy_(module.weight)
                 if module.bias is not None:
                     lin.bias.copy_(module.bias)
+            if module.rotation is not None:  # traced as its own module, before the linear's MatMul
+                lin = as_rotated(lin, module.rotation)
             parent, leaf = resolve(model, name)
             swapped.append((parent, leaf, module))
             setattr(parent, leaf, lin)

@@ -20,6 +20,7 @@ from moedge.formats.export_folder import TOKENIZER_FILE, ExportInfo, read_export
 from moedge.formats.external_data import check_external_data
 from moedge.formats.manifest import (
     BUNDLE_FORMAT,
+    IN_GRAPH_SCHEMA_VERSION,
     MANIFEST_FILE,
     STAGE_TARGETS,
     TARGET_ORT_CPU,
@@ -32,6 +33,7 @@ from moedge.formats.manifest import (
     sha256_file,
 )
 from moedge.formats.routing import ROUTING_FILE
+from moedge.graph_passes.expert_dispatch import dispatch_experts_in_graph
 from moedge.graph_passes.int8_embedding import embed_with_head_codes
 from moedge.graph_passes.merge_stages import merge_layer_stages
 from moedge.graph_passes.ort_cpu_target import (
@@ -193,6 +195,7 @@ def split_bundle(
     validate: bool = False,
     overwrite: bool = False,
     target: str = TARGET_TENSORRT,
+    experts_in_graph: bool = False,
 ) -> Manifest:
     """Cut ``export_dir`` (``moedge export`` output, FP32 or QDQ) into a bundle folder at ``out_dir``.
 
@@ -209,9 +212,16 @@ def split_bundle(
     stage cut to what the fused stages read, the head's final norm one ``SimplifiedLayerNormalization``,
     plus ``rotary_cache.npy``, the cos/sin tables the stages read). Experts are the same for both. A model a stage of which cannot be fused is refused with
     ``FusionRefused`` before anything is written.
+
+    ``experts_in_graph`` (ort-cpu only) builds every MoE layer's gating and routed experts into its stage
+    graph (``dispatch_experts_in_graph``): no ``experts/`` files or routers, each MoE layer's stage
+    outputs ``hidden_states_out``, and runs of consecutive layers, MoE or dense, are joined into one
+    graph. Such a bundle runs every expert on the CPU; it has no per-expert graphs for an expert cache.
     """
     if target not in STAGE_TARGETS:
         raise MoedgeError(f"unknown stage target {target!r}: use {' or '.join(STAGE_TARGETS)}")
+    if experts_in_graph and target != TARGET_ORT_CPU:
+        raise MoedgeError(f"--experts-in-graph needs --target {TARGET_ORT_CPU} (got {target})")
     info = read_export_info(export_dir)
     out = Path(out_dir).expanduser().resolve()
     check_output_folder(out, kind=BUNDLE_KIND, overwrite=overwrite)
@@ -219,7 +229,7 @@ def split_bundle(
         raise MoedgeError(f"{info.folder} was exported without a KV cache: re-export without --no-cache")
     start = time.perf_counter()
     split = _split(info)
-    spec = _fuse_for_ort_cpu(info, split) if target == TARGET_ORT_CPU else None
+    spec = _fuse_for_ort_cpu(info, split, experts_in_graph) if target == TARGET_ORT_CPU else None
     with atomic_folder(out, kind=BUNDLE_KIND, replace=overwrite) as tmp:
         writer = _BundleWriter(tmp, validate=validate, progress=progress, fused=spec is not None)
         embedding, layers, head = writer.write_graphs(split)
@@ -260,11 +270,12 @@ def _split(info: ExportInfo) -> SplitModel:
     return splitter(model)
 
 
-def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel) -> AttentionSpec:
+def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel, experts_in_graph: bool = False) -> AttentionSpec:
     """Replace every layer stage of ``split`` by its ``fuse_stage_for_ort_cpu`` rewrite, for cos/sin
     tables of the model's whole context (one refusal, the first layer that cannot be fused, refuses
-    all); then cut the embedding to what the fused stages read, fuse the head's norm, and give the
-    embedding a tied int8 head's codes. Before anything is written."""
+    all), with ``experts_in_graph`` each MoE layer's experts moved into its stage; then cut the
+    embedding to what the fused stages read, fuse the head's norm, and give the embedding a tied int8
+    head's codes. Before anything is written."""
     fallback = "split with --target tensorrt (standard ONNX stages every runtime runs)"
     context = info.config.get("max_position_embeddings")
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
@@ -284,6 +295,9 @@ def _fuse_for_ort_cpu(info: ExportInfo, split: SplitModel) -> AttentionSpec:
                 f"--target ort-cpu refused: layer {layer.index} of {info.name} cannot use ONNX Runtime's "
                 f"fused CPU kernels ({_reason(exc)}): {fallback}"
             ) from None
+        if experts_in_graph and layer.gating is not None:
+            layer.stage = dispatch_experts_in_graph(layer.stage, layer.experts, layer.gating, layer.index)
+            layer.in_graph_experts, layer.experts, layer.router_weight = len(layer.experts), [], None
     _keep_read_outputs(split)
     fuse_norms(split.head)
     if embed_with_head_codes(split.embedding, split.head):
@@ -309,7 +323,8 @@ class _BundleWriter:
 
     def write_graphs(self, split: SplitModel) -> tuple[GraphSpec, list[LayerSpec], GraphSpec]:
         """Write embedding, layer stages, experts, router weights and head; a tied head shares weights.
-        On the ort-cpu target each run of consecutive dense layers is one stage graph."""
+        On the ort-cpu target each run of consecutive dense layers (and MoE layers with in-graph
+        experts) is one stage graph."""
         total = 2 + sum(1 + len(layer.experts) for layer in split.layers)
         with tqdm(total=total, desc="writing bundle", unit="graph", disable=not self.progress) as bar:
             self._bar = bar
@@ -335,21 +350,21 @@ class _BundleWriter:
         return spec
 
     def _span(self, run: list[SplitLayer]) -> list[LayerSpec]:
-        """Consecutive dense layers as one stage graph: the first layer's spec spans them all."""
+        """Consecutive dense (or in-graph MoE) layers as one stage graph: the first layer's spec spans them all."""
         first, last = run[0].index, run[-1].index
         merged = merge_layer_stages([layer.stage for layer in run], [layer.index for layer in run])
         joins = fuse_residual_joins(merged)
         log.info("layers %d-%d: one stage graph, %d residual joins fused", first, last, joins)
         stage = self._save(merged, f"stages/layers_{first:03d}_{last:03d}.onnx", ort_ops=True)
         self._bar.update(len(run) - 1)
-        return [LayerSpec(index=first, stage=stage, moe=None, span=len(run))] + [
-            LayerSpec(index=layer.index, stage=None, moe=None) for layer in run[1:]
+        return [LayerSpec(index=first, stage=stage, moe=_in_graph_moe(run[0]), span=len(run))] + [
+            LayerSpec(index=layer.index, stage=None, moe=_in_graph_moe(layer)) for layer in run[1:]
         ]
 
     def _layer(self, layer: SplitLayer) -> LayerSpec:
         stage = self._save(layer.stage, f"stages/layer_{layer.index:03d}.onnx", ort_ops=self.fused)
-        if layer.gating is None:
-            return LayerSpec(index=layer.index, stage=stage, moe=None)
+        if layer.gating is None or layer.in_graph_experts:
+            return LayerSpec(index=layer.index, stage=stage, moe=_in_graph_moe(layer))
         experts = [
             self._save(g, f"experts/layer_{layer.index:03d}_expert_{e:03d}.onnx")
             for e, g in enumerate(layer.experts)
@@ -363,11 +378,25 @@ class _BundleWriter:
         return LayerSpec(index=layer.index, stage=stage, moe=moe)
 
 
+def _in_graph_moe(layer: SplitLayer) -> MoeSpec | None:
+    """The manifest record of a layer whose stage runs its experts (None for a dense layer)."""
+    if layer.gating is None:
+        return None
+    assert layer.in_graph_experts, f"layer {layer.index}'s experts are separate graphs"
+    return MoeSpec(num_experts=layer.in_graph_experts, gating=layer.gating, experts=[], experts_in_graph=True)
+
+
+def _joinable(layer: SplitLayer) -> bool:
+    """A layer whose stage reads ``hidden_states`` and writes ``hidden_states_out`` (no runner work between)."""
+    return layer.gating is None or layer.in_graph_experts > 0
+
+
 def _dense_runs(layers: list[SplitLayer]) -> list[list[SplitLayer]]:
-    """The layers in order, grouped: each MoE layer alone, each run of consecutive dense layers together."""
+    """The layers in order, grouped: each MoE layer with separate experts alone, each run of consecutive
+    dense layers (and MoE layers with in-graph experts) together."""
     runs: list[list[SplitLayer]] = []
     for layer in layers:
-        if layer.gating is None and runs and runs[-1][-1].gating is None:
+        if _joinable(layer) and runs and _joinable(runs[-1][-1]):
             runs[-1].append(layer)
         else:
             runs.append([layer])
@@ -435,6 +464,9 @@ def _manifest(
         routing=routing,
         stage_target=TARGET_TENSORRT if spec is None else TARGET_ORT_CPU,
         rotary=None if spec is None else ROTARY_FILE,
+        schema_version=IN_GRAPH_SCHEMA_VERSION
+        if any(layer.moe and layer.moe.experts_in_graph for layer in layers)
+        else 1,
         extra={"split_from": str(info.folder), "opset": meta.get("opset")},
     )
 

@@ -27,6 +27,9 @@ from moedge.formats.graph_names import MODULE_KEY
 
 log = logging.getLogger(__name__)
 
+ROTATION_SUFFIX = ".rotation"
+"""The module name of a linear's online input rotation (``moedge.calibration.rotation``), after the linear's."""
+
 
 @dataclass(frozen=True)
 class LinearQuant:
@@ -178,6 +181,7 @@ class QDQReport:
 
     quantized: list[str] = field(default_factory=list)
     float_linears: list[str] = field(default_factory=list)  # weighted ops left in FP (router, lm_head, kept)
+    rotated_inputs: list[str] = field(default_factory=list)  # linears whose input an online rotation turns
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -199,6 +203,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 continue
             target = policy(node, module)
             if target is None:
+                continue
+            owner = module.removesuffix(ROTATION_SUFFIX)
+            if owner != module:  # a constant factor of an online rotation: stays FP, before owner's Q/DQ
+                if owner not in self.report.rotated_inputs:
+                    self.report.rotated_inputs.append(owner)
                 continue
             if module in self.quant:
                 targets.append(target)

@@ -191,6 +191,7 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
     model = manifest.model
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     expert_sizes = [g.bytes for layer in moe if layer.moe for g in layer.moe.experts]
+    in_graph = sum(layer.moe.num_experts for layer in moe if layer.moe and layer.moe.experts_in_graph)
     stage_bytes = (
         sum(run.stage.bytes for run in manifest.stage_runs()) + manifest.embedding.bytes + manifest.head.bytes
     )
@@ -198,7 +199,9 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
         f"{folder}  (bundle schema {manifest.schema_version}, {model.get('name')}, {model.get('architecture')}, "
         f"precision {manifest.precision})",
         f"  graphs: embedding, {len(manifest.stage_runs())} stages for {len(manifest.layers)} layers, "
-        f"{len(expert_sizes)} experts in {len(moe)} MoE layers, head",
+        f"{len(expert_sizes)} experts in {len(moe)} MoE layers"
+        + (f" ({in_graph} experts inside the stage graphs)" if in_graph else "")
+        + ", head",
         f"  stages {stage_bytes / 2**20:.1f} MiB; experts {sum(expert_sizes) / 2**20:.1f} MiB"
         + (
             f" ({min(expert_sizes) / 2**10:.0f}-{max(expert_sizes) / 2**10:.0f} KiB each)"
@@ -215,7 +218,7 @@ def inspect_bundle(folder: Path, *, ort_census_too: bool = True) -> list[str]:
             f"float: {', '.join(q.get('float_linears', [])[:4])}{' ...' if len(q.get('float_linears', [])) > 4 else ''}"
         )
     samples = [("layer 0 stage", manifest.stage_runs()[0].stage)]
-    if moe and moe[0].moe:
+    if moe and moe[0].moe and moe[0].moe.experts:
         samples.append((f"layer {moe[0].index} expert 0", moe[0].moe.experts[0]))
     for label, graph in samples:
         lines.append(f"  {label} ({graph.file}): in {graph.input_names} -> out {graph.output_names}")

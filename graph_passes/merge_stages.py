@@ -8,6 +8,10 @@ target's ``seqlens_k``, ``total_sequence_length`` and cos/sin tables) are read o
 own inputs and outputs (its KV buffers) stay graph inputs and outputs under their names. The joined
 graph computes exactly what the stages compute one after the other; ONNX Runtime then plans memory and
 schedules kernels across the layers, and a decode step makes one call instead of one per layer.
+
+An MoE layer stage whose experts run inside it (``dispatch_experts_in_graph``, ``--experts-in-graph``)
+has the same interface and is joined the same way; the names inside its ``If`` branches count as names
+of the graph, and a branch name that collides with one is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import onnx_ir as ir
 
 from moedge._errors import MoedgeError
 from moedge.formats.manifest import HIDDEN, HIDDEN_OUT
+from moedge.graph_passes.expert_dispatch import subgraph_names
 
 __all__ = ["merge_layer_stages"]
 
@@ -66,10 +71,8 @@ def _interface(graph: ir.Graph, index: int) -> tuple[ir.Value, ir.Value]:
 
 
 def _names(graph: ir.Graph) -> set[str]:
-    names = {v.name for v in graph.inputs if v.name}
-    names |= set(graph.initializers)
-    names |= {v.name for n in graph for v in n.outputs if v.name}
-    return names
+    """Every value name of the graph and its subgraphs (an MoE stage's ``If`` branches)."""
+    return subgraph_names(graph)
 
 
 def _append(graph: ir.Graph, stage: ir.Graph, index: int, taken: set[str], node_names: set[str]) -> None:
@@ -82,6 +85,12 @@ def _append(graph: ir.Graph, stage: ir.Graph, index: int, taken: set[str], node_
     stage.inputs.clear()
     stage.outputs.clear()
     nodes = list(stage)
+    inner = subgraph_names(stage) - {v.name for v in stage.inputs} - set(stage.initializers)
+    inner -= {v.name for n in nodes for v in n.outputs}  # what is left: names inside its subgraphs
+    clash = sorted(inner & taken)
+    if clash:
+        raise MoedgeError(f"layer {index}'s stage subgraphs name {clash[0]!r}, already a name of the graph")
+    taken |= inner
     stage.remove(nodes, safe=False)
     weights = list(stage.initializers.values())
     stage.initializers.clear()

@@ -49,6 +49,7 @@ from moedge.formats.manifest import (
     past_names,
     present_names,
 )
+from moedge.graph_passes.expert_dispatch import MOE_COMBINE_KEY
 from moedge.graph_passes.pack_linears import pack_gate_up, pack_qkv
 from moedge.graph_passes.stage_patterns import (
     FusionRefused,
@@ -402,7 +403,9 @@ def _replace_attention(
 
 def _reroute_shape_reads(graph: ir.Graph, hidden: ir.Value, old_inputs: list[ir.Value]) -> None:
     """Shape reads of a dropped ``input_ids`` come from ``hidden_states`` (same batch and sequence
-    axes); anything else still reading a dropped input is a part of the stage this pass does not know."""
+    axes), and so do reads of a dropped cache input's batch axis (the exporter may take the batch size
+    from any input that has it); anything else still reading a dropped input is a part of the stage
+    this pass does not know."""
     for value in old_inputs:
         for user, _ in list(value.uses()):
             start = user.attributes["start"].as_int() if "start" in user.attributes else 0
@@ -416,6 +419,9 @@ def _reroute_shape_reads(graph: ir.Graph, hidden: ir.Value, old_inputs: list[ir.
                 user.replace_input_with(0, hidden)
                 user.attributes["end"] = ir.AttrInt64("end", 2 if end is None else end)
                 continue
+            if user.op_type == "Shape" and start == 0 and end == 1:  # the batch axis of a cache input
+                user.replace_input_with(0, hidden)
+                continue
             raise FusionRefused(
                 f"{user.op_type} node {user.name} outside the attention block reads {value.name}"
             )
@@ -425,7 +431,8 @@ def fuse_residual_joins(model: ir.Model) -> int:
     """In joined dense layers (``merge_layer_stages``), each layer's closing residual Add and the next
     layer's input RMSNorm as one ``SkipSimplifiedLayerNormalization`` (the attention residual and the
     post-attention norm already are one): its first output is the norm, its fourth the sum, which the
-    next layer's attention residual reads. Returns how many joins were fused; in place.
+    next layer's attention residual reads. An in-graph MoE layer's closing Add (``MOE_COMBINE_KEY``)
+    is left as it is. Returns how many joins were fused; in place.
     """
     graph = model.graph
     fused = 0
@@ -433,6 +440,8 @@ def fuse_residual_joins(model: ir.Model) -> int:
         total = norm.inputs[0]
         add = total.producer() if total is not None else None
         if add is None or add.op_type != "Add" or total is None or total.is_graph_output():
+            continue
+        if MOE_COMBINE_KEY in add.metadata_props:  # an in-graph MoE layer's output: kept exact
             continue
         residual = next((v for v in add.inputs if _is_skip_sum(v)), None)
         other = next((v for v in add.inputs if v is not residual), None)

@@ -69,6 +69,7 @@ class SplitLayer:
     experts: list[ir.Model] = field(default_factory=list)
     gating: GatingRule | None = None
     router_weight: np.ndarray | None = None  # experts x hidden, for speculative next-layer gating
+    in_graph_experts: int = 0  # routed experts the stage graph runs itself (``dispatch_experts_in_graph``)
 
 
 @dataclass

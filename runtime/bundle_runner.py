@@ -84,6 +84,10 @@ class BundleRunner:
     (:class:`MoeLayer`) hands its routing to ``executor`` (default: every expert on ``cpu``,
     :class:`ReferenceExecutor`; the cached runtime passes its own). ``on_stage`` is called with a
     layer's index before its stage graph runs (a scheduler's clock).
+
+    A bundle split with ``--experts-in-graph`` routes and runs its experts inside its stage graphs: its
+    MoE layers run like dense ones, and what needs separate expert graphs (another ``executor``, a
+    routing ``trace``, ``run_expert``) is refused with one line.
     """
 
     def __init__(
@@ -113,6 +117,10 @@ class BundleRunner:
             shared_pool=shared_pool,
         )
         self.stage_backend: Backend = stage_backend or self.cpu
+        if executor is not None:
+            self.manifest.require_separate_experts(
+                "an expert executor (expert cache, GPU experts)", self.folder
+            )
         self.executor: ExpertExecutor = executor or ReferenceExecutor(self.cpu)
         self.on_stage = on_stage
         model = self.manifest.model
@@ -120,10 +128,10 @@ class BundleRunner:
         self.num_kv_heads = int(model["num_kv_heads"])
         self.head_dim = int(model["head_dim"])
         self.eos_token_id = model.get("eos_token_id")
-        self.moe_layers: dict[int, MoeLayer] = {
+        self.moe_layers: dict[int, MoeLayer] = {  # the MoE layers the runner routes (separate experts)
             layer.index: MoeLayer(self.folder, layer.index, layer.moe)
             for layer in self.manifest.layers
-            if layer.moe is not None
+            if layer.moe is not None and not layer.moe.experts_in_graph
         }
         for a, b in itertools.pairwise(self.moe_layers.values()):
             a.next = b
@@ -140,6 +148,7 @@ class BundleRunner:
     def moe_layer(self, layer: int) -> MoeLayer:
         """The MoE layer at decoder index ``layer``."""
         if layer not in self.moe_layers:
+            self.manifest.require_separate_experts(f"layer {layer}'s expert graphs", self.folder)
             raise MoedgeError(f"layer {layer} of {self.folder} is not an MoE layer")
         return self.moe_layers[layer]
 
@@ -193,6 +202,8 @@ class BundleRunner:
         ``last_only`` the head runs on each row's last position only (batch x 1 x vocab logits).
         """
         input_ids = self._check_ids(input_ids)
+        if trace is not None:
+            self.manifest.require_separate_experts("a routing trace", self.folder)
         if self.manifest.stage_target == TARGET_ORT_CPU:
             return self._forward_static(input_ids, past, attention_mask, trace, last_only)
         past = past if past is not None else self.empty_cache(input_ids.shape[0])
@@ -224,7 +235,7 @@ class BundleRunner:
     ) -> np.ndarray:
         """The hidden state after the stage's last layer (its MoE part too, for an MoE layer)."""
         last = run.last
-        if last.moe is None:
+        if last.moe is None or last.moe.experts_in_graph:
             return outs[HIDDEN_OUT]
         return self._moe(self.moe_layers[last.index], outs, trace)
 

@@ -34,7 +34,10 @@ class ModelCosts:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> ModelCosts:
-        """Costs read from a bundle manifest; a W8A8 bundle stores one byte per weight, FP32 four."""
+        """Costs read from a bundle manifest; a W8A8 bundle stores one byte per weight, FP32 four.
+
+        MoE layers whose experts run inside their stage graph (``--experts-in-graph``) count as stages:
+        they have no expert to place, so ``moe_layers`` and ``experts`` leave them out."""
         int8 = manifest.precision == "w8a8"
         per = 1 if int8 else 4
 
@@ -47,7 +50,7 @@ class ModelCosts:
             if layer.moe
             for e, g in enumerate(layer.moe.experts)
         }
-        moe = [layer for layer in manifest.layers if layer.moe]
+        moe = [layer for layer in manifest.layers if layer.moe and not layer.moe.experts_in_graph]
         model = manifest.model
         kv = 2 * len(manifest.layers) * int(model["num_kv_heads"]) * int(model["head_dim"]) * 2
         # a stage spanning several dense layers is counted at its first layer

@@ -124,6 +124,10 @@ class Generator:
         self.scheduler: ExpertScheduler | None = None
         self.executor: CachedExecutor | None = None
         cached = backend != "ort-cpu" and cache
+        if cached:
+            self.manifest.require_separate_experts(
+                f"--backend {backend} (an expert cache; --backend ort-cpu or --no-cache runs it)", self.folder
+            )
         self.backend_name = backend if cached else "ort-cpu"
         self.gpu: Backend = self._make_gpu(backend, intra_op_threads) if cached else self.cpu
         if cached and self.costs.moe_layers:

@@ -82,6 +82,7 @@ def record_trace(
     progress: Callable[[int, int], None] | None = None,
 ) -> DecodeTrace:
     """Run ``token_ids`` through the bundle in ``window``-token passes and record the routing of each token."""
+    runner.manifest.require_separate_experts("a routing trace", runner.folder)
     moe = [layer.index for layer in runner.manifest.layers if layer.moe is not None]
     if not moe:
         raise MoedgeError("the bundle has no MoE layers: there is no routing to trace")

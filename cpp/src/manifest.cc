@@ -69,7 +69,14 @@ LayerSpec parse_layer(const Reader& r, const json& d, size_t i) {
     MoeSpec spec;
     spec.num_experts = static_cast<int>(r.integer_at(*moe, "num_experts", fm + ".num_experts", 1, kMaxDim));
     const json& experts = r.array(r.get(*moe, "experts", fm + ".experts"), fm + ".experts");
-    if (experts.size() != static_cast<size_t>(spec.num_experts))
+    if (const auto it = moe->find("experts_in_graph"); it != moe->end())
+      spec.experts_in_graph = r.boolean(*it, fm + ".experts_in_graph");
+    if (spec.experts_in_graph && !experts.empty())
+      r.fail_shown(fm + ".experts", "[] (the experts run inside the stage graph)",
+                   show_text(std::to_string(experts.size()) + " graphs"));
+    if (spec.experts_in_graph && Reader::optional(*moe, "router") != nullptr)
+      r.fail(fm + ".router", "null (the experts run inside the stage graph)", (*moe)["router"]);
+    if (!spec.experts_in_graph && experts.size() != static_cast<size_t>(spec.num_experts))
       r.fail_shown(fm + ".experts", "an array of num_experts=" + std::to_string(spec.num_experts) + " graphs",
                    show_text(std::to_string(experts.size()) + " graphs"));
     const std::string fg = fm + ".gating";
@@ -95,22 +102,24 @@ LayerSpec parse_layer(const Reader& r, const json& d, size_t i) {
   return layer;
 }
 
-// Every layer has a stage or lies in an earlier stage's span of dense layers.
+// Every layer has a stage or lies in an earlier stage's span of dense layers (or MoE layers whose experts
+// run inside the graph).
 void check_spans(const Reader& r, const std::vector<LayerSpec>& layers) {
   int64_t covered_to = -1;  // the last layer the latest stage runs
   const auto count = static_cast<int64_t>(layers.size());
   for (int64_t i = 0; i < count; ++i) {
     const LayerSpec& layer = layers[static_cast<size_t>(i)];
     const std::string f = "layers[" + std::to_string(i) + "]";
+    const bool separate = layer.moe && !layer.moe->experts_in_graph;
     if (!layer.stage) {
       if (i > covered_to) r.fail(f + ".stage", "a graph (no earlier layer's stage spans this layer)", json(nullptr));
-      if (layer.moe) r.fail_shown(f + ".moe", "null (a layer inside a span is dense)", show_text("an MoE layer"));
+      if (separate) r.fail_shown(f + ".moe", "null (a layer inside a span is dense)", show_text("an MoE layer"));
       if (layer.span != 1) r.fail_shown(f + ".span", "1 (the layer has no stage)", std::to_string(layer.span));
       continue;
     }
     if (i <= covered_to)
       r.fail_shown(f + ".stage", "null (an earlier layer's stage spans this layer)", show_text("a graph"));
-    if (layer.span > 1 && layer.moe) r.fail_shown(f + ".span", "1 for an MoE layer", std::to_string(layer.span));
+    if (layer.span > 1 && separate) r.fail_shown(f + ".span", "1 for an MoE layer", std::to_string(layer.span));
     if (i + layer.span > count)
       r.fail_shown(f + ".span", "at most " + std::to_string(count - i) + " (the layers from here on)",
                    std::to_string(layer.span));
@@ -189,6 +198,12 @@ int64_t Manifest::expert_bytes() const {
   return total;
 }
 
+bool Manifest::experts_in_graph() const {
+  for (const auto& layer : layers)
+    if (layer.moe && layer.moe->experts_in_graph) return true;
+  return false;
+}
+
 Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, const std::string& where) {
   const std::string dir = bundle_folder(bundle_dir);
   const json raw = parse_json(text, where);
@@ -243,6 +258,12 @@ Manifest parse_manifest(const std::string& text, const std::string& bundle_dir, 
   if (rotary != nullptr) m.rotary = r.path(*rotary, "rotary");
   if (const auto extra = raw.find("extra"); extra != raw.end()) r.object(*extra, "extra");
   check_spans(r, m.layers);
+  if (m.experts_in_graph()) {
+    if (m.schema_version < 2)
+      r.fail("schema_version", "2 (a bundle with experts_in_graph layers)", json(m.schema_version));
+    if (m.stage_target != "ort-cpu")
+      r.fail("stage_target", "'ort-cpu' (the only target with experts_in_graph)", json(m.stage_target));
+  }
 
   for (const auto& [field, rel] : named_paths(m))
     if (m.files.count(rel) == 0) throw Error(where + ": " + field + " " + show_text(rel) + " is not listed under files");

@@ -40,6 +40,9 @@ std::vector<std::pair<int, int>> read_plan(const std::string& path, const Manife
     if (static_cast<size_t>(layer) >= bundle.layers.size() || !bundle.layers[static_cast<size_t>(layer)].moe)
       throw Error(f + " names layer " + std::to_string(layer) + ", which is not an MoE layer of this bundle: " +
                   kWritePlan);
+    if (bundle.layers[static_cast<size_t>(layer)].moe->experts_in_graph)
+      throw Error(f + " names layer " + std::to_string(layer) + ", whose experts run inside its stage graph " +
+                  "(moedge split --experts-in-graph): a plan needs a bundle split without --experts-in-graph");
     const int experts = bundle.layers[static_cast<size_t>(layer)].moe->num_experts;
     if (expert >= experts)
       throw Error(f + " names expert " + std::to_string(expert) + " of layer " + std::to_string(layer) + ", which has " +

@@ -32,6 +32,12 @@ Runner::Impl::Impl(const std::string& bundle, RunnerOptions options) : dir(bundl
       present_slot["present." + idx + ".value"] = 2 * i + 1;
     }
   }
+  if (m.experts_in_graph() && (opt.expert_budget || !opt.plan.empty() || opt.provider != Provider::Cpu))
+    throw Error(std::string(opt.provider != Provider::Cpu ? "experts on --provider " + std::string(provider_name(opt.provider))
+                                                          : std::string("an expert cache (--gpu-budget, --plan)")) +
+                " needs each expert as its own graph, but " + printable(dir) +
+                " runs its experts inside its stage graphs (moedge split --experts-in-graph): use --provider cpu "
+                "without a cache, or a bundle split without --experts-in-graph");
   configure_sessions();
   if (opt.policy != CachePolicy::Lru && opt.policy != CachePolicy::Pinned)
     throw Error("unknown cache policy " + std::to_string(static_cast<int>(opt.policy)) + ": use lru or pinned");
@@ -69,7 +75,8 @@ std::vector<const GraphSpec*> Runner::Impl::stage_graphs() const {
 
 const GraphSpec& Runner::Impl::expert_graph(const Key& key) const {
   for (const auto& layer : m.layers)
-    if (layer.index == key.first && layer.moe && key.second >= 0 && key.second < layer.moe->num_experts)
+    if (layer.index == key.first && layer.moe && !layer.moe->experts_in_graph && key.second >= 0 &&
+        key.second < layer.moe->num_experts)
       return layer.moe->experts[static_cast<size_t>(key.second)];
   throw Error("expert (" + std::to_string(key.first) + ", " + std::to_string(key.second) +
               ") is not in this bundle: the plan was written for another model");
@@ -196,7 +203,7 @@ std::vector<float> Runner::Impl::step(const std::vector<int64_t>& ids) {
         merge(g, run(*stages.at(g.file), g, v));
       }
       const LayerSpec& last = m.layers[end - 1];
-      if (last.moe) {
+      if (last.moe && !last.moe->experts_in_graph) {
         v.insert_or_assign("hidden_states", moe(last, v));
       } else {
         v.insert_or_assign("hidden_states", std::move(need(v, "hidden_states_out", g.file)));
@@ -252,7 +259,7 @@ void Runner::reset() { impl_->reset(); }
 void Runner::preload() {
   if (impl_->cache) return;  // under a budget, residency is the cache's to decide
   for (const auto& layer : impl_->m.layers)
-    if (layer.moe)
+    if (layer.moe && !layer.moe->experts_in_graph)
       for (int e = 0; e < layer.moe->num_experts; ++e) {
         auto& session = impl_->resident[{layer.index, e}];
         if (!session) session = impl_->open(layer.moe->experts[static_cast<size_t>(e)], impl_->provider_options);

@@ -24,11 +24,13 @@ from moedge.cli.common import (
 log = logging.getLogger("moedge")
 
 MAX_CALIB_TOKENS = 2**26  # --calib-windows x --seqlen: the token windows are held in memory
-# moedge.formats.recipe's METHODS and moedge.calibration.config's ACT_CLIPS, spelled out here: importing
+# moedge.formats.recipe's METHODS, moedge.calibration.config's ACT_CLIPS and moedge.calibration.rotation's
+# ROTATIONS, spelled out here: importing
 # them imports numpy and torch, which `moedge --help` must not wait for (tests/integration/test_cli.py
 # checks they agree).
 METHODS = ("rtn", "smoothquant", "gptq", "haq")
 ACT_CLIPS = ("absmax", "percentile", "mse", "output")
+ROTATIONS = ("none", "online", "offline", "full")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class CalibrateOptions(CommandOptions):
     auto_keep_fp: float
     quantize_head: bool
     tie_input_scales: bool
+    rotate: str
     batch_size: int
     threads: int | None
     cache_dir: Path | None
@@ -134,6 +137,16 @@ def _add_quantization_flags(cal: argparse.ArgumentParser) -> None:
         help="one activation scale for q/k/v and one for gate/up (the largest calibrated): the input is "
         "quantized once and moedge split --target ort-cpu packs them into one int8 matmul",
     )
+    cal.add_argument(
+        "--rotate",
+        choices=ROTATIONS,
+        default="none",
+        help="online: rotate the input of every MLP's last linear (down_proj, each expert's too) by a "
+        "Hadamard matrix in the graph, after smoothing, so its static int8 scale fits; offline: rotate the "
+        "residual stream by a random Hadamard matrix (seeded by --seed) folded into the weights, norm "
+        "weights folded first, the final norm's weight applied in the graph before the head (RMSNorm "
+        "models; OPT is refused); full: both (default none)",
+    )
 
 
 def execute(opts: CalibrateOptions) -> int:
@@ -163,6 +176,7 @@ def execute(opts: CalibrateOptions) -> int:
         auto_keep_fp=opts.auto_keep_fp,
         quantize_head=opts.quantize_head,
         tie_input_scales=opts.tie_input_scales,
+        rotate=opts.rotate,
         seed=opts.seed,
         batch_size=opts.batch_size,
     )

@@ -19,6 +19,7 @@ class SplitOptions(CommandOptions):
     overwrite: bool
     validate: bool
     target: str
+    experts_in_graph: bool = False
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "kernels: GroupQueryAttention with an in-place KV cache, consecutive dense layers joined into one "
         "graph; head size a multiple of 16; refused otherwise, writing nothing)",
     )
+    split.add_argument(
+        "--experts-in-graph",
+        action="store_true",
+        help=f"with --target {TARGET_ORT_CPU}: build each MoE layer's gating and routed experts into its stage "
+        "graph (ONNX If nodes run only the chosen experts), so MoE layers join into one graph like dense "
+        "ones: no per-expert files, every expert on the CPU; such a bundle cannot use an expert cache, a "
+        "GPU, simulated profiles or routing traces (moedge run --backend ort-cpu runs it)",
+    )
     set_handler(split, SplitOptions, execute)
 
 
@@ -57,17 +66,26 @@ def execute(opts: SplitOptions) -> int:
     from moedge.graph_passes.bundle import split_bundle
 
     manifest = split_bundle(
-        opts.export_dir, opts.output, validate=opts.validate, overwrite=opts.overwrite, target=opts.target
+        opts.export_dir,
+        opts.output,
+        validate=opts.validate,
+        overwrite=opts.overwrite,
+        target=opts.target,
+        experts_in_graph=opts.experts_in_graph,
     )
     moe = [layer for layer in manifest.layers if layer.moe is not None]
     experts = sum(len(layer.moe.experts) for layer in moe if layer.moe is not None)
+    in_graph = sum(
+        layer.moe.num_experts for layer in moe if layer.moe is not None and layer.moe.experts_in_graph
+    )
     runs = len(manifest.stage_runs())
     stages = f"{runs} layer stage" + ("s" if runs != 1 else "")
     if runs != len(manifest.layers):
         stages += f" for {len(manifest.layers)} layers"
     print(
         f"bundle {opts.output}: {stages}, {experts} expert graphs "
-        f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}, "
+        + (f"({in_graph} experts inside the stage graphs) " if in_graph else "")
+        + f"({manifest.expert_bytes() / 2**20:.1f} MiB of experts), precision {manifest.precision}, "
         f"stages for {manifest.stage_target}"
     )
     return EXIT_OK

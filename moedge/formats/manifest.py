@@ -24,7 +24,10 @@ from moedge.formats.external_data import external_files
 from moedge.formats.json_fields import FieldReader as _Reader
 from moedge.formats.json_fields import show as _show
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: MoE layers may run their experts inside the stage graph (``experts_in_graph``)
+IN_GRAPH_SCHEMA_VERSION = (
+    2  # the first version with ``experts_in_graph``; bundles without it are written as 1
+)
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "moedge-bundle"
 
@@ -109,21 +112,29 @@ class GatingRule:
 
 @dataclass(frozen=True)
 class MoeSpec:
-    """The routed part of one decoder layer."""
+    """The routed part of one decoder layer.
+
+    With ``experts_in_graph`` (``moedge split --target ort-cpu --experts-in-graph``) the layer's stage
+    graph routes and runs its experts itself and outputs ``hidden_states_out`` like a dense stage: the
+    record keeps the gating rule and expert count, ``experts`` is empty (no expert files) and there is
+    no router file; such a layer may lie inside a stage's span.
+    """
 
     num_experts: int
     gating: GatingRule
     experts: list[GraphSpec]
     router: str | None = None  # .npy of the router weight (experts x hidden), for speculative gating
+    experts_in_graph: bool = False
 
 
 @dataclass(frozen=True)
 class LayerSpec:
     """One decoder layer: its stage graph and, for MoE layers, its experts.
 
-    A stage may run several consecutive dense layers (``span`` > 1, written by ``moedge split --target
-    ort-cpu``): it reads and writes each covered layer's KV cache, and the layers it covers have no
-    stage of their own (``stage`` None).
+    A stage may run several consecutive layers (``span`` > 1, written by ``moedge split --target
+    ort-cpu``): dense layers, and MoE layers whose experts run inside the graph
+    (``MoeSpec.experts_in_graph``). It reads and writes each covered layer's KV cache, and the layers it
+    covers have no stage of their own (``stage`` None).
     """
 
     index: int
@@ -160,13 +171,29 @@ class Manifest:
     routing: str | None = None
     stage_target: str = TARGET_TENSORRT
     rotary: str | None = None  # ort-cpu target: a float32 .npy (2, positions, head_dim / 2): cos, sin
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = (
+        1  # what a bundle needs; the writer puts IN_GRAPH_SCHEMA_VERSION for in-graph experts
+    )
     format: str = BUNDLE_FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         """The manifest as written to disk."""
         return json.dumps(asdict(self), indent=1)
+
+    @property
+    def experts_in_graph(self) -> bool:
+        """Whether some MoE layer runs its experts inside its stage graph (no separate expert graphs)."""
+        return any(layer.moe is not None and layer.moe.experts_in_graph for layer in self.layers)
+
+    def require_separate_experts(self, feature: str, bundle: str | Path = "the bundle") -> None:
+        """Refuse, with one line, a ``feature`` that needs each expert as its own graph (an expert cache,
+        a routing trace, experts on a GPU, simulated profiles) on a bundle whose experts run in-graph."""
+        if self.experts_in_graph:
+            raise MoedgeError(
+                f"{feature} needs each expert as its own graph, but {bundle} runs its experts inside its "
+                "stage graphs (moedge split --experts-in-graph): use a bundle split without --experts-in-graph"
+            )
 
     def graphs(self) -> list[GraphSpec]:
         """Every graph of the bundle, in run order."""
@@ -297,7 +324,14 @@ def _layer(r: _Reader, d: Any, i: int) -> LayerSpec:
         m = r.obj(moe, f + ".moe")
         num = r.integer(r.get(m, "num_experts", f + ".moe.num_experts"), f + ".moe.num_experts", 1, MAX_DIM)
         experts = r.array(r.get(m, "experts", f + ".moe.experts"), f + ".moe.experts")
-        if len(experts) != num:
+        in_graph = r.boolean(m.get("experts_in_graph", False), f + ".moe.experts_in_graph")
+        if in_graph and experts:
+            r.fail(
+                f + ".moe.experts", "[] (the experts run inside the stage graph)", f"{len(experts)} graphs"
+            )
+        if in_graph and m.get("router") is not None:
+            r.fail(f + ".moe.router", "null (the experts run inside the stage graph)", m.get("router"))
+        if not in_graph and len(experts) != num:
             r.fail(f + ".moe.experts", f"an array of num_experts={num} graphs", f"{len(experts)} graphs")
         g = r.obj(r.get(m, "gating", f + ".moe.gating"), f + ".moe.gating")
         scoring = r.get(g, "scoring", f + ".moe.gating.scoring")
@@ -318,6 +352,7 @@ def _layer(r: _Reader, d: Any, i: int) -> LayerSpec:
             gating=gating,
             experts=[_graph(r, e, f"{f}.moe.experts[{j}]") for j, e in enumerate(experts)],
             router=None if router is None else relative_path(router, f + ".moe.router", r.where),
+            experts_in_graph=in_graph,
         )
     stage = r.get(d, "stage", f + ".stage")
     return LayerSpec(
@@ -329,21 +364,23 @@ def _layer(r: _Reader, d: Any, i: int) -> LayerSpec:
 
 
 def _check_spans(r: _Reader, layers: list[LayerSpec]) -> None:
-    """Every layer has a stage or lies in an earlier stage's span of dense layers."""
+    """Every layer has a stage or lies in an earlier stage's span of dense layers (or MoE layers whose
+    experts run inside the graph)."""
     covered_to = -1  # the last layer the latest stage runs
     for i, layer in enumerate(layers):
         f = f"layers[{i}]"
+        separate = layer.moe is not None and not layer.moe.experts_in_graph
         if layer.stage is None:
             if i > covered_to:
                 r.fail(f + ".stage", "a graph (no earlier layer's stage spans this layer)", None)
-            if layer.moe is not None:
+            if separate:
                 r.fail(f + ".moe", "null (a layer inside a span is dense)", "an MoE layer")
             if layer.span != 1:
                 r.fail(f + ".span", "1 (the layer has no stage)", layer.span)
             continue
         if i <= covered_to:
             r.fail(f + ".stage", "null (an earlier layer's stage spans this layer)", "a graph")
-        if layer.span > 1 and layer.moe is not None:
+        if layer.span > 1 and separate:
             r.fail(f + ".span", "1 for an MoE layer", layer.span)
         if i + layer.span > len(layers):
             r.fail(f + ".span", f"at most {len(layers) - i} (the layers from here on)", layer.span)
@@ -433,6 +470,19 @@ def parse_manifest(raw: Any, folder: Path, where: str | None = None) -> Manifest
         extra=r.obj(raw.get("extra", {}), "extra"),
     )
     _check_spans(r, manifest.layers)
+    if manifest.experts_in_graph:
+        if version < IN_GRAPH_SCHEMA_VERSION:
+            r.fail(
+                "schema_version",
+                f"{IN_GRAPH_SCHEMA_VERSION} (a bundle with experts_in_graph layers)",
+                version,
+            )
+        if manifest.stage_target != TARGET_ORT_CPU:
+            r.fail(
+                "stage_target",
+                f"{TARGET_ORT_CPU!r} (the only target with experts_in_graph)",
+                manifest.stage_target,
+            )
     root = Path(os.path.realpath(folder))
     for field_path, rel in manifest.named_paths():
         if rel not in files:

@@ -157,6 +157,7 @@ def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):
 
 def test_choices_come_from_the_registries(capsys):
     from moedge.calibration.config import ACT_CLIPS
+    from moedge.calibration.rotation import ROTATIONS
     from moedge.cli import calibrate
     from moedge.formats.recipe import METHODS
     from moedge.runtime.backends import BACKENDS
@@ -164,6 +165,7 @@ def test_choices_come_from_the_registries(capsys):
 
     # moedge.cli.calibrate spells these out (the calibrator imports torch; `moedge --help` must not)
     assert calibrate.METHODS == METHODS and calibrate.ACT_CLIPS == ACT_CLIPS
+    assert calibrate.ROTATIONS == ROTATIONS
     for flag, names in (("--policy", list(POLICIES)), ("--backend", ["auto", *BACKENDS])):
         code, _, err = _run(capsys, "run", "B", flag, "nope")
         assert code == 2 and f"(choose from {', '.join(map(repr, names))})" in err

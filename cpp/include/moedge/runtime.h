@@ -25,7 +25,7 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-constexpr int kSchemaVersion = 1;  // the newest bundle schema this library reads
+constexpr int kSchemaVersion = 2;  // the newest bundle schema this library reads (2: experts_in_graph)
 // The largest byte count a manifest, a plan or --gpu-budget may give: any sum of two fits in int64.
 constexpr int64_t kMaxBytes = int64_t{1} << 62;
 // The largest manifest.json or plan file read (a real 61-layer x 256-expert manifest is a few MiB).
@@ -56,10 +56,14 @@ struct MoeSpec {
   GatingRule gating;
   std::vector<GraphSpec> experts;
   std::string router;  // .npy of the router weight, relative to the bundle; empty when absent
+  // The stage graph routes and runs the experts (moedge split --experts-in-graph): no expert graphs, no
+  // router; the stage outputs hidden_states_out like a dense stage and may span several layers.
+  bool experts_in_graph = false;
 };
 
 // One decoder layer. A stage may run `span` consecutive dense layers (an ort-cpu bundle joins them into
-// one graph); the layers it covers have no stage of their own and no moe (parse_manifest checks it).
+// one graph), or MoE layers whose experts run in-graph; the layers it covers have no stage of their own
+// and no moe with separate experts (parse_manifest checks it).
 struct LayerSpec {
   int index = 0;
   std::optional<GraphSpec> stage;  // empty: the layer runs inside an earlier layer's stage
@@ -94,6 +98,8 @@ struct Manifest {
 
   // Bytes of every routed expert, as stored; saturates at kMaxBytes.
   int64_t expert_bytes() const;
+  // Whether some MoE layer runs its experts inside its stage graph (no per-expert graphs).
+  bool experts_in_graph() const;
 };
 
 // Parse and check <bundle>/manifest.json (parse_manifest), then the files it lists (check_files; their

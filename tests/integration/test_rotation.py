@@ -1,0 +1,174 @@
+"""--rotate online on tiny models: what the recipe records, the round trip, both bundle targets equal to
+the fake-quant model, ORT still fusing every quantized linear, the outlier it exists for, refusals."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from moedge._errors import MoedgeError
+from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
+from moedge.calibration.layers import decoder_layers, layer_spec
+from moedge.calibration.rotation import OnlineHadamard
+from moedge.export.exporter import export_model
+from moedge.formats.manifest import read_manifest
+from moedge.graph_passes.bundle import split_bundle
+from moedge.graph_passes.check_tensorrt import check_tensorrt_ready
+from moedge.runtime.bundle_runner import BundleRunner
+from moedge.testbeds import build_tiny
+
+SAMPLES = list(np.random.default_rng(0).integers(0, 256, (4, 32)))
+IDS = np.random.default_rng(3).integers(0, 256, (2, 20))
+
+
+def _logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2-moe", "opt"])
+def test_online_rotation_from_recipe_to_both_bundle_targets(kind, tmp_path):
+    loaded = build_tiny(kind)
+    result = calibrate(loaded, SAMPLES, CalibrationConfig(method="rtn", rotate="online"), progress=False)
+    want = _logits(loaded.model, IDS)
+    # every MLP's last linear (dense, each routed expert, the shared expert) and nothing else
+    outputs = set()
+    for index, layer in enumerate(decoder_layers(loaded.model)):
+        prefix = f"{next(n for n, m in loaded.model.named_modules() if m is layer)}."
+        outputs |= {prefix + n for n in layer_spec(loaded.model, index).mlp_outputs}
+    rotated = {n for n, r in result.linears.items() if r.input_rotation}
+    assert rotated == outputs and len(outputs) >= 2
+    for name in rotated:
+        width = loaded.model.get_submodule(name).in_features
+        assert result.linears[name].input_rotation == OnlineHadamard(width).name
+    save_recipe(loaded, result, tmp_path / "recipe")
+    meta = json.loads((tmp_path / "recipe" / "recipe.json").read_text())
+    assert meta["config"]["rotate"] == "online"
+    again = apply_recipe(build_tiny(kind), tmp_path / "recipe")
+    np.testing.assert_array_equal(_logits(again.model, IDS), want)
+    export_model(again, tmp_path / "export")
+    summary = json.loads((tmp_path / "export" / "config.json").read_text())["moedge"]["quantization"]
+    assert set(summary["rotated_inputs"]) == rotated
+    assert not any(n.endswith(".rotation") for n in summary["float_linears"])
+    for target in ("tensorrt",) if kind == "opt" else ("tensorrt", "ort-cpu"):  # OPT: no RoPE to fuse
+        out = tmp_path / target
+        split_bundle(tmp_path / "export", out, target=target, progress=False, validate=True)
+        assert set(read_manifest(out).quantization["rotated_inputs"]) == rotated  # type: ignore[index]
+        _assert_matches_fake_quant(BundleRunner(out).forward(IDS)[0], want, f"{kind} {target}")
+    for graph in sorted((tmp_path / "tensorrt").rglob("*.onnx")):
+        assert check_tensorrt_ready(ir.load(str(graph))) == [], graph.name
+
+
+def _assert_matches_fake_quant(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    """Equal to float noise, except that float32 ulps (the graph's rotation and the fake-quant model's
+    sum in another order) may move an activation across an int8 rounding boundary: that token's logits
+    (and the ones after it) then move by about one quantization step. A wrong rotation moves them all."""
+    scale = float(np.abs(want).max())
+    off_rows = (np.abs(got - want) > 1e-4 * scale).any(axis=-1)
+    worst = float(np.abs(got - want).max()) / scale
+    print(
+        f"{what}: token rows beyond float noise {int(off_rows.sum())} of {off_rows.size}; max error {worst:.2e}"
+    )
+    assert off_rows.mean() <= 0.25 and worst < 0.05, (what, int(off_rows.sum()), worst)
+
+
+def test_ort_cpu_still_runs_every_quantized_linear_as_an_int8_kernel(tmp_path):
+    loaded = build_tiny("llama")
+    result = calibrate(loaded, SAMPLES, CalibrationConfig(method="rtn", rotate="online"), progress=False)
+    save_recipe(loaded, result, tmp_path / "recipe")
+    export_model(apply_recipe(build_tiny("llama"), tmp_path / "recipe"), tmp_path / "export")
+    bundle = split_bundle(tmp_path / "export", tmp_path / "cpu", target="ort-cpu", progress=False)
+    for run in bundle.stage_runs():
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+        ort.InferenceSession(
+            str(tmp_path / "cpu" / run.stage.file), options, providers=["CPUExecutionProvider"]
+        )
+        ops = Counter(
+            n.op_type
+            for n in onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False).graph.node
+        )
+        layers = len(run.layers)
+        # q/k/v and gate/up packed (rtn ties nothing here, but the tiny model's scales are equal), o, down
+        assert ops["MatMulIntegerToFloat"] == ops["QuantizeLinear"] >= 3 * layers, ops
+        assert ops["MatMul"] == 2 * layers  # the two constant factors of each down_proj rotation, in FP
+        assert "DequantizeLinear" not in ops
+
+
+def _outlier_mlp(kind: str) -> tuple[object, str]:
+    """A tiny model whose layer-0 down_proj input has one channel 300x the rest (function unchanged)."""
+    loaded = build_tiny(kind)
+    mlp: nn.Module = decoder_layers(loaded.model)[0].mlp  # type: ignore[assignment]
+    with torch.no_grad():
+        mlp.up_proj.weight[5] *= 300.0  # type: ignore[index, union-attr]
+        mlp.down_proj.weight[:, 5] /= 300.0  # type: ignore[index, union-attr]
+    return loaded, "model.layers.0.mlp.down_proj"
+
+
+def test_the_rotation_absorbs_a_massive_channel_that_a_static_scale_cannot():
+    errors = {}
+    for rotate in ("none", "online"):
+        loaded, name = _outlier_mlp("llama")
+        result = calibrate(loaded, SAMPLES, CalibrationConfig(method="rtn", rotate=rotate), progress=False)
+        errors[rotate] = result.linears[name].rel_error
+        spike = result.linears[name].input_absmax
+        errors[f"{rotate}-absmax"] = spike
+    assert errors["online"] < 0.2 * errors["none"], errors
+    assert errors["online-absmax"] < 0.5 * errors["none-absmax"], errors
+
+
+def test_a_width_without_a_rotation_is_refused_before_calibrating(monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    loaded = build_tiny("llama")
+    config = loaded.model.config
+    config.intermediate_size = 7 * 16
+    decoder_layers(loaded.model)[1].mlp = LlamaMLP(config)
+    calls: list[int] = []
+    import moedge.calibration.calibrator as calibrator
+
+    monkeypatch.setattr(calibrator, "_capture_inputs", lambda *a, **k: calls.append(1) or [])
+    with pytest.raises(MoedgeError, match=r"layer 1 mlp.down_proj: no online Hadamard rotation of width 112"):
+        calibrate(loaded, SAMPLES, CalibrationConfig(rotate="online"), progress=False)
+    assert not calls
+
+
+def test_the_cli_records_the_rotation(tmp_path, capsys):
+    from moedge.cli import main
+
+    code = main(
+        [
+            "calibrate",
+            "tiny-llama",
+            "--method",
+            "rtn",
+            "--rotate",
+            "online",
+            "--calib-data",
+            "demo",
+            "--calib-windows",
+            "2",
+            "--seqlen",
+            "32",
+            "-o",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "r" / "recipe.json").read_text())
+    assert meta["config"]["rotate"] == "online"
+    assert {n for n, r in meta["linears"].items() if r.get("input_rotation")} == {
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    }
+    code = main(["calibrate", "tiny-llama", "--rotate", "both", "-o", str(tmp_path / "x")])
+    assert code == 2 and not Path(tmp_path / "x").exists()
