@@ -32,7 +32,8 @@ moedge-py-fp32-cpu, and smollm2-135m-moe's W8A8 and FP32 ort-cpu bundles moedge-
 moedge-py-moe-fp32-cpu (speed only, every expert on the CPU; ``moe_bar`` in the speed results compares
 the W8A8 one with 0.85 x the dense bundle's decode scaled by their weight bytes read per token, and with
 its FP32 twin), the same two exports split with ``--experts-in-graph`` moedge-py-moe-graph-cpu /
-moedge-py-moe-graph-fp32-cpu (speed only; ``moe_bar``'s ``in_graph_*`` figures), and moedge-fake-quant (perplexity only: ``--recipe``'s PyTorch fake-quant model with
+moedge-py-moe-graph-fp32-cpu (speed only; ``moe_bar``'s ``in_graph_*`` figures), moedge-run on the W8A8 MoE
+bundles moedge-cpp-moe-cpu / moedge-cpp-moe-graph-cpu (``moe_bar``'s ``cpp*`` figures), and moedge-fake-quant (perplexity only: ``--recipe``'s PyTorch fake-quant model with
 its input scales tied, the reference both W8A8 bundles must match). Writes ``benchmarks/results/side_by_side.json`` through ``provenance.write_result``.
 
 The moedge bundles (``~/.cache/moedge/bundles``), from the HAQ ``--quantize-head`` recipe of
@@ -91,6 +92,8 @@ ENGINES = (
     "moedge-py-moe-fp32-cpu",
     "moedge-py-moe-graph-cpu",
     "moedge-py-moe-graph-fp32-cpu",
+    "moedge-cpp-moe-cpu",
+    "moedge-cpp-moe-graph-cpu",
     "moedge-fake-quant",
 )
 OPTIONAL = (  # run by default only where the bundle (recipe) exists
@@ -101,14 +104,19 @@ OPTIONAL = (  # run by default only where the bundle (recipe) exists
     "moedge-py-moe-fp32-cpu",
     "moedge-py-moe-graph-cpu",
     "moedge-py-moe-graph-fp32-cpu",
+    "moedge-cpp-moe-cpu",
+    "moedge-cpp-moe-graph-cpu",
     "moedge-fake-quant",
 )
-CPP_ENGINES = ("moedge-cpp", "moedge-cpp-trt")  # moedge-run processes: no full logits, no load time
+# moedge-run processes: no full logits, no load time
+CPP_ENGINES = ("moedge-cpp", "moedge-cpp-trt", "moedge-cpp-moe-cpu", "moedge-cpp-moe-graph-cpu")
 MOE_ENGINES = (  # smollm2-135m-moe: speed only
     "moedge-py-moe-cpu",
     "moedge-py-moe-fp32-cpu",
     "moedge-py-moe-graph-cpu",
     "moedge-py-moe-graph-fp32-cpu",
+    "moedge-cpp-moe-cpu",
+    "moedge-cpp-moe-graph-cpu",
 )
 PPL_ONLY = ("moedge-fake-quant",)  # the recipe's PyTorch fake-quant model: the accuracy reference
 LABELS = {
@@ -127,6 +135,8 @@ LABELS = {
     "moedge-py-moe-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, every expert on the CPU (Python)",
     "moedge-py-moe-graph-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, --experts-in-graph (Python)",
     "moedge-py-moe-graph-fp32-cpu": "smollm2-135m-moe FP32 bundle, ort-cpu target, --experts-in-graph (Python)",
+    "moedge-cpp-moe-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, every expert on the CPU, C++ moedge-run",
+    "moedge-cpp-moe-graph-cpu": "smollm2-135m-moe W8A8 bundle, ort-cpu target, --experts-in-graph, C++ moedge-run",
     "moedge-fake-quant": "the recipe's PyTorch fake-quant model, input scales tied (the bundles' reference)",
 }
 AGREE = ("moedge-py-trt", "moedge-py-cpu", "moedge-cpp", "moedge-cpp-trt")  # greedy tokens, identical
@@ -172,6 +182,8 @@ def _bundle(args: argparse.Namespace, name: str) -> Path:
         "moedge-py-moe-fp32-cpu": args.moe_fp32_cpu_bundle,
         "moedge-py-moe-graph-cpu": args.moe_graph_cpu_bundle,
         "moedge-py-moe-graph-fp32-cpu": args.moe_graph_fp32_cpu_bundle,
+        "moedge-cpp-moe-cpu": args.moe_cpu_bundle,
+        "moedge-cpp-moe-graph-cpu": args.moe_graph_cpu_bundle,
     }[name]
 
 
@@ -469,6 +481,10 @@ def moe_bar(args: argparse.Namespace, rows: dict[str, Any]) -> dict[str, Any] | 
             out["in_graph_over_fp32_twin"] = (
                 graph / rows["moedge-py-moe-graph-fp32-cpu"]["decode_tokens_per_s"]
             )
+    for name, key in (("moedge-cpp-moe-cpu", "cpp"), ("moedge-cpp-moe-graph-cpu", "cpp_in_graph")):
+        if name in rows:  # moedge-run on the same bundles
+            out[f"{key}_decode_tokens_per_s"] = rows[name]["decode_tokens_per_s"]
+            out[f"{key}_over_bar"] = rows[name]["decode_tokens_per_s"] / bar
     return out
 
 
