@@ -20,8 +20,8 @@ random signs D), the model computes the same function when, in float64:
    exported head graph, which reads no input but its hidden state.
 
 The one approach serves tied and untied heads alike; the bundle grows by the factor matrices only
-(4 x 4 and 144 x 144, twice, for smollm2's 576). The rotation spreads outlier channels of the stream over all
-channels before each static int8 quantizer. A recipe records the order and seed; ``apply_recipe``
+(4 x 4 and 144 x 144, twice, for smollm2's 576). The rotation spreads outlier channels of the stream
+over all channels before each static int8 quantizer. A recipe records the order and seed; ``apply_recipe``
 rebuilds E Q, the head's rotation and ``RotatedFinalNorm`` from them on a fresh FP model (the decoder
 layers and the final norm come from the recipe's weights, the rotated embedding is never stored).
 
@@ -229,10 +229,12 @@ def _check_rms_norm(norm: nn.Module, where: str, width: int) -> None:
     )
     if plain:
         assert weight is not None and eps is not None
-        x = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(weight)
+        x = torch.randn(3, width, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            want = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-            plain = bool(torch.allclose(norm(x), want, rtol=_RMS_CHECK_TOLERANCE, atol=1e-6))
+            want = weight.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+            got = norm(x.to(weight)).float()
+        tolerance = max(_RMS_CHECK_TOLERANCE, 8 * torch.finfo(weight.dtype).eps)
+        plain = bool(torch.allclose(got, want, rtol=tolerance, atol=tolerance))
     if not plain:
         raise MoedgeError(
             f"{where} is a {kind}, not an RMSNorm (weight * x / rms(x), no bias): the residual stream "
