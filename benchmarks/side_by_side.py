@@ -96,18 +96,6 @@ ENGINES = (
     "moedge-cpp-moe-graph-cpu",
     "moedge-fake-quant",
 )
-OPTIONAL = (  # run by default only where the bundle (recipe) exists
-    "moedge-py-untied-trt",
-    "moedge-py-fp32-trt",
-    "moedge-py-fp32-cpu",
-    "moedge-py-moe-cpu",
-    "moedge-py-moe-fp32-cpu",
-    "moedge-py-moe-graph-cpu",
-    "moedge-py-moe-graph-fp32-cpu",
-    "moedge-cpp-moe-cpu",
-    "moedge-cpp-moe-graph-cpu",
-    "moedge-fake-quant",
-)
 # moedge-run processes: no full logits, no load time
 CPP_ENGINES = ("moedge-cpp", "moedge-cpp-trt", "moedge-cpp-moe-cpu", "moedge-cpp-moe-graph-cpu")
 MOE_ENGINES = (  # smollm2-135m-moe: speed only
@@ -118,7 +106,15 @@ MOE_ENGINES = (  # smollm2-135m-moe: speed only
     "moedge-cpp-moe-cpu",
     "moedge-cpp-moe-graph-cpu",
 )
-PPL_ONLY = ("moedge-fake-quant",)  # the recipe's PyTorch fake-quant model: the accuracy reference
+PPL_ONLY = ("moedge-fake-quant",)
+# run by default only where the bundle (recipe) exists
+OPTIONAL = (
+    "moedge-py-untied-trt",
+    "moedge-py-fp32-trt",
+    "moedge-py-fp32-cpu",
+    *MOE_ENGINES,
+    *PPL_ONLY,
+)  # the recipe's PyTorch fake-quant model: the accuracy reference
 LABELS = {
     "moedge-py-trt": "moedge W8A8 bundle, tensorrt-target stages (Python)",
     "moedge-py-cpu": "moedge W8A8 bundle, ort-cpu target (Python)",

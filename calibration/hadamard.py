@@ -67,7 +67,7 @@ def _base(m: int) -> np.ndarray:
     return _paley_two(17)  # m == 36
 
 
-def _split(n: int) -> tuple[int, int] | None:
+def order_split(n: int) -> tuple[int, int] | None:
     """(m, k) with n = 2^k * m and m in BASE_ORDERS, or None when n has no such form."""
     if n < 1:
         return None
@@ -88,7 +88,7 @@ def hadamard_matrix(n: int) -> np.ndarray:
     Other sizes raise ``MoedgeError`` naming n and the supported forms.
     """
     n = operator.index(n)
-    split = _split(n)
+    split = order_split(n)
     if split is None:
         raise MoedgeError(
             f"no Hadamard matrix of order {n} here: supported orders are 2^k, 12 * 2^k, 20 * 2^k "
@@ -100,6 +100,11 @@ def hadamard_matrix(n: int) -> np.ndarray:
     for _ in range(k):
         h = np.kron(doubling, h)
     return h
+
+
+def normalised_hadamard(n: int) -> np.ndarray:
+    """``hadamard_matrix(n) / sqrt(n)`` as float64: orthonormal."""
+    return hadamard_matrix(n).astype(np.float64) / np.sqrt(n)
 
 
 def random_hadamard(n: int, seed: int) -> np.ndarray:

@@ -32,7 +32,6 @@ positions), any residual norm that is not a plain RMSNorm, and hidden sizes with
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-from moedge.calibration.hadamard import hadamard_matrix, random_hadamard
+from moedge.calibration.hadamard import hadamard_matrix, normalised_hadamard, random_hadamard
 from moedge.calibration.layers import decoder_layers, head_modules, layer_spec
 from moedge.calibration.rotation import MAX_FACTOR
 
@@ -110,10 +109,6 @@ def kronecker_orders(n: int) -> tuple[int, int]:
     return small[0] if small else min(splits, key=max)
 
 
-def _normalised(n: int) -> np.ndarray:
-    return hadamard_matrix(n).astype(np.float64) / math.sqrt(n)
-
-
 class KroneckerRotation(nn.Module):
     """x -> x kron(L^T, R) for x with ``p * q`` channels last: the row-major flattening of L X R, X being
     x laid out as p x q (row i: channels i q .. i q + q - 1).
@@ -139,7 +134,7 @@ class KroneckerRotation(nn.Module):
     def hadamard(cls, n: int, *, transpose: bool = False) -> KroneckerRotation:
         """x -> x Hn (or x Hn^T with ``transpose``), Hn = ``hadamard_matrix(n) / sqrt(n)`` = kron(A, B)."""
         p, q = kronecker_orders(n)
-        a, b = _normalised(p), _normalised(q)
+        a, b = normalised_hadamard(p), normalised_hadamard(q)
         return cls(a, b.T) if transpose else cls(a.T, b)
 
     def dense(self) -> torch.Tensor:

@@ -15,7 +15,6 @@ n x n constant. The weight side, W R, is folded offline into the linear's weight
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-from moedge.calibration.hadamard import BASE_ORDERS, hadamard_matrix
+from moedge.calibration.hadamard import normalised_hadamard, order_split
 
 ROTATIONS = ("none", "online", "offline", "full")
 """``CalibrationConfig.rotate`` values: no rotation; the online rotation of every MLP output linear's input;
@@ -37,19 +36,13 @@ def hadamard_factors(n: int) -> tuple[int, int]:
 
     Raises ``MoedgeError`` when n has no Hadamard matrix here or would need a factor above ``MAX_FACTOR``.
     """
-    k, odd = 0, n
-    while odd > 0 and odd % 2 == 0:
-        odd //= 2
-        k += 1
-    base = next((m for m in BASE_ORDERS if m // (m & -m) == odd), None)
-    if n < 2 or base is None:
+    split = order_split(n) if n >= 2 else None
+    if split is None:
         raise MoedgeError(
             f"no online Hadamard rotation of width {n}: supported widths are 2^k, 12 * 2^k, 20 * 2^k and "
             "36 * 2^k; calibrate this model with --rotate none"
         )
-    # split the powers of two so that p = base * 2^i and q = 2^j are balanced
-    twos_in_base = (base & -base).bit_length() - 1
-    k -= twos_in_base
+    base, k = split  # n = base * 2^k
     best: tuple[int, int] | None = None
     for i in range(k + 1):
         p, q = base * (1 << i), 1 << (k - i)
@@ -64,10 +57,6 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     return best
 
 
-def _normalised(n: int) -> np.ndarray:
-    return hadamard_matrix(n).astype(np.float64) / math.sqrt(n)
-
-
 class OnlineHadamard(nn.Module):
     """x -> x R with R = kron(P, Q) a normalised Hadamard matrix, as a reshape and two small matmuls."""
 
@@ -78,8 +67,8 @@ class OnlineHadamard(nn.Module):
         super().__init__()
         p, q = hadamard_factors(width)
         self.width, self.p, self.q = width, p, q
-        self.register_buffer("left", torch.from_numpy(_normalised(p).T.copy()).to(torch.float32))
-        self.register_buffer("right", torch.from_numpy(_normalised(q)).to(torch.float32))
+        self.register_buffer("left", torch.from_numpy(normalised_hadamard(p).T.copy()).to(torch.float32))
+        self.register_buffer("right", torch.from_numpy(normalised_hadamard(q)).to(torch.float32))
 
     @property
     def name(self) -> str:
@@ -88,7 +77,7 @@ class OnlineHadamard(nn.Module):
 
     def dense(self) -> torch.Tensor:
         """R as an n x n float64 matrix (for folding W R offline; never put in a graph)."""
-        return torch.from_numpy(np.kron(_normalised(self.p), _normalised(self.q)))
+        return torch.from_numpy(np.kron(normalised_hadamard(self.p), normalised_hadamard(self.q)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x R for x of any leading shape with ``width`` channels last."""

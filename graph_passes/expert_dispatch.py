@@ -47,7 +47,7 @@ from moedge.formats.manifest import (
     GatingRule,
 )
 
-__all__ = ["MOE_COMBINE_KEY", "dispatch_experts_in_graph", "subgraph_names"]
+__all__ = ["MOE_COMBINE_KEY", "dispatch_experts_in_graph", "merge_opsets", "subgraph_names"]
 
 # Node metadata on the Add that closes an in-graph MoE layer (residual + routed): ``fuse_residual_joins``
 # leaves it and the next layer's norm apart, so the next norm runs as the runtime-dispatch bundle runs it
@@ -85,13 +85,7 @@ def dispatch_experts_in_graph(
     routed = build.op("ConstantOfShape", [build.op("Shape", [x])], value=ir.tensor(np.zeros(1, np.float32)))
     for e, expert in enumerate(experts):
         routed = build.expert(e, expert, x, chosen, weights, routed)
-        for domain, version in expert.opset_imports.items():
-            if stage.opset_imports.setdefault(domain, version) != version:
-                raise MoedgeError(
-                    f"layer {index}'s expert {e} imports {domain or 'ai.onnx'} opset {version}, its stage "
-                    f"{stage.opset_imports[domain]}"
-                )
-            graph.opset_imports.setdefault(domain, version)
+        merge_opsets(stage, expert, f"layer {index}'s expert {e}", "its stage")
     if gating.shared_expert:
         routed = build.op("Add", [routed, outputs[SHARED_OUTPUT]])
     reshaped = build.op("Reshape", [routed, build.op("Shape", [residual])])
@@ -110,6 +104,18 @@ def dispatch_experts_in_graph(
         if value is not None and value.name in wanted:  # now internal: free the public name
             value.name = build.fresh(f"{value.name}.{index}")
     return stage
+
+
+def merge_opsets(into: ir.Model, other: ir.Model, what: str, into_what: str) -> None:
+    """Add ``other``'s opset imports to ``into`` (model and graph); a domain imported at two versions is
+    refused, naming ``what`` (``other``) and ``into_what``."""
+    for domain, version in other.opset_imports.items():
+        if into.opset_imports.setdefault(domain, version) != version:
+            raise MoedgeError(
+                f"{what} imports {domain or 'ai.onnx'} opset {version}, {into_what} "
+                f"{into.opset_imports[domain]}"
+            )
+        into.graph.opset_imports.setdefault(domain, version)
 
 
 def subgraph_names(graph: ir.Graph) -> set[str]:

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from moedge._errors import MoedgeError
 from moedge.formats.manifest import HIDDEN, HIDDEN_OUT
-from moedge.graph_passes.expert_dispatch import subgraph_names
+from moedge.graph_passes.expert_dispatch import merge_opsets, subgraph_names
 
 __all__ = ["merge_layer_stages"]
 
@@ -47,13 +47,7 @@ def merge_layer_stages(stages: Sequence[ir.Model], indices: Sequence[int]) -> ir
     node_names = {n.name for n in graph if n.name}
     for model, index in zip(stages[1:], indices[1:], strict=True):
         _append(graph, model.graph, index, taken, node_names)
-        for domain, version in model.opset_imports.items():
-            if merged.opset_imports.setdefault(domain, version) != version:
-                raise MoedgeError(
-                    f"layer {index}'s stage imports {domain or 'ai.onnx'} opset {version}, "
-                    f"layer {indices[0]}'s {merged.opset_imports[domain]}"
-                )
-            graph.opset_imports.setdefault(domain, version)
+        merge_opsets(merged, model, f"layer {index}'s stage", f"layer {indices[0]}'s")
     graph.name = f"layers_{indices[0]:03d}_{indices[-1]:03d}"
     return merged
 
