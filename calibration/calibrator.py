@@ -59,10 +59,12 @@ from moedge.formats.routing import RoutingRecorder
 from moedge.model import LoadedModel
 
 __all__ = [
+    "PHASES",
     "CalibrationConfig",
     "CalibrationResult",
     "LayerOutcome",
     "LinearReport",
+    "PhaseClock",
     "calibrate",
     "calibrate_layer",
     "check_finite_weights",
@@ -71,10 +73,31 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+PHASES = ("capture", "rotate-residual", "observe", "smooth", "rotate", "decide", "swap", "propagate", "other")
+"""The calibration phases ``CalibrationResult.phase_seconds`` times: layer-0 input capture, the offline
+residual rotation, observation passes, smoothing search and folds, online rotations (statistics turned),
+weight codes and ranges (GPTQ, range search), the fake-quant swap, the quantized pass to the next layer."""
+
 _IDLE_QUANTIZED = (
     "round-to-nearest weights, the widest input range of its role's experts before it (else 1.0)"
 )
 Inputs = list[tuple[torch.Tensor, dict[str, Any]]]  # a layer's captured (hidden states, keyword arguments)
+
+
+class PhaseClock:
+    """Wall seconds per calibration phase (``PHASES``), accumulated over every layer."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the block as part of phase ``name``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
 
 
 def calibrate(
@@ -104,8 +127,10 @@ def calibrate(
     torch.manual_seed(cfg.seed)
     model.eval()
     split_experts(model, arch)
+    clock = PhaseClock()
     if cfg.rotate in RESIDUAL_ROTATIONS:  # the FP model, exactly, before any layer is observed
-        rotate_residual(model, loaded.model_type, cfg.seed, name=loaded.name)
+        with clock.phase("rotate-residual"):
+            rotate_residual(model, loaded.model_type, cfg.seed, name=loaded.name)
     if cfg.rotate in ONLINE_ROTATIONS:
         _check_rotatable(model)  # before the long layer loop, not in the middle of it
     num_experts = arch.num_experts(model.config)
@@ -115,9 +140,11 @@ def calibrate(
         alpha_fixed=cfg.fixed_alpha(loaded.model_type),
         routing=RoutingRecorder(num_experts, top_k) if num_experts else None,
         retain_fp=retain_fp or cfg.auto_keep_fp > 0,
+        clock=clock,
     )
     with torch.no_grad():
-        cache = _capture_inputs(model, samples, cfg.batch_size)
+        with clock.phase("capture"):
+            cache = _capture_inputs(model, samples, cfg.batch_size)
         tokens = sum(int(h.shape[0] * h.shape[1]) for h, _ in cache)
         _calibrate_model(model, cache, run, progress)
         cache.clear()
@@ -155,6 +182,7 @@ class _Run:
     alpha_fixed: float | None
     routing: RoutingRecorder | None
     retain_fp: bool
+    clock: PhaseClock = field(default_factory=PhaseClock)
     reports: dict[str, LinearReport] = field(default_factory=dict)
     smoothing: dict[str, float | None] = field(default_factory=dict)
     fp_weights: dict[str, FpWeight] = field(default_factory=dict)
@@ -167,7 +195,9 @@ class _Run:
         self.fp_weights.update(outcome.fp_weights)
 
     def result(self, *, seconds: float, peak_rss_mb: float, samples: int, tokens: int) -> CalibrationResult:
-        """The run's result, with its totals."""
+        """The run's result, with its totals (time outside the timed phases counted as "other")."""
+        phases = dict(self.clock.seconds)
+        phases["other"] = max(0.0, seconds - sum(phases.values()))
         return CalibrationResult(
             config=self.config,
             linears=self.reports,
@@ -179,6 +209,7 @@ class _Run:
             samples=samples,
             tokens=tokens,
             excluded=self.excluded,
+            phase_seconds={k: round(v, 3) for k, v in phases.items()},
             fp_weights=self.fp_weights,
         )
 
@@ -206,9 +237,11 @@ def _calibrate_model(model: nn.Module, cache: Inputs, run: _Run, progress: bool)
             name_prefix=name_prefix,
             routing=run.routing,
             retain_fp=run.retain_fp,
+            clock=run.clock,
         )
         run.add(outcome)
-        _propagate(layer, cache, index)
+        with run.clock.phase("propagate"):
+            _propagate(layer, cache, index)
     if cfg.quantize_head:
         run.excluded.remove("lm_head")
         run.add(_calibrate_head(model, cache, run))
@@ -281,14 +314,16 @@ def calibrate_layer(
     name_prefix: str = "",
     routing: RoutingRecorder | None = None,
     retain_fp: bool = False,
+    clock: PhaseClock | None = None,
 ) -> LayerOutcome:
     """Observe, smooth, decide and swap one layer in place; return what was decided.
 
     ``inputs`` are the layer's captured inputs (left unchanged), ``name_prefix`` the layer's module
     name (linear names in the outcome are qualified with it). ``alpha_fixed``: the one smoothing
     strength (None: searched per group). ``routing`` records the layer's expert choices while it is
-    observed. ``retain_fp`` keeps each swapped linear's smoothed FP weights.
+    observed. ``retain_fp`` keeps each swapped linear's smoothed FP weights. ``clock`` times the phases.
     """
+    clock = clock or PhaseClock()
 
     def qualified(name: str) -> str:
         return f"{name_prefix}.{name}" if name_prefix else name
@@ -297,7 +332,8 @@ def calibrate_layer(
     hessian_keys = (
         {spec.input_key[n] for n in spec.linears if n not in keep} if config.hessian_weights else set()
     )
-    with _recording_routing(routing, spec):
+    rotated = [n for n in spec.mlp_outputs if n not in keep] if config.rotate in ONLINE_ROTATIONS else []
+    with _recording_routing(routing, spec), clock.phase("observe"):
         obs = observe_layer(
             layer,
             spec.observed,
@@ -306,45 +342,42 @@ def calibrate_layer(
             sample_tokens=config.sample_tokens,
             seed=config.seed,
             histogram=config.range_mode.histogram,
+            retain_keys=frozenset(spec.input_key[n] for n in rotated),
         )
-    plan = smooth_layer(spec, obs, keep, config, alpha_fixed, qualified)
-    if config.rotate in ONLINE_ROTATIONS:
-        _rotate_mlp_outputs(layer, spec, inputs, obs, plan, keep, hessian_keys, config)
-    decisions = _decide_linears(spec, obs, plan, keep, config, qualified)
-    fp_weights = swap_linears(layer, spec, decisions, retain_fp=retain_fp)
+    with clock.phase("smooth"):
+        plan = smooth_layer(spec, obs, keep, config, alpha_fixed, qualified)
+    if rotated:
+        with clock.phase("rotate"):
+            _rotate_mlp_outputs(spec, rotated, obs, plan)
+    with clock.phase("decide"):
+        decisions = _decide_linears(spec, obs, plan, keep, config, qualified)
+    with clock.phase("swap"):
+        fp_weights = swap_linears(layer, spec, decisions, retain_fp=retain_fp)
     return LayerOutcome(decisions, plan.alphas, fp_weights)
 
 
 def _rotate_mlp_outputs(
-    layer: nn.Module,
-    spec: LayerSpec,
-    inputs: Inputs,
-    obs: dict[str, InputObserver],
-    plan: SmoothingPlan,
-    keep: set[str],
-    hessian_keys: set[str],
-    config: CalibrationConfig,
+    spec: LayerSpec, rotated: list[str], obs: dict[str, InputObserver], plan: SmoothingPlan
 ) -> None:
-    """Rotate the input of every quantized MLP output linear (after its smoothing fold), then observe
-    those inputs again, rotated: their decisions read the new statistics, with no smoothing left to apply."""
-    rotated = [n for n in spec.mlp_outputs if n not in keep]
+    """Rotate the input of each MLP output linear in ``rotated`` (after its smoothing fold) and turn its
+    observed statistics into those of the rotated input: its decision reads them, with no smoothing left
+    to apply.
+
+    The rotated input is (x / cols) R for the observed x: the retained batches give its absmax and
+    sampled rows, and the Hessian turns exactly (M = diag(1 / cols) R), so the layer is not run again.
+    """
     for name in rotated:
-        rotate_input(spec.linears[name])
-    keys = {spec.input_key[n] for n in rotated}
-    if not keys:
-        return
-    obs.update(
-        observe_layer(
-            layer,
-            {k: spec.observed[k] for k in sorted(keys)},
-            inputs,
-            hessian_keys=keys & hessian_keys,
-            sample_tokens=config.sample_tokens,
-            seed=config.seed,
-            histogram=config.range_mode.histogram,
-        )
-    )
-    for name in rotated:
+        rotation = rotate_input(spec.linears[name]).rotation
+        key = spec.input_key[name]
+        cols = plan.linears[name].cols
+        matrix = rotation.dense()
+        if cols is None:
+            obs[key] = obs[key].transformed(rotation, matrix)
+        else:
+            obs[key] = obs[key].transformed(
+                lambda x, cols=cols, rotation=rotation: rotation(x / cols),
+                matrix / cols.to(torch.float64)[:, None],
+            )
         plan.linears[name] = replace(plan.linears[name], cols=None)
 
 
@@ -411,7 +444,13 @@ def _calibrate_head(model: nn.Module, cache: Inputs, run: _Run) -> LayerOutcome:
     _, norm = head_modules(model)
     block = HeadBlock(norm, model.lm_head)  # type: ignore[arg-type]
     outcome = calibrate_layer(
-        block, head_spec(block), cache, run.config, alpha_fixed=run.alpha_fixed, retain_fp=run.retain_fp
+        block,
+        head_spec(block),
+        cache,
+        run.config,
+        alpha_fixed=run.alpha_fixed,
+        retain_fp=run.retain_fp,
+        clock=run.clock,
     )
     model.lm_head = block.lm_head
     if "lm_head" in outcome.fp_weights:

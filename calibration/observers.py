@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,8 +35,12 @@ class InputObserver:
         seed: int,
         tail_tokens: int = 64,
         histogram: bool = True,
+        retain: bool = False,
     ) -> None:
         self.key = key
+        self.seed = seed
+        # every batch seen, kept for ``transformed`` (the input of a linear rotated after observation)
+        self.retained: list[torch.Tensor] | None = [] if retain else None
         self.want_hessian = hessian
         self.want_histogram = histogram
         self.sample_tokens = sample_tokens
@@ -64,6 +68,8 @@ class InputObserver:
             raise MoedgeError(
                 f"non-finite activations (NaN/Inf) reach {self.key}: the model or the calibration data is broken"
             )
+        if self.retained is not None:
+            self.retained.append(x.clone())
         self.tokens += x.shape[0]
         half = self.batches % 2
         self.batches += 1
@@ -100,6 +106,33 @@ class InputObserver:
             top = torch.topk(tail.abs().amax(dim=1), self.tail_tokens).indices
             tail, tail_tags = tail[top], tail_tags[top]
         self._tail, self._tail_tags = tail.clone(), tail_tags
+
+    def transformed(self, fn: Callable[[torch.Tensor], torch.Tensor], matrix: torch.Tensor) -> InputObserver:
+        """The statistics this input would have had as x -> fn(x) = x M, from the retained batches.
+
+        ``matrix`` is M ([in, in]): the Hessian turns exactly (Mᵀ E[x xᵀ] M, in float64) instead of
+        being accumulated again; absmax, histogram and sampled rows come from ``fn`` of every retained
+        batch in the order seen, so the same tokens are sampled. Needs ``retain``; the retained batches
+        are released.
+        """
+        if self.retained is None:
+            raise MoedgeError(f"the inputs of {self.key} were not retained: cannot transform its statistics")
+        out = InputObserver(
+            self.key,
+            hessian=False,
+            sample_tokens=self.sample_tokens,
+            seed=self.seed,
+            tail_tokens=self.tail_tokens,
+            histogram=self.want_histogram,
+        )
+        for x in self.retained:
+            out.update(fn(x))
+        self.retained = None
+        if self.want_hessian and self._xtx is not None:
+            m = matrix.to(torch.float64)
+            out._xtx = (m.T @ self._xtx.to(torch.float64) @ m).to(torch.float32)
+            out.want_hessian = True
+        return out
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -161,11 +194,20 @@ def observe(
     sample_tokens: int,
     seed: int,
     histogram: bool = True,
+    retain_keys: frozenset[str] = frozenset(),
 ) -> Iterator[dict[str, InputObserver]]:
-    """Attach one observer per input key to the module that owns it; detach on exit."""
+    """Attach one observer per input key to the module that owns it; detach on exit.
+
+    The observers of ``retain_keys`` keep every batch (``InputObserver.transformed``).
+    """
     observers = {
         key: InputObserver(
-            key, hessian=key in hessian_keys, sample_tokens=sample_tokens, seed=seed, histogram=histogram
+            key,
+            hessian=key in hessian_keys,
+            sample_tokens=sample_tokens,
+            seed=seed,
+            histogram=histogram,
+            retain=key in retain_keys,
         )
         for key in modules
     }
@@ -194,14 +236,20 @@ def observe_layer(
     sample_tokens: int,
     seed: int,
     histogram: bool,
+    retain_keys: frozenset[str] = frozenset(),
 ) -> dict[str, InputObserver]:
     """Run ``layer`` on every captured (hidden states, keyword arguments) input and return the statistics.
 
-    One observer per input key of ``modules`` (see ``observe``); the layer's outputs are discarded and
-    its modules are left untouched.
+    One observer per input key of ``modules`` (see ``observe``; ``retain_keys`` keep their batches); the
+    layer's outputs are discarded and its modules are left untouched.
     """
     with observe(
-        modules, hessian_keys=hessian_keys, sample_tokens=sample_tokens, seed=seed, histogram=histogram
+        modules,
+        hessian_keys=hessian_keys,
+        sample_tokens=sample_tokens,
+        seed=seed,
+        histogram=histogram,
+        retain_keys=retain_keys,
     ) as observers:
         for hidden, kwargs in inputs:
             layer(hidden, **kwargs)

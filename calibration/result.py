@@ -67,6 +67,8 @@ class CalibrationResult:
     samples: int
     tokens: int
     excluded: list[str] = field(default_factory=list)
+    # wall seconds per calibration phase (``calibrator.PHASES``), summed over layers
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     # smoothed FP weights of the quantized linears, kept only when asked (automatic mixed precision)
     fp_weights: dict[str, FpWeight] = field(default_factory=dict, repr=False)
 
@@ -79,6 +81,7 @@ class CalibrationResult:
             "kept_fp": self.kept_fp,
             "excluded": self.excluded,
             "seconds": self.seconds,
+            "phase_seconds": self.phase_seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "samples": self.samples,
             "tokens": self.tokens,

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
+from moedge.calibration.observers import InputObserver
 from moedge.calibration.rotation import (
     MAX_FACTOR,
     OnlineHadamard,
@@ -75,3 +76,39 @@ def test_only_plain_linears_are_rotated_and_recipes_name_their_rotation():
     assert rotation_for("hadamard-12x8", 96).name == "hadamard-12x8"
     with pytest.raises(MoedgeError, match=r"hadamard-8x12.*re-run `moedge calibrate`"):
         rotation_for("hadamard-8x12", 96)
+
+
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_transformed_statistics_equal_a_second_observation_of_the_rotated_input(smoothed):
+    """The rotated input's statistics turned from the retained batches match observing it again."""
+    gen = torch.Generator().manual_seed(3)
+    width = 96  # 12 x 8
+    batches = [torch.randn(4, 32, width, generator=gen) for _ in range(5)]
+    batches[2][1, 7, 5] = 300.0  # one token-specific massive channel
+    cols = torch.rand(width, generator=gen) + 0.5 if smoothed else None
+
+    def observer(retain: bool) -> InputObserver:
+        return InputObserver("mlp.down_proj", hessian=True, sample_tokens=64, seed=0, retain=retain)
+
+    first = observer(True)
+    for x in batches:
+        first.update(x)
+    rotation = OnlineHadamard(width)
+    if cols is None:
+        turned = first.transformed(rotation, rotation.dense())
+    else:
+        turned = first.transformed(lambda x: rotation(x / cols), rotation.dense() / cols.double()[:, None])
+    again = observer(False)
+    for x in batches:
+        again.update(rotation(x if cols is None else x / cols))
+    assert first.retained is None  # released
+    assert turned.tokens == again.tokens and turned.batches == again.batches
+    torch.testing.assert_close(turned.absmax, again.absmax, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(turned.hessian, again.hessian, rtol=1e-4, atol=1e-4)
+    for half in (None, 0, 1):
+        rows, weights = turned.rows(half=half)
+        rows_again, weights_again = again.rows(half=half)
+        torch.testing.assert_close(rows, rows_again)
+        torch.testing.assert_close(weights, weights_again)
+    with pytest.raises(MoedgeError, match="not retained"):
+        again.transformed(rotation, rotation.dense())
