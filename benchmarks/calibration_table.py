@@ -235,6 +235,7 @@ def run_one(model_name: str, config: str, full: bool, bundle: bool = False) -> d
     calib_info = {
         "seconds": result.seconds,
         "peak_rss_mb": _peak_mb(),
+        "phase_seconds": result.phase_seconds,
         "samples": result.samples,
         "tokens": result.tokens,
         "smoothing_strengths": _histogram([v for v in result.smoothing.values()]),

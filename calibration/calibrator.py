@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,15 +44,16 @@ from moedge.calibration.mixed_precision import _fp_linear as _fp_linear
 from moedge.calibration.mixed_precision import _probe_loss as _probe_loss
 from moedge.calibration.mixed_precision import keep_most_sensitive
 from moedge.calibration.observers import InputObserver, observe_layer
+from moedge.calibration.phases import PHASES, PhaseClock
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.calibration.residual_rotation import rotate_residual
 from moedge.calibration.result import CalibrationResult, FpWeight, LinearReport
+from moedge.calibration.rotate_layer import rotate_mlp_outputs
 from moedge.calibration.rotation import (
     ONLINE_ROTATIONS,
     RESIDUAL_ROTATIONS,
     hadamard_factors,
     input_rotation,
-    rotate_input,
 )
 from moedge.calibration.smoothing import SmoothingPlan, smooth_layer
 from moedge.formats.routing import RoutingRecorder
@@ -73,31 +74,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PHASES = ("capture", "rotate-residual", "observe", "smooth", "rotate", "decide", "swap", "propagate", "other")
-"""The calibration phases ``CalibrationResult.phase_seconds`` times: layer-0 input capture, the offline
-residual rotation, observation passes, smoothing search and folds, online rotations (statistics turned),
-weight codes and ranges (GPTQ, range search), the fake-quant swap, the quantized pass to the next layer."""
-
 _IDLE_QUANTIZED = (
     "round-to-nearest weights, the widest input range of its role's experts before it (else 1.0)"
 )
 Inputs = list[tuple[torch.Tensor, dict[str, Any]]]  # a layer's captured (hidden states, keyword arguments)
-
-
-class PhaseClock:
-    """Wall seconds per calibration phase (``PHASES``), accumulated over every layer."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        """Time the block as part of phase ``name``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
 
 
 def calibrate(
@@ -343,42 +323,18 @@ def calibrate_layer(
             seed=config.seed,
             histogram=config.range_mode.histogram,
             retain_keys=frozenset(spec.input_key[n] for n in rotated),
+            skip=[spec.linears[n] for n in spec.mlp_outputs],
         )
     with clock.phase("smooth"):
         plan = smooth_layer(spec, obs, keep, config, alpha_fixed, qualified)
     if rotated:
         with clock.phase("rotate"):
-            _rotate_mlp_outputs(spec, rotated, obs, plan)
+            rotate_mlp_outputs(spec, rotated, obs, plan)
     with clock.phase("decide"):
         decisions = _decide_linears(spec, obs, plan, keep, config, qualified)
     with clock.phase("swap"):
         fp_weights = swap_linears(layer, spec, decisions, retain_fp=retain_fp)
     return LayerOutcome(decisions, plan.alphas, fp_weights)
-
-
-def _rotate_mlp_outputs(
-    spec: LayerSpec, rotated: list[str], obs: dict[str, InputObserver], plan: SmoothingPlan
-) -> None:
-    """Rotate the input of each MLP output linear in ``rotated`` (after its smoothing fold) and turn its
-    observed statistics into those of the rotated input: its decision reads them, with no smoothing left
-    to apply.
-
-    The rotated input is (x / cols) R for the observed x: the retained batches give its absmax and
-    sampled rows, and the Hessian turns exactly (M = diag(1 / cols) R), so the layer is not run again.
-    """
-    for name in rotated:
-        rotation = rotate_input(spec.linears[name]).rotation
-        key = spec.input_key[name]
-        cols = plan.linears[name].cols
-        matrix = rotation.dense()
-        if cols is None:
-            obs[key] = obs[key].transformed(rotation, matrix)
-        else:
-            obs[key] = obs[key].transformed(
-                lambda x, cols=cols, rotation=rotation: rotation(x / cols),
-                matrix / cols.to(torch.float64)[:, None],
-            )
-        plan.linears[name] = replace(plan.linears[name], cols=None)
 
 
 def _decide_linears(

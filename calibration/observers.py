@@ -84,8 +84,10 @@ class InputObserver:
             )
             self.hist += torch.bincount(idx, minlength=self.hist.numel()).to(torch.float64)
         if self.want_hessian:
-            xtx = x.T @ x
-            self._xtx = xtx if self._xtx is None else self._xtx + xtx
+            if self._xtx is None:
+                self._xtx = x.T @ x
+            else:
+                self._xtx.addmm_(x.T, x)
         pr = torch.rand(x.shape[0], generator=self._gen)
         tag = torch.full((x.shape[0],), half, dtype=torch.int8)
         if self._sample is None or self._priority is None:
@@ -227,6 +229,23 @@ def observe(
             h.remove()
 
 
+@contextmanager
+def _returning_zeros(linears: Sequence[nn.Module]) -> Iterator[None]:
+    """Inside, each of ``linears`` returns zeros of its output shape (its hooks still run)."""
+
+    def zeros(x: torch.Tensor, out_features: int) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], out_features)
+
+    for lin in linears:
+        out_features = int(lin.weight.shape[0])  # type: ignore[union-attr,index]
+        lin.forward = lambda x, n=out_features: zeros(x, n)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for lin in linears:
+            del lin.forward
+
+
 def observe_layer(
     layer: nn.Module,
     modules: dict[str, nn.Module],
@@ -237,20 +256,26 @@ def observe_layer(
     seed: int,
     histogram: bool,
     retain_keys: frozenset[str] = frozenset(),
+    skip: Sequence[nn.Module] = (),
 ) -> dict[str, InputObserver]:
     """Run ``layer`` on every captured (hidden states, keyword arguments) input and return the statistics.
 
     One observer per input key of ``modules`` (see ``observe``; ``retain_keys`` keep their batches); the
-    layer's outputs are discarded and its modules are left untouched.
+    layer's outputs are discarded and its modules are left untouched. The linears in ``skip`` record
+    their input but return zeros instead of computing: for linears whose outputs no observed input
+    depends on (each MLP's last linear), whose products the pass would throw away.
     """
-    with observe(
-        modules,
-        hessian_keys=hessian_keys,
-        sample_tokens=sample_tokens,
-        seed=seed,
-        histogram=histogram,
-        retain_keys=retain_keys,
-    ) as observers:
+    with (
+        _returning_zeros(skip),
+        observe(
+            modules,
+            hessian_keys=hessian_keys,
+            sample_tokens=sample_tokens,
+            seed=seed,
+            histogram=histogram,
+            retain_keys=retain_keys,
+        ) as observers,
+    ):
         for hidden, kwargs in inputs:
             layer(hidden, **kwargs)
     return observers

@@ -87,11 +87,16 @@ def group_error(
     cols: torch.Tensor,
     *,
     clip_search: bool,
+    y_refs: list[torch.Tensor] | None = None,
 ) -> float:
-    """Summed output error of a group's consumers at column scale ``cols`` (RTN weights, best clip each)."""
+    """Summed output error of a group's consumers at column scale ``cols`` (RTN weights, best clip each).
+
+    ``y_refs`` are the consumers' FP outputs on their sample rows (computed here when not given; a
+    search over many scales passes them once).
+    """
     total = 0.0
-    for (x, rw), w, amax in zip(samples, weights, absmaxes, strict=True):
-        y_ref = x @ w.T
+    refs = y_refs if y_refs is not None else [x @ w.T for (x, _), w in zip(samples, weights, strict=True)]
+    for (x, rw), w, amax, y_ref in zip(samples, weights, absmaxes, refs, strict=True):
         xs = x / cols
         q, sc = rtn_weight(w * cols)
         w_deq = q.to(torch.float32) * sc[:, None]

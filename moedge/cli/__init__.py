@@ -1,9 +1,9 @@
 """The ``moedge`` command: one subcommand per pipeline step, each a thin call into the public API.
 
 One module per subcommand (``moedge.cli.demo``, ``export``, ``eval``, ``calibrate``, ``split``,
-``inspect``, ``run``, ``profile``, ``build``): its ``add_parser(sub)`` registers the flags, its frozen
-options dataclass (``RunOptions``, ...) holds them once parsed, and its ``execute(options)`` runs the
-command. ``main`` turns every outcome into an exit code; ``build_parser`` returns the whole parser, for
+``inspect``, ``run``, ``profile``, ``build``, ``doctor``): its ``add_parser(sub)`` registers the flags, its
+frozen options dataclass (``RunOptions``, ...) holds them once parsed, and its ``execute(options)`` runs
+the command. ``main`` turns every outcome into an exit code; ``build_parser`` returns the whole parser, for
 anything that renders the CLI's help. Benchmarks are not subcommands: they live in ``benchmarks/`` of the
 repository (``python benchmarks/runtime_bench.py``).
 """
@@ -15,11 +15,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from moedge._errors import MoedgeError
 from moedge.cli import build as _build
 from moedge.cli import calibrate as _calibrate
 from moedge.cli import demo as _demo
+from moedge.cli import doctor as _doctor
 from moedge.cli import eval as _eval
 from moedge.cli import export as _export
 from moedge.cli import inspect as _inspect
@@ -40,11 +42,12 @@ from moedge.paths import DATA_ENV
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 # The subcommands in the order `moedge --help` lists them.
-COMMANDS = (_demo, _export, _eval, _calibrate, _split, _inspect, _run_command, _profile, _build)
+COMMANDS = (_demo, _export, _eval, _calibrate, _split, _inspect, _run_command, _profile, _build, _doctor)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``moedge``, every subcommand registered (in ``COMMANDS`` order)."""
+def build_parser(commands: Sequence[ModuleType] = COMMANDS) -> argparse.ArgumentParser:
+    """The argument parser of ``moedge`` with ``commands`` registered (default: every subcommand, in
+    ``COMMANDS`` order)."""
     parser = OneLineParser(
         prog="moedge",
         description="Take a Hugging Face LLM (dense or MoE) to deployable ONNX / TensorRT engines for NVIDIA edge hardware.",
@@ -55,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in COMMANDS:
+    for command in commands:
         command.add_parser(sub)
     return parser
 
@@ -105,7 +108,9 @@ def _quiet_exit_on_interrupt() -> None:
 
 
 def _run(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+    # doctor alone when it runs: the other commands' help texts import packages a bare machine lacks
+    doctor = _doctor.wants_doctor(sys.argv[1:] if argv is None else argv)
+    parser = build_parser((_doctor,)) if doctor else build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return like every other outcome

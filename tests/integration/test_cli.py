@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -87,34 +86,6 @@ def test_corrupt_files_are_clear_errors(tmp_path, capsys):
 def test_usage_error_exits_2():
     result = subprocess.run([sys.executable, "-m", "moedge", "export"], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
-
-
-def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
-    env = dict(os.environ, MOEDGE_CACHE=str(tmp_path / "cache"))
-    env.pop("MOEDGE_DATA", None)  # the shipped text path
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moedge",
-            "-q",
-            "demo",
-            "--model",
-            "tiny-qwen2-moe",
-            "--windows",
-            "2",
-            "--seqlen",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "== moedge demo summary ==" in result.stdout
-    assert "shipped with moedge" in result.stdout
-    assert (tmp_path / "cache" / "demo" / "tiny-qwen2-moe-onnx" / "model.onnx").is_file()
 
 
 def test_calibrate_export_split_inspect_on_a_tiny_moe(tmp_path, capsys):

@@ -28,6 +28,7 @@ LAYERS = (
     ("moedge.arch",),
     ("moedge.sources", "moedge.calibration", "moedge.export", "moedge.graph_passes"),
     ("moedge.runtime",),
+    ("moedge.doctor",),
     ("moedge.cli",),
 )
 MAX_FUNCTION_LINES = 80
