@@ -48,6 +48,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "rtn": {"method": "rtn"},
     "smoothquant": {"method": "smoothquant"},
     "gptq": {"method": "gptq"},
+    # issue 18: each baseline with HAQ's range search (output error), so smoothing and range effects separate
+    "rtn+range": {"method": "rtn", "act_clip": "output"},
+    "smoothquant+range": {"method": "smoothquant", "act_clip": "output"},
+    "gptq+range": {"method": "gptq", "act_clip": "output"},
     "haq": {"method": "haq"},  # also yields "haq+auto-fp" (same calibration, then 2% kept FP)
     "haq+auto-fp": {"method": "haq", "auto_keep_fp": AUTO_FP},  # that row alone
     # experiment: 83 of 120 smollm2 groups chose the grid's top strength (0.9); does the optimum lie above?

@@ -16,19 +16,16 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moedge._errors import MoedgeError
+from moedge.demo_steps import environment, export_and_split, folder_bytes, stamp_ok, step, write_stamp
 from moedge.paths import cache_dir as default_cache_dir
 from moedge.paths import data_dir as configured_data_dir
 
@@ -215,46 +212,7 @@ class DemoSummary:
         }
 
 
-def environment() -> dict[str, Any]:
-    """Versions and the machine: benchmarks/provenance.py's ``environment`` in a checkout, else the basics."""
-    bench = ROOT / "benchmarks"
-    if (bench / "provenance.py").is_file():
-        sys.path.insert(0, str(bench))
-        try:
-            from provenance import environment as bench_environment  # type: ignore[import-not-found]
-
-            return dict(bench_environment(threads=None))
-        except Exception as exc:  # a broken helper must not lose the demo's figures
-            log.warning("benchmarks/provenance.py failed (%s): recording the basics", exc)
-        finally:
-            sys.path.remove(str(bench))
-    import importlib.metadata as md
-
-    versions: dict[str, str | None] = {}
-    for dist in ("onnxruntime", "torch", "transformers", "numpy", "onnx"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions}
-
-
 # --- steps --------------------------------------------------------------------------------------------
-
-
-def _stamp_ok(folder: Path, stamp: dict[str, Any], reuse: bool) -> bool:
-    """Whether ``folder`` holds a finished product made with ``stamp`` (its sidecar ``folder.stamp.json``)."""
-    sidecar = folder.with_name(folder.name + ".stamp.json")
-    if not reuse or not sidecar.is_file() or not folder.is_dir():
-        return False
-    try:
-        return bool(json.loads(sidecar.read_text()) == stamp)
-    except json.JSONDecodeError:
-        return False
-
-
-def _write_stamp(folder: Path, stamp: dict[str, Any]) -> None:
-    folder.with_name(folder.name + ".stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
 
 
 def _model_key(model: str) -> str:
@@ -276,11 +234,6 @@ def _testbed_cached(config: DemoConfig) -> bool:
 
     folder = default_cache_dir(config.cache_dir) / f"{MOE_TESTBED}-{UpcycleConfig().key()}"
     return (folder / "moedge_build.json").is_file()
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of every file under ``folder``."""
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def demo_texts(
@@ -312,32 +265,8 @@ def demo_texts(
     return calib, "the shipped demo text's first half", ids[half:], note
 
 
-@contextmanager
-def _step(steps: dict[str, float], name: str) -> Iterator[None]:
-    """Time one step into ``steps`` and print its start and its seconds."""
-    print(f"[demo] {name} ...", flush=True)
-    start = time.perf_counter()
-    yield
-    steps[name] = time.perf_counter() - start
-    print(f"[demo] {name}: {steps[name]:.1f} s", flush=True)
-
-
-def _export_and_split(loaded: Any, recipe: Any, bundle: Path) -> None:
-    """Export ``loaded`` (QDQ when ``recipe``) beside ``bundle``, split it ``--target ort-cpu`` into
-    ``bundle``, and remove the export."""
-    from moedge.export.exporter import export_model
-    from moedge.graph_passes.bundle import split_bundle
-
-    export = bundle.with_name(bundle.name + "-export")
-    export_model(loaded, export, recipe=recipe, overwrite=export.exists())
-    split_bundle(export, bundle, target="ort-cpu", overwrite=bundle.exists(), progress=False)
-    shutil.rmtree(export)
-
-
 def run_demo(config: DemoConfig) -> DemoSummary:
     """Run every step of the demo (reusing the demo folder's products made with the same settings)."""
-    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
-    from moedge.formats.recipe import load_recipe
     from moedge.loading import load_model
     from moedge.tokenizer import load_tokenizer
 
@@ -358,45 +287,26 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         "recipe": {"model": key, **config.calibration_settings()},
     }
     stamps["w8a8"] = stamps["recipe"]
-    hits["fp32 bundle"] = _stamp_ok(bundles["fp32"], stamps["fp32"], config.reuse)
-    hits["w8a8 recipe"] = _stamp_ok(recipe_dir, stamps["recipe"], config.reuse)
-    hits["w8a8 bundle"] = hits["w8a8 recipe"] and _stamp_ok(bundles["w8a8"], stamps["w8a8"], config.reuse)
+    hits["fp32 bundle"] = stamp_ok(bundles["fp32"], stamps["fp32"], config.reuse)
+    hits["w8a8 recipe"] = stamp_ok(recipe_dir, stamps["recipe"], config.reuse)
+    hits["w8a8 bundle"] = hits["w8a8 recipe"] and stamp_ok(bundles["w8a8"], stamps["w8a8"], config.reuse)
 
     loaded = None
     if not (hits["fp32 bundle"] and hits["w8a8 recipe"] and hits["w8a8 bundle"]):
-        with _step(steps, "load test bed"):
+        with step(steps, "load test bed"):
             loaded = load_model(config.model, cache_dir=config.cache_dir)
     if not hits["fp32 bundle"]:
         assert loaded is not None
-        with _step(steps, "export+split fp32"):
-            _export_and_split(loaded, None, bundles["fp32"])
-        _write_stamp(bundles["fp32"], stamps["fp32"])
+        with step(steps, "export+split fp32"):
+            export_and_split(loaded, None, bundles["fp32"])
+        write_stamp(bundles["fp32"], stamps["fp32"])
     tokenizer = load_tokenizer(bundles["fp32"] / "tokenizer.json")
 
     def encode(text: str) -> list[int]:
         return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     calib, calib_text, eval_ids, eval_text = demo_texts(encode, config)
-    if not hits["w8a8 recipe"]:
-        assert loaded is not None
-        settings = config.calibration_settings()
-        cal = CalibrationConfig(
-            method=config.method, rotate=config.rotate, tie_input_scales=True, quantize_head=True, seed=0
-        )
-        with _step(steps, "calibrate w8a8"):
-            result = calibrate(loaded, list(calib), cal, progress=True)
-        save_recipe(loaded, result, recipe_dir, calibration_data=calib_text, overwrite=recipe_dir.exists())
-        _write_stamp(recipe_dir, stamps["recipe"])
-        log.info("calibrated with %s", settings)
-    if not hits["w8a8 bundle"]:
-        recipe = load_recipe(recipe_dir)
-        with _step(steps, "reload test bed"):  # calibrate changed the first copy in place
-            fresh = load_model(config.model, cache_dir=config.cache_dir)
-        apply_recipe(fresh, recipe)
-        with _step(steps, "export+split w8a8"):
-            _export_and_split(fresh, recipe, bundles["w8a8"])
-        _write_stamp(bundles["w8a8"], stamps["w8a8"])
-        del fresh
+    _make_w8a8(config, loaded, calib, calib_text, recipe_dir, bundles["w8a8"], stamps, hits, steps)
     loaded = None  # the bundles are made: free the model before the runs
 
     prompt_ids = encode(config.prompt) if config.prompt else _default_prompt(encode, config.prompt_tokens)
@@ -405,11 +315,11 @@ def run_demo(config: DemoConfig) -> DemoSummary:
         for side in SIDES
     }
     for side in SIDES:
-        with _step(steps, f"perplexity {side}"):
+        with step(steps, f"perplexity {side}"):
             _perplexity(sides[side], eval_ids, config)
-        with _step(steps, f"run {side}"):
+        with step(steps, f"run {side}"):
             _generate(sides[side], prompt_ids, config)
-    with _step(steps, "moedge-run w8a8"):
+    with step(steps, "moedge-run w8a8"):
         cpp = run_cpp(config, bundles["w8a8"], prompt_ids)
     summary = DemoSummary(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
@@ -431,6 +341,44 @@ def run_demo(config: DemoConfig) -> DemoSummary:
     summary.json_path = str(path)
     path.write_text(json.dumps(summary.to_json(), indent=1, default=str) + "\n")
     return summary
+
+
+def _make_w8a8(
+    config: DemoConfig,
+    loaded: Any,
+    calib: np.ndarray,
+    calib_text: str,
+    recipe_dir: Path,
+    bundle: Path,
+    stamps: dict[str, dict[str, Any]],
+    hits: dict[str, bool],
+    steps: dict[str, float],
+) -> None:
+    """Calibrate the W8A8 recipe and make its bundle, each unless a cache hit."""
+    from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
+    from moedge.formats.recipe import load_recipe
+    from moedge.loading import load_model
+
+    if not hits["w8a8 recipe"]:
+        assert loaded is not None
+        settings = config.calibration_settings()
+        cal = CalibrationConfig(
+            method=config.method, rotate=config.rotate, tie_input_scales=True, quantize_head=True, seed=0
+        )
+        with step(steps, "calibrate w8a8"):
+            result = calibrate(loaded, list(calib), cal, progress=True)
+        save_recipe(loaded, result, recipe_dir, calibration_data=calib_text, overwrite=recipe_dir.exists())
+        write_stamp(recipe_dir, stamps["recipe"])
+        log.info("calibrated with %s", settings)
+    if not hits["w8a8 bundle"]:
+        recipe = load_recipe(recipe_dir)
+        with step(steps, "reload test bed"):  # calibrate changed the first copy in place
+            fresh = load_model(config.model, cache_dir=config.cache_dir)
+        apply_recipe(fresh, recipe)
+        with step(steps, "export+split w8a8"):
+            export_and_split(fresh, recipe, bundle)
+        write_stamp(bundle, stamps["w8a8"])
+        del fresh
 
 
 def _model_source(model: str) -> str:

@@ -321,3 +321,47 @@ def render_runtime_speed(res: Any) -> Values:
         "m_other": f"{m['other']:.1f}",
         "expert_mb": f"{expert_bytes / 240 / MIB:.1f} MiB",
     }
+
+
+PHASE_LABELS = {
+    "capture": "capture",
+    "rotate-residual": "residual rotation",
+    "observe": "observe",
+    "smooth": "smoothing search",
+    "rotate": "online rotation",
+    "decide": "GPTQ + range search",
+    "swap": "swap",
+    "propagate": "quantized pass",
+    "other": "other",
+}
+
+
+def render_calibration_speed(res: Any) -> Values:
+    """Calibration time of today's haq + rotate full against the pre-rotation HAQ, in one run."""
+    f = "calibration_speed.json"
+    doc = res.get(f)
+    rows, phase_rows = [], []
+    for model, r in doc.items():
+        base, now = r["baseline"], r["current"]
+        rows.append(
+            [
+                model,
+                f"{base['seconds']:.0f} s, {base['peak_rss_mb'] / 1024:.1f} GB",
+                f"{now['seconds']:.0f} s, {now['peak_rss_mb'] / 1024:.1f} GB",
+                f"{r['ratio']:.3f}x",
+                f"<= {r['bar']}x: {'met' if r['met'] else 'not met'}",
+                f"{base['load_average_before'][0]:.1f} / {now['load_average_before'][0]:.1f}",
+            ]
+        )
+        phases = now.get("phase_seconds") or {}
+        total = sum(phases.values()) or 1.0
+        cells = [f"{phases.get(k, 0.0):.0f} s ({phases.get(k, 0.0) / total:.0%})" for k in PHASE_LABELS]
+        phase_rows.append([model, *cells])
+    header = ["model", "HAQ at the baseline commit", "haq + rotate full today", "today / baseline", "bar"]
+    header += ["1-min load average at start (baseline / today)"]
+    return {
+        "baseline": next(iter(doc.values()))["baseline"]["commit"],
+        "table": table(header, rows),
+        "phases": table(["model", *PHASE_LABELS.values()], phase_rows),
+        "cite": res.cite(f),
+    }

@@ -210,6 +210,7 @@ def render_calibration(res: Any) -> Values:
 readme_table = peers.readme_table
 render_bundle_parity = parts.render_bundle_parity
 render_rotation_probe = parts.render_rotation_probe
+render_calibration_speed = parts.render_calibration_speed
 render_bundle_speed = parts.render_bundle_speed
 render_policies = parts.render_policies
 render_runtime_speed = parts.render_runtime_speed
@@ -221,6 +222,7 @@ SECTIONS: list[tuple[str, Callable[[Any], Values]]] = [
     ("perplexity_export", render_perplexity_export),
     ("testbed", render_testbed),
     ("calibration", render_calibration),
+    ("calibration_speed", render_calibration_speed),
     ("bundle_parity", render_bundle_parity),
     ("rotation_probe", render_rotation_probe),
     ("bundle_speed", render_bundle_speed),
