@@ -52,7 +52,8 @@ from moedge.loading import load_model
 loaded = load_model(sys.argv[1])
 calib = list(calibration_windows(loaded, dataset="c4", count=int(sys.argv[3]), seqlen=512, seed=0))
 load_before = os.getloadavg()
-result = calibrate(loaded, calib, CalibrationConfig(method="haq"), progress=False)
+extra = {"rotate": sys.argv[4]} if len(sys.argv) > 4 else {}
+result = calibrate(loaded, calib, CalibrationConfig(method="haq", **extra), progress=False)
 print("RESULT " + json.dumps({
     "seconds": result.seconds,
     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -62,6 +63,7 @@ print("RESULT " + json.dumps({
     "moedge_imported_from": moedge.__file__,
     "load_average_before": load_before,
     "load_average_after": os.getloadavg(),
+    "phase_seconds": getattr(result, "phase_seconds", None),
 }))
 """
 
@@ -106,6 +108,26 @@ def run_baseline(model: str, commit: str, threads: int, windows: int) -> dict[st
         raise SystemExit(f"the baseline imported moedge from {out['moedge_imported_from']}, not the archive")
     out["moedge_imported_from"] = f"git archive {commit} (temporary folder)"
     return {"commit": commit, "config": {"method": "haq", "rotate": "none"}, "process_seconds": wall, **out}
+
+
+def run_current_speed_only(model: str, threads: int, windows: int) -> dict[str, Any]:
+    """Today's HAQ + full rotation of ``model`` in its own process, timed only (no accuracy row)."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, model, str(threads), str(windows), "full"],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"today's calibration of {model} failed:\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    out["moedge_imported_from"] = "this checkout"
+    return {"config": {"method": "haq", "rotate": "full"}, "process_seconds": wall, **out}
 
 
 def run_current(model: str, threads: int) -> dict[str, Any]:
@@ -156,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--windows", type=int, default=128, help="C4 calibration windows of 512")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="time today's calibration alone (no calibration_table.py row, no accuracy figures)",
+    )
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in BARS]
@@ -169,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         base = run_baseline(model, args.baseline, args.threads, args.windows)
         print(f"[{model}] baseline: {base['seconds']:.0f} s", flush=True)
         print(f"[{model}] today's HAQ + rotate full ...", flush=True)
-        now = run_current(model, args.threads)
+        now = (
+            run_current_speed_only(model, args.threads, args.windows)
+            if args.speed_only
+            else run_current(model, args.threads)
+        )
         ratio = now["seconds"] / base["seconds"]
         print(f"[{model}] today: {now['seconds']:.0f} s = {ratio:.3f}x the baseline", flush=True)
         results[model] = {
