@@ -28,7 +28,13 @@ from tqdm.auto import tqdm
 
 from moedge._errors import MoedgeError
 from moedge.calibration.config import CalibrationConfig
-from moedge.calibration.decision import LinearDecision, peer_clip, quantize_linear
+from moedge.calibration.decision import (
+    LinearDecision,
+    layer_input_ranges,
+    layer_weight_codes,
+    peer_clip,
+    quantize_linear,
+)
 from moedge.calibration.layers import (
     HeadBlock,
     LayerSpec,
@@ -347,6 +353,12 @@ def _decide_linears(
 ) -> dict[str, LinearDecision]:
     """One decision per linear of the layer, in order (an idle expert takes its range from the experts before it)."""
     decisions: dict[str, LinearDecision] = {}
+    quantized = [n for n in spec.linears if n not in keep]
+    weights = {n: spec.linears[n].weight for n in quantized}
+    stats = {n: obs[spec.input_key[n]] for n in quantized}
+    cols = {n: plan.linears[n].cols for n in quantized}
+    codes = layer_weight_codes(weights, stats, cols, config)
+    ranges = layer_input_ranges(weights, codes, stats, cols, config)
     for name, lin in spec.linears.items():
         full = qualified(name)
         stats = obs[spec.input_key[name]]
@@ -366,6 +378,8 @@ def _decide_linears(
             keep_fp=name in keep,
             idle_clip=idle_clip,
             input_rotation=None if rotation is None else rotation.name,
+            codes=codes.get(name),
+            input_range=ranges.get(name),
         )
     return decisions
 

@@ -34,7 +34,8 @@ class CalibrationConfig:
     alpha: float | None = None  # fixed smoothing strength (None: the method's default or search)
     alpha_grid: tuple[float, ...] = HAQ_ALPHAS
     sample_tokens: int = 1024
-    search_tokens: int = 512  # rows of the sample used while searching the smoothing strength
+    search_tokens: int = 256  # rows of the sample used while searching the smoothing strength
+    coarse_tokens: int = 512  # rows of the sample the output range search's coarse grid is judged on
     gptq_damp: float = 0.01
     gptq_block: int = 128
     act_order: bool = True

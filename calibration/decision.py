@@ -8,16 +8,17 @@ the linear for its fake-quant form is the caller's business.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from moedge.calibration.config import CalibrationConfig
+from moedge.calibration.gptq import gptq_batch
 from moedge.calibration.observers import InputObserver
-from moedge.calibration.quant import QMAX_ACT, act_scale, gptq, rtn_weight
+from moedge.calibration.quant import QMAX_ACT, act_scale, rtn_weight
 from moedge.calibration.ranges import RangeChoice, RangeSample
-from moedge.calibration.search import output_error
+from moedge.calibration.search import CoarseRows, output_error
 from moedge.calibration.smoothing import LinearSmoothing
 
 
@@ -57,6 +58,8 @@ def quantize_linear(
     keep_fp: bool = False,
     idle_clip: float | None = None,
     input_rotation: str | None = None,
+    codes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    input_range: tuple[RangeChoice, float] | None = None,
 ) -> LinearDecision:
     """Decide one linear: ``weight`` [out, in] (already smoothed) whose input ``stats`` observed.
 
@@ -90,10 +93,12 @@ def quantize_linear(
     if keep_fp:
         return kept
     w = weight.detach().to(torch.float32)
-    q, sc = _weight_codes(w, stats, sm.cols, config)
+    q, sc = codes if codes is not None else _weight_codes(w, stats, sm.cols, config)
     w_deq = q.to(torch.float32) * sc[:, None]
     if stats.tokens == 0:
         choice, rel = RangeChoice(idle_clip or 1.0, None), math.nan
+    elif input_range is not None:
+        choice, rel = input_range
     else:
         choice, rel = _input_range(w, w_deq, stats, sm.cols, amax, config)
     return replace(
@@ -116,11 +121,56 @@ def _weight_codes(
     Hessian-aware and tokens were seen; round-to-nearest otherwise.
     """
     if config.hessian_weights and stats.tokens > 0:
-        h = stats.hessian
-        if cols is not None:
-            h = h / (cols[:, None] * cols[None, :])
-        return gptq(w, h, damp=config.gptq_damp, block_size=config.gptq_block, act_order=config.act_order)
+        q, sc = _gptq(config, w[None], _smoothed_hessian(stats, cols)[None])
+        return q[0], sc[0]
     return rtn_weight(w)
+
+
+def _smoothed_hessian(stats: InputObserver, cols: torch.Tensor | None) -> torch.Tensor:
+    """The observed Hessian of the input divided by the smoothing scale on both sides."""
+    h = stats.hessian
+    return h if cols is None else h / (cols[:, None] * cols[None, :])
+
+
+def _gptq(config: CalibrationConfig, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return gptq_batch(w, h, damp=config.gptq_damp, block_size=config.gptq_block, act_order=config.act_order)
+
+
+def layer_weight_codes(
+    linears: Mapping[str, torch.Tensor],
+    stats: Mapping[str, InputObserver],
+    cols: Mapping[str, torch.Tensor | None],
+    config: CalibrationConfig,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GPTQ codes and scales of every linear in ``linears`` (name -> weight [out, in]), all at once.
+
+    ``stats`` and ``cols`` give, per linear, its input's observer and smoothing scale. Linears that
+    read one input (the same observer) share its Hessian, so their rows are stacked into one matrix;
+    matrices of one shape are solved in one batch (a MoE layer's experts). Linears whose input no token
+    reached, and every linear of a method without Hessian-aware weights, are rounded to nearest.
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_input: dict[int, list[str]] = {}
+    for name, w in linears.items():
+        if config.hessian_weights and stats[name].tokens > 0:
+            by_input.setdefault(id(stats[name]), []).append(name)
+        else:
+            out[name] = rtn_weight(w.detach().to(torch.float32))
+    by_shape: dict[tuple[int, int], list[list[str]]] = {}
+    for names in by_input.values():
+        rows = sum(int(linears[n].shape[0]) for n in names)
+        by_shape.setdefault((rows, int(linears[names[0]].shape[1])), []).append(names)
+    for groups in by_shape.values():
+        w = torch.stack([torch.cat([linears[n].detach().to(torch.float32) for n in g]) for g in groups])
+        h = torch.stack([_smoothed_hessian(stats[g[0]], cols[g[0]]) for g in groups])
+        q, sc = _gptq(config, w, h)
+        for b, g in enumerate(groups):
+            start = 0
+            for n in g:
+                end = start + int(linears[n].shape[0])
+                out[n] = (q[b, start:end].clone(), sc[b, start:end].clone())
+                start = end
+    return out
 
 
 def _input_range(
@@ -158,3 +208,54 @@ def peer_clip(decisions: Iterable[LinearDecision], name: str) -> float | None:
         and d.input_scale is not None
     ]
     return max(peers) if peers else None
+
+
+def layer_input_ranges(
+    linears: Mapping[str, torch.Tensor],
+    codes: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    stats: Mapping[str, InputObserver],
+    cols: Mapping[str, torch.Tensor | None],
+    config: CalibrationConfig,
+) -> dict[str, tuple[RangeChoice, float]]:
+    """The activation range and relative output error of every linear in ``codes`` whose input saw tokens.
+
+    Arguments as ``layer_weight_codes`` (``codes``: its result). Linears reading one input are decided
+    together (``RangeMode.choose_many``), each against its own FP output.
+    """
+    mode = config.range_mode
+    by_input: dict[int, list[str]] = {}
+    for name in codes:
+        if stats[name].tokens > 0:
+            by_input.setdefault(id(stats[name]), []).append(name)
+    out: dict[str, tuple[RangeChoice, float]] = {}
+    for names in by_input.values():
+        st, c = stats[names[0]], cols[names[0]]
+        x, rw = st.rows()
+        absmax = st.absmax if st.absmax is not None else torch.zeros(x.shape[1])
+        if c is not None:
+            x, absmax = x / c, absmax / c
+        amax = float(absmax.max())
+        cx = crw = None
+        if (
+            mode.output_search
+            and 0 < config.coarse_tokens < st.sample_tokens
+            and st.tokens > config.coarse_tokens
+        ):
+            cx, crw = st.rows(config.coarse_tokens)
+            cx = cx / c if c is not None else cx
+        samples = []
+        for n in names:
+            w = linears[n].detach().to(torch.float32)
+            q, sc = codes[n]
+            coarse = None if cx is None or crw is None else CoarseRows(cx, crw, [cx @ w.T])
+            samples.append(
+                RangeSample(
+                    st, x, rw, amax, c is not None, q.to(torch.float32) * sc[:, None], x @ w.T, coarse
+                )
+            )
+        for n, sample, (choice, err) in zip(names, samples, mode.choose_many(samples), strict=True):
+            if err is None:
+                err = output_error(x, sample.w_deq, sample.y_ref, choice.clip, rw)
+            denom = float((sample.y_ref.square().sum(dim=1) * rw).sum())
+            out[n] = (choice, err / denom if denom > 0 else 0.0)
+    return out

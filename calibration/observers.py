@@ -8,6 +8,7 @@ to that expert, because the hook sits on the expert's own linear.
 
 from __future__ import annotations
 
+import itertools
 import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -21,6 +22,7 @@ from moedge._errors import MoedgeError
 from moedge.calibration.rotation import input_rotation
 
 HIST_LO, HIST_HI, HIST_PER_OCTAVE = -24, 24, 8  # |x| bins from 2^-24 to 2^24
+_BLOCKED_FROM, _HESSIAN_BLOCKS = 256, 4  # inputs this wide accumulate xᵀ x by upper block rows
 
 
 class InputObserver:
@@ -48,6 +50,8 @@ class InputObserver:
         self._tail: torch.Tensor | None = None
         self._tags = torch.zeros(0, dtype=torch.int8)
         self._tail_tags = torch.zeros(0, dtype=torch.int8)
+        self._tail_amax = torch.zeros(0)
+        self._symmetric = True
         self.tokens = 0
         self.batches = 0
         self.absmax: torch.Tensor | None = None
@@ -64,7 +68,11 @@ class InputObserver:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         if x.shape[0] == 0:
             return
-        if not torch.isfinite(x).all():
+        magnitude = x.abs()
+        amax = magnitude.amax(dim=0)  # NaN and Inf propagate into the channel maxima
+        row_amax = magnitude.amax(dim=1)
+        del magnitude
+        if not torch.isfinite(amax).all():
             raise MoedgeError(
                 f"non-finite activations (NaN/Inf) reach {self.key}: the model or the calibration data is broken"
             )
@@ -73,7 +81,6 @@ class InputObserver:
         self.tokens += x.shape[0]
         half = self.batches % 2
         self.batches += 1
-        amax = x.abs().amax(dim=0)
         self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
         prev = self.half_absmax[half]
         self.half_absmax[half] = amax if prev is None else torch.maximum(prev, amax)
@@ -84,10 +91,7 @@ class InputObserver:
             )
             self.hist += torch.bincount(idx, minlength=self.hist.numel()).to(torch.float64)
         if self.want_hessian:
-            if self._xtx is None:
-                self._xtx = x.T @ x
-            else:
-                self._xtx.addmm_(x.T, x)
+            self._add_second_moment(x)
         pr = torch.rand(x.shape[0], generator=self._gen)
         tag = torch.full((x.shape[0],), half, dtype=torch.int8)
         if self._sample is None or self._priority is None:
@@ -102,18 +106,48 @@ class InputObserver:
         self._sample, self._priority, self._tags = rows.clone(), pri, tags
         # The rows with the largest magnitudes, kept apart: a uniform sample almost never holds the rare
         # massive-activation tokens, and a range chosen without them clips them in deployment.
-        tail = x if self._tail is None else torch.cat([self._tail, x])
-        tail_tags = tag if self._tail is None else torch.cat([self._tail_tags, tag])
+        if self._tail is None:
+            tail, tail_tags, tail_amax = x, tag, row_amax
+        else:
+            tail = torch.cat([self._tail, x])
+            tail_tags = torch.cat([self._tail_tags, tag])
+            tail_amax = torch.cat([self._tail_amax, row_amax])
         if tail.shape[0] > self.tail_tokens:
-            top = torch.topk(tail.abs().amax(dim=1), self.tail_tokens).indices
-            tail, tail_tags = tail[top], tail_tags[top]
-        self._tail, self._tail_tags = tail.clone(), tail_tags
+            top = torch.topk(tail_amax, self.tail_tokens).indices
+            tail, tail_tags, tail_amax = tail[top], tail_tags[top], tail_amax[top]
+        self._tail, self._tail_tags, self._tail_amax = tail.clone(), tail_tags, tail_amax
 
-    def transformed(self, fn: Callable[[torch.Tensor], torch.Tensor], matrix: torch.Tensor) -> InputObserver:
+    def _add_second_moment(self, x: torch.Tensor) -> None:
+        """Add xᵀ x to the running sum, upper block triangle only (the lower part is filled on reading)."""
+        n = int(x.shape[1])
+        if self._xtx is None:
+            self._xtx = torch.zeros(n, n)
+        self._symmetric = False
+        if n < _BLOCKED_FROM:
+            self._xtx.addmm_(x.T, x)
+            return
+        edges = [n * i // _HESSIAN_BLOCKS for i in range(_HESSIAN_BLOCKS + 1)]
+        for lo, hi in itertools.pairwise(edges):
+            self._xtx[lo:hi, lo:].addmm_(x[:, lo:hi].T, x[:, lo:])
+
+    def _second_moment(self) -> torch.Tensor | None:
+        """The running sum of x xᵀ, made symmetric."""
+        if self._xtx is not None and not self._symmetric:
+            n = int(self._xtx.shape[0])
+            if n >= _BLOCKED_FROM:
+                edges = [n * i // _HESSIAN_BLOCKS for i in range(_HESSIAN_BLOCKS + 1)]
+                for lo, hi in itertools.pairwise(edges):
+                    self._xtx[hi:, lo:hi] = self._xtx[lo:hi, hi:].T
+            self._symmetric = True
+        return self._xtx
+
+    def transformed(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], exact: Callable[[torch.Tensor], torch.Tensor]
+    ) -> InputObserver:
         """The statistics this input would have had as x -> fn(x) = x M, from the retained batches.
 
-        ``matrix`` is M ([in, in]): the Hessian turns exactly (Mᵀ E[x xᵀ] M, in float64) instead of
-        being accumulated again; absmax, histogram and sampled rows come from ``fn`` of every retained
+        ``exact`` is the same map in float64 on rows ([rows, in] -> x M): the Hessian turns exactly
+        (Mᵀ E[x xᵀ] M = exact(exact(H)ᵀ)ᵀ, in float64) instead of being accumulated again; absmax, histogram and sampled rows come from ``fn`` of every retained
         batch in the order seen, so the same tokens are sampled. Needs ``retain``; the retained batches
         are released.
         """
@@ -130,18 +164,20 @@ class InputObserver:
         for x in self.retained:
             out.update(fn(x))
         self.retained = None
-        if self.want_hessian and self._xtx is not None:
-            m = matrix.to(torch.float64)
-            out._xtx = (m.T @ self._xtx.to(torch.float64) @ m).to(torch.float32)
+        xtx = self._second_moment()
+        if self.want_hessian and xtx is not None:
+            half_turned = exact(xtx.to(torch.float64))  # H M
+            out._xtx = exact(half_turned.T.contiguous()).T.to(torch.float32).contiguous()
             out.want_hessian = True
         return out
 
     @property
     def hessian(self) -> torch.Tensor:
         """E[x xᵀ] over every token seen; refused when it was not collected or no token reached the input."""
-        if self._xtx is None or self.tokens == 0:
+        xtx = self._second_moment()
+        if xtx is None or self.tokens == 0:
             raise MoedgeError(f"no Hessian was collected for {self.key}")
-        return self._xtx / self.tokens
+        return xtx / self.tokens
 
     def rows(
         self, uniform: int | None = None, *, half: int | None = None

@@ -40,7 +40,7 @@ def rtn_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fake_quant_act(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """``x`` through QuantizeLinear -> DequantizeLinear with a per-tensor symmetric int8 scale."""
-    return torch.clamp(torch.round(x / scale), QMIN_ACT, QMAX_ACT) * scale
+    return torch.div(x, scale).round_().clamp_(QMIN_ACT, QMAX_ACT).mul_(scale)
 
 
 def act_scale(clip: float) -> float:
@@ -105,7 +105,6 @@ def gptq(
     w: torch.Tensor,
     hessian: torch.Tensor,
     *,
-    scale: torch.Tensor | None = None,
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = True,
@@ -113,58 +112,19 @@ def gptq(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hessian-aware int8 codes of ``w`` [out, in] (GPTQ: Frantar et al. 2022), per-output-channel symmetric.
 
-    ``hessian`` is E[x xᵀ] of the layer input ([in, in]). Columns are quantized in order of decreasing
-    Hessian diagonal (act-order) and the rounding error of each is spread over the not yet quantized
-    columns through the inverse Hessian's Cholesky factor, in lazy blocks. The damping (a fraction of
-    the mean diagonal) grows tenfold whenever the Cholesky factorization fails.
-    Returns (int8 codes, scales).
+    ``hessian`` is E[x xᵀ] of the layer input ([in, in]); see ``calibration.gptq.gptq_batch``, which
+    this calls with a batch of one. Returns (int8 codes, scales).
     """
-    w = w.detach().to(torch.float32).clone()
-    cols = w.shape[1]
-    if hessian.shape != (cols, cols):
-        raise MoedgeError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {cols}")
-    if scale is None:
-        scale = weight_scale(w)
-    h = hessian.detach().to(torch.float64).clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(cols)
-    w = w[:, perm]
-    h = h[perm][:, perm]
-    mean_diag = float(torch.mean(torch.diag(h)))
-    eye = torch.eye(cols, dtype=torch.float64)
-    lam = damp * mean_diag
-    for _ in range(max_damp_tries):
-        chol, info = torch.linalg.cholesky_ex(h + lam * eye)
-        if int(info) == 0:
-            hinv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
-            if int(info) == 0:
-                break
-        log.debug("GPTQ: Cholesky failed with damping %.3g, retrying x10", lam)
-        lam = max(lam * 10.0, 1e-6 * mean_diag)
-    else:
-        raise MoedgeError(f"GPTQ: the Hessian stays singular after {max_damp_tries} damping increases")
-    if lam > damp * mean_diag:
-        log.info("GPTQ: damping raised to %.3g x mean diagonal", lam / mean_diag)
-    hinv_u = upper.to(torch.float32)
-    s = scale.to(torch.float32)[:, None]
-    q = torch.zeros_like(w)
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        h1 = hinv_u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, i : i + 1]
-            qc = torch.clamp(torch.round(col / s), -QMAX_W, QMAX_W)
-            q1[:, i : i + 1] = qc
-            err = (col - qc * s) / h1[i, i]
-            w1[:, i:] -= err @ h1[i : i + 1, i:]
-            err1[:, i : i + 1] = err
-        q[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ hinv_u[i1:i2, i2:]
-    inverse = torch.argsort(perm)
-    return q[:, inverse].to(torch.int8), scale.to(torch.float32)
+    from moedge.calibration.gptq import gptq_batch  # gptq imports this module's constants
+
+    if hessian.shape != (w.shape[1], w.shape[1]):
+        raise MoedgeError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {w.shape[1]}")
+    q, scale = gptq_batch(
+        w[None],
+        hessian[None],
+        damp=damp,
+        block_size=block_size,
+        act_order=act_order,
+        max_damp_tries=max_damp_tries,
+    )
+    return q[0], scale[0]

@@ -9,6 +9,7 @@ clip value with its ratio to that absmax.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -16,7 +17,7 @@ import torch
 
 from moedge._errors import MoedgeError
 from moedge.calibration.observers import InputObserver
-from moedge.calibration.search import COARSE_CLIPS, search_clip
+from moedge.calibration.search import COARSE_CLIPS, CoarseRows, search_clip, search_clips
 
 if TYPE_CHECKING:
     from moedge.calibration.config import CalibrationConfig
@@ -33,6 +34,7 @@ class RangeSample:
     smoothed: bool  # whether ``x`` was divided by a smoothing scale
     w_deq: torch.Tensor  # the dequantized int8 weight
     y_ref: torch.Tensor  # the FP output of the (smoothed) FP weight on ``x``
+    coarse: CoarseRows | None = None  # fewer rows of the input, for a search's coarse grid
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class RangeMode(ABC):
     @abstractmethod
     def choose(self, sample: RangeSample) -> RangeChoice:
         """The clip value for the input described by ``sample``."""
+
+    def choose_many(self, samples: Sequence[RangeSample]) -> list[tuple[RangeChoice, float | None]]:
+        """The choice for each of ``samples`` (linears reading one input), with the weighted squared
+        output error it leaves when the mode measured it on the way (else None)."""
+        return [(self.choose(s), None) for s in samples]
 
 
 class AbsmaxRange(RangeMode):
@@ -118,16 +125,29 @@ class OutputRange(RangeMode):
 
     def choose(self, sample: RangeSample) -> RangeChoice:
         """Searched on the coarse grid with the quantized weight, then refined."""
-        ratio, _ = search_clip(
-            sample.x,
-            sample.amax,
-            w_deq=sample.w_deq,
-            y_ref=sample.y_ref,
-            weights=sample.row_weights,
+        return self.choose_many([sample])[0][0]
+
+    def choose_many(self, samples: Sequence[RangeSample]) -> list[tuple[RangeChoice, float | None]]:
+        """Each linear's ratio searched on the coarse grid (on the samples' ``coarse`` rows when given),
+        then refined around its own best; the linears share every quantization of their common input
+        (``search.search_clips``)."""
+        first = samples[0]
+        coarse = None
+        if first.coarse is not None:
+            coarse = CoarseRows(
+                first.coarse.x, first.coarse.weights, [s.coarse.y_refs[0] for s in samples if s.coarse]
+            )
+        found = search_clips(
+            first.x,
+            first.amax,
+            [s.w_deq for s in samples],
+            [s.y_ref for s in samples],
+            weights=first.row_weights,
             ratios=COARSE_CLIPS,
             refine=True,
+            coarse=coarse,
         )
-        return RangeChoice(ratio * sample.amax, ratio)
+        return [(RangeChoice(r * first.amax, r), e) for r, e in found]
 
 
 RANGE_MODES: dict[str, type[RangeMode]] = {

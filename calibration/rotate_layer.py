@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 
 import torch
-from torch import nn
 
 from moedge.calibration.layers import LayerSpec
 from moedge.calibration.observers import InputObserver
@@ -22,21 +22,24 @@ def rotate_mlp_outputs(
     to apply.
 
     The rotated input is (x / cols) R for the observed x: the retained batches give its absmax and
-    sampled rows, and the Hessian turns exactly (M = diag(1 / cols) R), so the layer is not run again.
+    sampled rows, and the Hessian turns exactly (M = diag(1 / cols) R, applied in factored float64 form),
+    so the layer is not run again.
     """
     for name in rotated:
         rotation = rotate_input(spec.linears[name]).rotation
         key = spec.input_key[name]
         cols = plan.linears[name].cols
-        matrix = rotation.dense()
         if cols is None:
-            obs[key] = obs[key].transformed(rotation, matrix)
+            obs[key] = obs[key].transformed(rotation, rotation.exact)
         else:
             obs[key] = obs[key].transformed(
-                partial(_smoothed_then_rotated, cols, rotation), matrix / cols.to(torch.float64)[:, None]
+                partial(_smoothed_then_rotated, cols, rotation),
+                partial(_smoothed_then_rotated, cols.to(torch.float64), rotation.exact),
             )
         plan.linears[name] = replace(plan.linears[name], cols=None)
 
 
-def _smoothed_then_rotated(cols: torch.Tensor, rotation: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return rotation(x / cols)  # type: ignore[no-any-return]
+def _smoothed_then_rotated(
+    cols: torch.Tensor, rotation: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    return rotation(x / cols)

@@ -75,6 +75,14 @@ class OnlineHadamard(nn.Module):
         """The rotation as the recipe records it (``hadamard-PxQ``)."""
         return f"hadamard-{self.p}x{self.q}"
 
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """x R in float64 for x [rows, width] (float64 factors): for folding W R and turning statistics
+        without a dense n x n product."""
+        left = torch.from_numpy(normalised_hadamard(self.p).T.copy())
+        right = torch.from_numpy(normalised_hadamard(self.q))
+        y = torch.matmul(torch.matmul(left, x.to(torch.float64).reshape(-1, self.p, self.q)), right)
+        return y.reshape(-1, self.width)
+
     def dense(self) -> torch.Tensor:
         """R as an n x n float64 matrix (for folding W R offline; never put in a graph)."""
         return torch.from_numpy(np.kron(normalised_hadamard(self.p), normalised_hadamard(self.q)))
@@ -130,7 +138,7 @@ def rotate_input(linear: nn.Linear) -> RotatedLinear:
     rotation = OnlineHadamard(int(linear.in_features)).to(linear.weight.device)
     with torch.no_grad():
         w = linear.weight.detach()
-        linear.weight.copy_((w.to(torch.float64) @ rotation.dense()).to(w.dtype))
+        linear.weight.copy_(rotation.exact(w).to(w.dtype))
     return as_rotated(linear, rotation)
 
 

@@ -103,3 +103,89 @@ def test_observer_refuses_non_finite_activations():
     obs = InputObserver("model.layers.0.mlp.down_proj", hessian=False, sample_tokens=8, seed=0)
     with pytest.raises(MoedgeError, match="non-finite activations"):
         obs.update(torch.tensor([[1.0, float("nan")]]))
+
+
+def test_wide_inputs_accumulate_the_full_symmetric_hessian():
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(40, 300, generator=g) for _ in range(3)]  # wide enough for block rows
+    obs = InputObserver("wide", hessian=True, sample_tokens=16, seed=0)
+    for b in batches:
+        obs.update(b)
+    flat = torch.cat(batches)
+    torch.testing.assert_close(obs.hessian, flat.T @ flat / 120, atol=1e-4, rtol=1e-5)
+    obs.update(batches[0])  # more tokens after a read: still the full sum
+    flat = torch.cat([flat, batches[0]])
+    torch.testing.assert_close(obs.hessian, flat.T @ flat / 160, atol=1e-4, rtol=1e-5)
+
+
+def test_batched_gptq_equals_one_at_a_time_and_shares_stacked_rows():
+    from moedge.calibration.gptq import gptq_batch
+
+    g = torch.Generator().manual_seed(2)
+    ws = torch.randn(3, 24, 40, generator=g)
+    hs = torch.stack([_correlated(500, 40, s).T @ _correlated(500, 40, s) / 500 for s in range(3)])
+    q, s = gptq_batch(ws, hs)
+    for b in range(3):
+        q1, s1 = gptq(ws[b], hs[b])
+        assert torch.equal(q[b], q1) and torch.equal(s[b], s1)
+    # two linears reading one input: their stacked rows get each one's own codes
+    top, _ = gptq(ws[0, :10], hs[0])
+    assert torch.equal(q[0, :10], top)
+
+
+def test_gram_output_errors_equal_the_direct_ones():
+    from moedge.calibration.search import OutputErrors
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 32, generator=g) * torch.logspace(-1, 1, 32)
+    x[7, 3] = 80.0  # one massive activation
+    ws = [torch.randn(96, 32, generator=g), torch.randn(16, 32, generator=g)]  # wide (Gram) and narrow
+    w_deqs = [(lambda q, s: q.float() * s[:, None])(*rtn_weight(w)) for w in ws]
+    y_refs = [x @ w.T for w in ws]
+    rw = torch.ones(200)
+    rw[-10:] = 0.25
+    clips = [80.0, 20.0, 5.0, 1.0]
+    gram = OutputErrors(x, w_deqs, y_refs, rw, expected_clips=100)
+    assert list(gram.gram) == [0]  # only the consumer wider than its input goes through its Gram matrix
+    direct = OutputErrors(x, w_deqs, y_refs, rw, expected_clips=0)
+    torch.testing.assert_close(gram.errors(clips), direct.errors(clips), rtol=1e-5, atol=0)
+    by_hand = [
+        float((((fake_quant_act(x, c / 127) @ w_deqs[0].T - y_refs[0]) ** 2).sum(1) * rw).sum())
+        for c in clips
+    ]
+    torch.testing.assert_close(
+        gram.errors(clips)[:, 0], torch.tensor(by_hand, dtype=torch.float64), rtol=1e-5, atol=0
+    )
+
+
+def test_searching_many_consumers_finds_what_one_at_a_time_finds():
+    from moedge.calibration.search import search_clip, search_clips
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(300, 24, generator=g)
+    x[::50, 5] = 30.0
+    ws = [torch.randn(n, 24, generator=g) for n in (8, 72, 24)]
+    w_deqs = [(lambda q, s: q.float() * s[:, None])(*rtn_weight(w)) for w in ws]
+    y_refs = [x @ w.T for w in ws]
+    amax = float(x.abs().max())
+    together = search_clips(x, amax, w_deqs, y_refs, refine=True)
+    for (ratio, err), w_deq, y_ref in zip(together, w_deqs, y_refs, strict=True):
+        r1, e1 = search_clip(x, amax, w_deq=w_deq, y_ref=y_ref, refine=True)
+        assert ratio == r1
+        assert err == pytest.approx(e1, rel=1e-5)
+
+
+@pytest.mark.parametrize("minimum", range(8))
+def test_the_grid_walk_finds_a_single_minimum_with_fewer_evaluations(minimum):
+    from moedge.calibration.smoothing import walk_grid
+
+    grid = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 1.0)
+    seen: list[float] = []
+
+    def error(a: float) -> float:
+        seen.append(a)
+        return abs(grid.index(a) - minimum) + 1.0
+
+    assert walk_grid(grid, error, baseline=10.0) == grid[minimum]
+    assert len(set(seen)) < len(grid)
+    assert walk_grid(grid, error, baseline=0.5) is None  # nothing beats leaving the group unsmoothed

@@ -47,6 +47,7 @@ def test_the_factored_forward_is_the_dense_orthonormal_rotation(n):
         want = x @ dense
         got = rot.to(torch.float64)(x)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # float32 factors
+        torch.testing.assert_close(rot.exact(x), want.reshape(-1, n), atol=1e-12, rtol=0)  # float64
     # a massive channel spreads over the whole token: the per-tensor range drops by about sqrt(n)
     spike = torch.zeros(1, n)
     spike[0, 7] = 3000.0
@@ -95,9 +96,9 @@ def test_transformed_statistics_equal_a_second_observation_of_the_rotated_input(
         first.update(x)
     rotation = OnlineHadamard(width)
     if cols is None:
-        turned = first.transformed(rotation, rotation.dense())
+        turned = first.transformed(rotation, rotation.exact)
     else:
-        turned = first.transformed(lambda x: rotation(x / cols), rotation.dense() / cols.double()[:, None])
+        turned = first.transformed(lambda x: rotation(x / cols), lambda x: rotation.exact(x / cols.double()))
     again = observer(False)
     for x in batches:
         again.update(rotation(x if cols is None else x / cols))
@@ -111,4 +112,4 @@ def test_transformed_statistics_equal_a_second_observation_of_the_rotated_input(
         torch.testing.assert_close(rows, rows_again)
         torch.testing.assert_close(weights, weights_again)
     with pytest.raises(MoedgeError, match="not retained"):
-        again.transformed(rotation, rotation.dense())
+        again.transformed(rotation, rotation.exact)
