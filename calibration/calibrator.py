@@ -355,10 +355,10 @@ def _decide_linears(
     decisions: dict[str, LinearDecision] = {}
     quantized = [n for n in spec.linears if n not in keep]
     weights = {n: spec.linears[n].weight for n in quantized}
-    stats = {n: obs[spec.input_key[n]] for n in quantized}
+    inputs = {n: obs[spec.input_key[n]] for n in quantized}
     cols = {n: plan.linears[n].cols for n in quantized}
-    codes = layer_weight_codes(weights, stats, cols, config)
-    ranges = layer_input_ranges(weights, codes, stats, cols, config)
+    codes = layer_weight_codes(weights, inputs, cols, config)
+    ranges = layer_input_ranges(weights, codes, inputs, cols, config)
     for name, lin in spec.linears.items():
         full = qualified(name)
         stats = obs[spec.input_key[name]]
