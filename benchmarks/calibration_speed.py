@@ -140,6 +140,7 @@ def run_current(model: str, threads: int) -> dict[str, Any]:
         model,
         "--configs",
         "haq+rot-full",
+        "--redo",
         "--threads",
         str(threads),
     ]

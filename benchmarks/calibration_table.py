@@ -358,6 +358,11 @@ def main() -> None:
         help="evaluate each calibrated model as its ort-cpu bundle (ONNX Runtime int8 kernels) instead of "
         "the PyTorch fake-quant model (the same perplexity within 0.1%% in side_by_side.json)",
     )
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="re-measure configurations the JSON already holds (default: skip them)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     parser.add_argument("--table", action="store_true", help="print the markdown table from the JSON files")
     args = parser.parse_args()
@@ -378,7 +383,7 @@ def main() -> None:
         return
     plan = args.configs.split(",") if args.configs else PLANS[args.model]
     for config in plan:
-        if config in _load(args.model)["rows"]:
+        if config in _load(args.model)["rows"] and not args.redo:
             print(f"{args.model} {config}: already measured, skipped", flush=True)
             continue
         print(f"{args.model} {config}:", flush=True)
