@@ -24,10 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # The product on smollm2-135m-moe (moedge/demo.py): FP32 vs W8A8, one table, build/demo/demo.json with
 # per-step seconds and cache hits. Builds the C++ runner first when build/cpp/moedge-run is missing.
+# DEMO_ARGS passes more `moedge demo` options (benchmarks/demo_timing.py: -o DIR --json PATH).
 demo: DEMO_START := $(shell date +%s.%N)
 demo: env
 	@test -x build/cpp/moedge-run || $(MAKE) cpp
-	$(BIN)/moedge demo --json build/demo/demo.json --started-at $(DEMO_START)
+	$(BIN)/moedge demo --json build/demo/demo.json --started-at $(DEMO_START) $(DEMO_ARGS)
 
 test: env lint typecheck cpp fuzz pytest
 

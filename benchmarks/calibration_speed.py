@@ -85,49 +85,43 @@ def baseline_tree(commit: str, dest: Path) -> Path:
     return src
 
 
+def _run_calibration(args: list[str], cwd: str | Path, env: dict[str, str], what: str) -> dict[str, Any]:
+    """Run ``_RUNNER`` with ``args`` in its own process; its RESULT record, with the process's wall time."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{proc.stderr[-4000:]}")
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    out["process_seconds"] = wall
+    return out
+
+
 def run_baseline(model: str, commit: str, threads: int, windows: int) -> dict[str, Any]:
     """The baseline's HAQ calibration of ``model`` in its own process, from an archive of ``commit``."""
     with tempfile.TemporaryDirectory(prefix="moedge-baseline-") as tmp:
         src = baseline_tree(commit, Path(tmp))
         env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads)}
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-c", _RUNNER, model, str(threads), str(windows)],
-            cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
+        out = _run_calibration(
+            [model, str(threads), str(windows)], tmp, env, f"the baseline calibration of {model}"
         )
-        wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"the baseline calibration of {model} failed:\n{proc.stderr[-4000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
     if not out["moedge_imported_from"].startswith(str(src)):
         raise SystemExit(f"the baseline imported moedge from {out['moedge_imported_from']}, not the archive")
     out["moedge_imported_from"] = f"git archive {commit} (temporary folder)"
-    return {"commit": commit, "config": {"method": "haq", "rotate": "none"}, "process_seconds": wall, **out}
+    return {"commit": commit, "config": {"method": "haq", "rotate": "none"}, **out}
 
 
 def run_current_speed_only(model: str, threads: int, windows: int) -> dict[str, Any]:
     """Today's HAQ + full rotation of ``model`` in its own process, timed only (no accuracy row)."""
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUNNER, model, str(threads), str(windows), "full"],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-        capture_output=True,
-        text=True,
-        check=False,
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = _run_calibration(
+        [model, str(threads), str(windows), "full"], ROOT, env, f"today's calibration of {model}"
     )
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise SystemExit(f"today's calibration of {model} failed:\n{proc.stderr[-4000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    out: dict[str, Any] = json.loads(line[len("RESULT ") :])
     out["moedge_imported_from"] = "this checkout"
-    return {"config": {"method": "haq", "rotate": "full"}, "process_seconds": wall, **out}
+    return {"config": {"method": "haq", "rotate": "full"}, **out}
 
 
 def run_current(model: str, threads: int) -> dict[str, Any]:

@@ -7,15 +7,11 @@ QuantizeLinear does, so the fake-quant PyTorch model and a QDQ graph agree bit f
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
 from moedge.calibration.rotation import OnlineHadamard
-
-log = logging.getLogger(__name__)
 
 QMIN_ACT, QMAX_ACT = -128, 127
 QMAX_W = 127
@@ -99,32 +95,3 @@ class FakeQuantLinear(nn.Module):
     def extra_repr(self) -> str:
         """Shapes and the activation scale, for printing the model."""
         return f"in={self.in_features}, out={self.out_features}, input_scale={self.input_scale:.4g}"
-
-
-def gptq(
-    w: torch.Tensor,
-    hessian: torch.Tensor,
-    *,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = True,
-    max_damp_tries: int = 8,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hessian-aware int8 codes of ``w`` [out, in] (GPTQ: Frantar et al. 2022), per-output-channel symmetric.
-
-    ``hessian`` is E[x xᵀ] of the layer input ([in, in]); see ``calibration.gptq.gptq_batch``, which
-    this calls with a batch of one. Returns (int8 codes, scales).
-    """
-    from moedge.calibration.gptq import gptq_batch  # gptq imports this module's constants
-
-    if hessian.shape != (w.shape[1], w.shape[1]):
-        raise MoedgeError(f"Hessian shape {tuple(hessian.shape)} does not match weight columns {w.shape[1]}")
-    q, scale = gptq_batch(
-        w[None],
-        hessian[None],
-        damp=damp,
-        block_size=block_size,
-        act_order=act_order,
-        max_damp_tries=max_damp_tries,
-    )
-    return q[0], scale[0]

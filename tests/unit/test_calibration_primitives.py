@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from moedge._errors import MoedgeError
+from moedge.calibration.gptq import gptq_batch
 from moedge.calibration.observers import HIST_PER_OCTAVE, InputObserver
-from moedge.calibration.quant import FakeQuantLinear, fake_quant_act, gptq, rtn_weight
+from moedge.calibration.quant import FakeQuantLinear, fake_quant_act, rtn_weight
+
+
+def gptq(w: torch.Tensor, h: torch.Tensor, **options: float) -> tuple[torch.Tensor, torch.Tensor]:
+    q, s = gptq_batch(w[None], h[None], **options)  # type: ignore[arg-type]
+    return q[0], s[0]
 
 
 def test_activation_grid_matches_quantize_linear():
@@ -119,8 +125,6 @@ def test_wide_inputs_accumulate_the_full_symmetric_hessian():
 
 
 def test_batched_gptq_equals_one_at_a_time_and_shares_stacked_rows():
-    from moedge.calibration.gptq import gptq_batch
-
     g = torch.Generator().manual_seed(2)
     ws = torch.randn(3, 24, 40, generator=g)
     hs = torch.stack([_correlated(500, 40, s).T @ _correlated(500, 40, s) / 500 for s in range(3)])
