@@ -73,6 +73,9 @@ def cached(env: dict[str, str]) -> dict[str, Any]:
         folder = Path(tmp) / "demo"
         folder.mkdir()
         shutil.copytree(fp32, folder / "fp32-cpu")
+        stamp = fp32.parent / "fp32-cpu.stamp.json"  # the demo's cache stamp sits beside the bundle
+        if stamp.is_file():
+            shutil.copy2(stamp, folder / stamp.name)
         json_path = Path(tmp) / "demo.json"
         out = _run_make_demo(ROOT, env, f"-o {folder} --json {json_path}", json_path)
     return out
