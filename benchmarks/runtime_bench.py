@@ -1,8 +1,10 @@
 """The runtime protocol of BENCHMARKS.md (formerly ``moedge bench runtime``).
 
 Part 1 (modeled): real routing traces of an MoE bundle (statistics from one text, evaluation on
-another) replayed through every cache policy at each budget on each hardware profile; ``haq`` is
-tuned on the statistics text only. Writes ``runtime_policies.json`` and ``runtime_policies.png``.
+another) replayed through every cache policy at each budget on each hardware profile; every policy is
+tuned per (profile, budget) cell over its own knobs on the statistics text only (``--untuned-baselines``:
+``haq`` alone, the baselines at their defaults). Writes ``runtime_policies.json`` and
+``runtime_policies.png``.
 Part 2 (measured, ``--parts speed``; runtime_speed.py): ORT CPU wall clock of bundles (W8A8 against
 FP32, a dense W8A8 bundle) against PyTorch eager FP32 and llama.cpp, prompt and decode separately,
 interleaved repeats, medians. Writes ``runtime_speed.json``. Timing never gates a test.
@@ -75,7 +77,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-o", "--out", type=Path, default=Path("benchmarks/results/runtime"), help="results folder"
     )
-    p.add_argument("--stats-text", default="c4", help="text the statistics and the haq tuning come from")
+    p.add_argument("--stats-text", default="c4", help="text the statistics and the tuning come from")
     p.add_argument("--eval-text", default="wikitext2", help="text the policies are evaluated on")
     p.add_argument("--stats-tokens", type=_TOKENS, default=4096)
     p.add_argument("--eval-tokens", type=_TOKENS, default=2048)
@@ -90,7 +92,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
         "--profiles", default="all", help="comma-separated hardware profiles (default: every built-in)"
     )
     p.add_argument(
-        "--tune-tokens", type=_POSITIVE, default=512, help="statistics-text tokens the haq tuner replays"
+        "--tune-tokens", type=_POSITIVE, default=512, help="statistics-text tokens the policy tuner replays"
+    )
+    p.add_argument(
+        "--untuned-baselines",
+        action="store_true",
+        help="tune haq alone and run the baselines at their defaults (the table before every policy was tuned)",
     )
     p.add_argument("--context", type=_POSITIVE, default=512, help="KV length when decode starts (the prompt)")
     p.add_argument(
@@ -157,7 +164,7 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     from moedge.runtime.costs import ModelCosts, parse_budget
     from moedge.runtime.policies import POLICIES
     from moedge.runtime.profiles import BUILTIN, load_profile
-    from moedge.runtime.simulate import replay, tune_haq
+    from moedge.runtime.simulate import TUNING_NOTES, replay
 
     manifest = read_manifest(args.bundle, verify=True)
     if not any(layer.moe for layer in manifest.layers):
@@ -179,22 +186,17 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
         reference[hw.name] = full
         for fraction in fractions(args.budgets):
             budget = parse_budget(fraction, costs)
-            tuned, tuning = tune_haq(
-                stats_trace, costs, budget, hw, base=POLICIES["haq"], tokens=args.tune_tokens
-            )
             for name in POLICY_ORDER:
-                policy = tuned if name == "haq" else POLICIES[name]
-                plan = tuning["plan"] if name == "haq" else None
+                start = time.perf_counter()
+                policy, plan, tuning = _tuned(args, name, costs, budget, hw, stats_trace, stats)
+                tuned_s = time.perf_counter() - start
                 start = time.perf_counter()
                 summary = replay(
                     eval_trace, costs, policy, budget, hw, stats=stats, context=args.context, plan=plan
                 )
                 summary.update(budget_fraction=fraction, seconds=time.perf_counter() - start)
-                if name == "haq":
-                    summary["settings"] = {
-                        k: getattr(tuned, k)
-                        for k in ("static_fraction", "prefetch", "prefetch_share", "path_fraction", "topup")
-                    }
+                if tuning is not None:
+                    summary.update(tuning, tune_seconds=tuned_s)
                 cells.append(summary)
             log.info("%s budget %.0f%% done", hw.name, fraction * 100)
         memory[hw.name] = _memory_sweep(args, costs, hw, stats_trace, eval_trace, stats, full)
@@ -208,6 +210,15 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
         "eval_tokens": args.eval_tokens,
         "trace_files": {"stats": str(stats_file), "eval": str(eval_file)},
         "context": args.context,
+        "tune_tokens": args.tune_tokens,
+        "tuning": (
+            "haq tuned per (profile, budget) cell on the statistics trace's first "
+            f"{args.tune_tokens} tokens; the baselines at their fixed defaults (--untuned-baselines)"
+            if args.untuned_baselines
+            else "every policy tuned per (profile, budget) cell on the statistics trace's first "
+            f"{args.tune_tokens} tokens over its own knobs (grids in tuned_over)"
+        ),
+        "tuning_notes": {k: v for k, v in TUNING_NOTES.items() if k == "haq" or not args.untuned_baselines},
         "speculative_recall": {
             "top2_candidates": eval_trace.prefetch_recall(2),
             "top4_candidates": eval_trace.prefetch_recall(4),
@@ -220,6 +231,36 @@ def policy_table(args: argparse.Namespace) -> dict[str, Any]:
     }
     doc["checks"] = _checks(doc)
     return doc
+
+
+HAQ_SETTINGS = ("static_fraction", "prefetch", "prefetch_share", "path_fraction", "topup")
+
+
+def _tuned(
+    args: argparse.Namespace, name: str, costs: Any, budget: int, hw: Any, stats_trace: Any, stats: Any
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """Policy ``name`` tuned for one cell on the statistics trace: the policy, the plan to pin (haq's
+    balanced plan; None: the policy's own placement) and the cell's ``settings`` and ``tuned_over``
+    (None for an untuned baseline)."""
+    from moedge.runtime.policies import POLICIES
+    from moedge.runtime.simulate import policy_grid, tune_haq, tune_policy
+
+    base = POLICIES[name]
+    grid = policy_grid(name, costs, budget)
+    record = {"tuned_over": {k: list(v) for k, v in grid.items()}}
+    if name == "haq":
+        tuned, tuning = tune_haq(
+            stats_trace, costs, budget, hw, base=base, stats=stats, tokens=args.tune_tokens
+        )
+        return tuned, tuning["plan"], {"settings": {k: getattr(tuned, k) for k in HAQ_SETTINGS}, **record}
+    if args.untuned_baselines:
+        return base, None, None
+    if not grid:  # nothing to tune (cpu)
+        return base, None, {"settings": {}, **record}
+    tuned, _ = tune_policy(
+        stats_trace, costs, budget, hw, base=base, grid=grid, stats=stats, tokens=args.tune_tokens
+    )
+    return tuned, None, {"settings": {k: getattr(tuned, k) for k in grid}, **record}
 
 
 def _memory_sweep(
@@ -368,7 +409,9 @@ def _policies_part(args: argparse.Namespace) -> list[str]:
         runs=doc["cells"],
         statistic="modeled, deterministic: one replay of the evaluation trace per profile, budget and policy "
         "(runs: those cells); modeled decode ms per token as mean and percentiles over the trace's tokens, "
-        "hit rates over every routed expert; haq tuned on the statistics trace alone",
+        "hit rates over every routed expert; "
+        + ("haq" if args.untuned_baselines else "every policy")
+        + " tuned on the statistics trace alone (settings and tuned_over in each cell)",
         results={k: v for k, v in doc.items() if k != "cells"},
     )
     try:

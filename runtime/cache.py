@@ -3,7 +3,9 @@
 Bytes are reserved when a transfer is issued, not when it lands, so residency plus bytes in flight
 never exceed the budget. Pinned experts (a placement plan) are never evicted; the rest of the budget
 is dynamic, evicted least recently used (``lru``) or least frequently used (``lfu``), optionally with
-a separate slot count per layer (the mixtral-offloading design).
+a separate slot count per layer (the mixtral-offloading design). LFU counts may decay: with
+``lfu_decay`` d < 1 each step (``step``) scales every count by d before the step's uses add to them,
+an activation window whose half-life is log(0.5) / log(d) steps.
 """
 
 from __future__ import annotations
@@ -37,21 +39,25 @@ class ExpertCache:
         pinned: Iterable[ExpertKey] = (),
         eviction: str | None = "lru",
         per_layer_slots: int | None = None,
+        lfu_decay: float = 1.0,
         on_admit: Callable[[ExpertKey], None] | None = None,
         on_evict: Callable[[ExpertKey], None] | None = None,
     ) -> None:
         if eviction not in (None, "lru", "lfu"):
             raise MoedgeError(f"unknown eviction {eviction!r}: use lru or lfu")
+        if not 0.0 < lfu_decay <= 1.0:
+            raise MoedgeError(f"LFU decay must lie in (0, 1], got {lfu_decay}")
         check_budget(budget, sizes)
         self.budget = int(budget)
         self.sizes = sizes
         self.eviction = eviction
         self.per_layer_slots = per_layer_slots
+        self.lfu_decay = float(lfu_decay)
         self.on_admit = on_admit
         self.on_evict = on_evict
         self.ready: dict[ExpertKey, float] = {}  # resident or in flight -> time its weights are usable
         self.recency: collections.OrderedDict[ExpertKey, None] = collections.OrderedDict()
-        self.frequency: collections.Counter[ExpertKey] = collections.Counter()
+        self.frequency: dict[ExpertKey, float] = {}  # uses, decayed by lfu_decay per step
         self.pinned: set[ExpertKey] = set()
         self.used = 0
         self.peak = 0
@@ -84,9 +90,16 @@ class ExpertCache:
         t = self.ready.get(key)
         return t is not None and t <= now
 
+    def step(self) -> None:
+        """A forward step begins: with an LFU decay below 1, every use count shrinks by it (older uses
+        weigh less); with 1 (plain counts) nothing changes."""
+        if self.lfu_decay != 1.0:
+            for key in self.frequency:
+                self.frequency[key] *= self.lfu_decay
+
     def touch(self, key: ExpertKey) -> None:
         """Record a use of ``key`` (recency and frequency)."""
-        self.frequency[key] += 1
+        self.frequency[key] = self.frequency.get(key, 0.0) + 1.0
         if key in self.recency:
             self.recency.move_to_end(key)
 
@@ -100,7 +113,7 @@ class ExpertCache:
             and (self.per_layer_slots is None or k[0] == layer)
         ]
         if self.eviction == "lfu":
-            candidates.sort(key=lambda k: self.frequency[k])  # stable: LRU among equals
+            candidates.sort(key=lambda k: self.frequency.get(k, 0.0))  # stable: LRU among equals
         return candidates
 
     def admit(self, key: ExpertKey, ready: float, *, now: float, protect: set[ExpertKey]) -> bool:

@@ -23,6 +23,8 @@ class Policy:
     topup: str = "balanced"  # haq's second stage: balanced across layers, or popular
     path_fraction: float = 0.5  # share of the pinned budget haq's first stage gives whole-depth paths
     prefetch_from: str = "gate"  # gate: speculative next-layer router; transitions: routing.json's counts
+    lfu_decay: float = 1.0  # lfu: each step scales every use count by this first (1: plain counts)
+    cpu_layers: int | None = None  # last-layers: first N MoE layers on the CPU (None: the fewest that fit)
 
 
 POLICIES: dict[str, Policy] = {

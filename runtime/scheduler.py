@@ -98,6 +98,7 @@ class ExpertScheduler:
             pinned=pinned,
             eviction=policy.eviction,
             per_layer_slots=per_layer_slots,
+            lfu_decay=policy.lfu_decay,
             on_admit=on_admit,
             on_evict=on_evict,
         )
@@ -121,8 +122,9 @@ class ExpertScheduler:
             return []
         if policy.placement == "all":
             return list(sizes)
-        if policy.placement == "last-layers":
-            return plan_last_layers(self.costs.moe_layers, self.costs.num_experts, sizes, budget)
+        if policy.placement == "last-layers":  # the first cpu_layers MoE layers stay on the CPU
+            layers = self.costs.moe_layers[policy.cpu_layers or 0 :]
+            return plan_last_layers(layers, self.costs.num_experts, sizes, budget)
         if plan is not None:
             total = sum(sizes[k] for k in plan)
             if total > budget:
@@ -160,6 +162,7 @@ class ExpertScheduler:
         """
         self._step = StepRecord(tokens=tokens, decode=tokens == rows, modeled_seconds=self.clock)
         self._context = context * rows
+        self.cache.step()  # LFU counts decay per step (a no-op without a decay)
         self.clock += self.profile.gpu_call_overhead  # embedding gather
 
     def run_stage(self, layer: int) -> None:

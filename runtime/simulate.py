@@ -21,6 +21,7 @@ from moedge._errors import MoedgeError
 from moedge.formats.routing import RoutingStats
 from moedge.runtime.bundle_runner import BundleRunner, RoutingTrace
 from moedge.runtime.costs import ModelCosts
+from moedge.runtime.placement import plan_last_layers
 from moedge.runtime.policies import Policy
 from moedge.runtime.profiles import HardwareProfile
 from moedge.runtime.scheduler import ExpertScheduler
@@ -148,12 +149,119 @@ def replay(
     return out
 
 
-HAQ_GRID: dict[str, tuple[float, ...]] = {
+HAQ_GRID: dict[str, tuple[Any, ...]] = {
     "static_fraction": (1.0, 0.7, 0.5),
     "prefetch": (0, 1, 2),
     "prefetch_share": (0.25, 0.5, 1.0),
     "path_fraction": (0.5, 0.25, 0.0),
 }
+
+
+def half_life_decay(tokens: float) -> float:
+    """The per-step LFU decay whose counts halve every ``tokens`` decode steps (1.0: no decay)."""
+    return 1.0 if tokens == float("inf") else 0.5 ** (1.0 / tokens)
+
+
+# The baselines' knobs (fields of ``Policy``), each grid containing the policy's default, so a tuned
+# baseline is never slower on the tuning text than its default beyond the tie rule.
+BASELINE_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "cpu": {},  # nothing to tune
+    "lru": {"per_layer": (True, False), "prefetch": (0, 1, 2, 4)},
+    "lfu": {"lfu_decay": (1.0, 0.99, 0.95, 0.8)},
+    "static": {"static_fraction": (1.0, 0.9, 0.75, 0.5)},
+    # steps above the fewest first layers the budget lets stay on the CPU (resolved by policy_grid)
+    "n-cpu-moe": {"cpu_layers": (0, 1, 2, 4)},
+    "fate": {"prefetch": (1, 2, 4)},
+    "moe-infinity": {
+        "lfu_decay": tuple(half_life_decay(h) for h in (float("inf"), 256, 64, 16)),
+        "prefetch": (1, 2, 4),
+    },
+}
+
+# What the record says about grids that differ from the issue's list, or whose knob needs reading.
+TUNING_NOTES: dict[str, str] = {
+    "lru": "per_layer: a per-layer LRU (mixtral-offloading) or one global LRU; prefetch: next-layer "
+    "candidates from the speculative gate (0: none)",
+    "lfu": "lfu_decay d: each step scales every use count by d before adding the step's uses "
+    "(1: plain counts; half-life log(0.5) / log(d) tokens)",
+    "static": "static_fraction: the pinned share of the budget; Fiddler keeps no dynamic cache (misses run "
+    "on the CPU), so a share below 1 leaves budget unused and wins only where running more experts on the "
+    "CPU, beside the GPU's hits, models faster",
+    "n-cpu-moe": "cpu_layers N: the first N MoE layers' experts stay on the CPU; N from the budget-filling "
+    "value (the fewest first layers the budget cannot hold beside the last ones) up by 1, 2 and 4, where a "
+    "larger N leaves budget unused",
+    "fate": "prefetch: next-layer candidates from the speculative gate; prefetch_share is not tuned: it "
+    "only shapes haq's placement, and fate pins nothing",
+    "moe-infinity": "lfu_decay: the activation window as an LFU decay with half-lives of inf, 256, 64 and "
+    "16 tokens; prefetch: next-layer candidates from the recorded layer-to-layer transitions",
+    "haq": "tune_haq: HAQ_GRID (prefetch_share only with prefetch), then the balancing pass on the best plan",
+}
+
+
+def fewest_cpu_layers(costs: ModelCosts, budget: int) -> int:
+    """``n-cpu-moe``'s budget-filling N: the first MoE layers whose experts do not fit beside the last ones."""
+    sizes = {k: c.bytes for k, c in costs.experts.items()}
+    kept = {layer for layer, _ in plan_last_layers(costs.moe_layers, costs.num_experts, sizes, budget)}
+    return len(costs.moe_layers) - len(kept)
+
+
+def policy_grid(name: str, costs: ModelCosts, budget: int) -> dict[str, tuple[Any, ...]]:
+    """The grid ``tune_policy`` searches for policy ``name`` at ``budget``: ``HAQ_GRID`` for haq, else
+    ``BASELINE_GRIDS``, with n-cpu-moe's steps turned into N values from the budget-filling N up."""
+    if name == "haq":
+        return dict(HAQ_GRID)
+    if name not in BASELINE_GRIDS:
+        raise MoedgeError(f"no tuning grid for policy {name!r}: use one of haq, {', '.join(BASELINE_GRIDS)}")
+    grid = dict(BASELINE_GRIDS[name])
+    if "cpu_layers" in grid:
+        first, layers = fewest_cpu_layers(costs, budget), len(costs.moe_layers)
+        grid["cpu_layers"] = tuple(sorted({min(first + step, layers) for step in grid["cpu_layers"]}))
+    return grid
+
+
+def _short(trace: DecodeTrace, tokens: int) -> DecodeTrace:
+    return DecodeTrace(trace.layers, trace.chosen[:tokens], trace.speculative[:tokens], trace.num_experts)
+
+
+def tune_policy(
+    trace: DecodeTrace,
+    costs: ModelCosts,
+    budget: int,
+    profile: HardwareProfile,
+    *,
+    base: Policy,
+    grid: dict[str, tuple[Any, ...]],
+    stats: RoutingStats | None = None,
+    tokens: int = 512,
+    tie: float = 0.01,
+) -> tuple[Policy, dict[str, Any]]:
+    """The setting of ``grid`` (``Policy`` field -> values) with the lowest modeled decode latency when
+    ``base`` so set replays ``trace``'s first ``tokens`` tokens, and that replay's summary.
+
+    Settings within ``tie`` of the fastest are ranked by the per-layer hit-rate spread, then latency;
+    exact ties go to the earliest in grid order (``itertools.product`` over the fields in order). A
+    ``prefetch_share`` other than its first value is skipped where ``prefetch`` is 0 (it only matters
+    with prefetch). An empty grid replays ``base`` as it is. Tune on one text and evaluate on another:
+    the statistics come from the same trace.
+    """
+    short = _short(trace, tokens)
+    stats = stats if stats is not None else trace.stats()
+    fields = list(grid)
+    results: list[tuple[float, float, Policy, dict[str, Any]]] = []
+    for values in itertools.product(*(grid[k] for k in fields)):
+        setting = dict(zip(fields, values, strict=True))
+        if (
+            "prefetch_share" in setting
+            and not setting.get("prefetch", base.prefetch)
+            and setting["prefetch_share"] != grid["prefetch_share"][0]
+        ):
+            continue  # the share only matters with prefetch
+        policy = replace(base, **setting)
+        summary = replay(short, costs, policy, budget, profile, stats=stats)
+        results.append((summary["modeled_decode_ms"]["mean"], summary["hit_rate_layer_std"], policy, summary))
+    best = min(r[0] for r in results)
+    _, _, policy, summary = min((r for r in results if r[0] <= best * (1 + tie)), key=lambda r: (r[1], r[0]))
+    return policy, summary
 
 
 def tune_haq(
@@ -169,33 +277,16 @@ def tune_haq(
 ) -> tuple[Policy, dict[str, Any]]:
     """The ``haq`` settings with the lowest modeled decode latency on ``trace`` (the profiling text).
 
-    Settings within ``tie`` of the fastest are ranked by the per-layer hit-rate spread. Tune on one
-    text and evaluate on another: the statistics come from the same trace.
+    ``tune_policy`` over ``HAQ_GRID`` (settings within ``tie`` of the fastest ranked by the per-layer
+    hit-rate spread), then ``balance_plan`` on the chosen setting's plan. Tune on one text and evaluate
+    on another: the statistics come from the same trace.
     """
-    short = DecodeTrace(trace.layers, trace.chosen[:tokens], trace.speculative[:tokens], trace.num_experts)
     stats = stats if stats is not None else trace.stats()
-    results: list[tuple[float, float, Policy, dict[str, Any]]] = []
-    grid = itertools.product(
-        HAQ_GRID["static_fraction"],
-        HAQ_GRID["prefetch"],
-        HAQ_GRID["prefetch_share"],
-        HAQ_GRID["path_fraction"],
+    policy, summary = tune_policy(
+        trace, costs, budget, profile, base=base, grid=HAQ_GRID, stats=stats, tokens=tokens, tie=tie
     )
-    for fraction, prefetch, share, paths in grid:
-        if not prefetch and share != HAQ_GRID["prefetch_share"][0]:
-            continue  # the share only matters with prefetch
-        policy = replace(
-            base,
-            static_fraction=float(fraction),
-            prefetch=int(prefetch),
-            prefetch_share=float(share),
-            path_fraction=float(paths),
-        )
-        summary = replay(short, costs, policy, budget, profile, stats=stats)
-        results.append((summary["modeled_decode_ms"]["mean"], summary["hit_rate_layer_std"], policy, summary))
-    best = min(r[0] for r in results)
-    _, _, policy, summary = min((r for r in results if r[0] <= best * (1 + tie)), key=lambda r: (r[1], r[0]))
     if policy.static_fraction > 0:
+        short = _short(trace, tokens)
         summary = balance_plan(short, costs, policy, budget, profile, stats=stats, start=summary)
     return policy, summary
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import statistics
+import textwrap
 from typing import Any
 
 Values = dict[str, Any]
@@ -184,10 +186,97 @@ POLICY_LABELS = ["cpu", "lru (mixtral-offloading)", "lfu", "static (Fiddler)", "
 POLICY_LABELS += ["fate (Fate)", "moe-infinity (MoE-Infinity)", "haq", "spread haq / lru"]
 
 
+def policy_cells(res: Any, f: str = "runtime/runtime_policies.json") -> list[dict[str, Any]]:
+    """The policy table's cells: ``results.cells`` in a file written before the provenance schema, the
+    document's ``runs`` in one written through ``write_result`` (its results leave the cells out)."""
+    doc = res.doc(f)
+    results = doc["results"]
+    if doc["schema"] is not None and not (isinstance(results, dict) and "cells" in results):
+        return list(doc["runs"])
+    return list(res.get(f, "cells"))
+
+
+def _knob(key: str, value: Any) -> str:
+    """One tuned setting, compactly."""
+    if key == "per_layer":
+        return "per-layer" if value else "global"
+    if key == "lfu_decay":
+        return "no decay" if value == 1 else f"half-life {math.log(0.5) / math.log(value):.3g}"
+    if key == "static_fraction":
+        return f"pin {value:.0%}"
+    if key == "cpu_layers":
+        return f"N={value}"
+    names = {"prefetch": "prefetch", "prefetch_share": "share", "path_fraction": "paths"}
+    return (
+        f"{names.get(key, key)} {value:g}" if isinstance(value, float) else f"{names.get(key, key)} {value}"
+    )
+
+
+def _settings(c: dict[str, Any]) -> str:
+    """A cell's tuned settings (the knobs in its ``tuned_over``), compactly; n-cpu-moe's N with its range."""
+    grid, chosen = c.get("tuned_over") or {}, c.get("settings") or {}
+    out = []
+    for key in grid:
+        if key == "prefetch_share" and not chosen.get("prefetch"):
+            continue  # no prefetch: the share does not matter
+        text = _knob(key, chosen[key])
+        if key == "cpu_layers" and min(grid[key]) != max(grid[key]):
+            text += f" ({min(grid[key])}-{max(grid[key])})"
+        out.append(text)
+    return ", ".join(out) or "-"
+
+
+def _grid(key: str, values: list[Any]) -> str:
+    """One knob's grid, compactly."""
+    if key == "per_layer":
+        return "per-layer/global LRU"
+    if key == "lfu_decay":
+        lives = ["inf" if v == 1 else f"{math.log(0.5) / math.log(v):.3g}" for v in values]
+        return "LFU half-life " + "/".join(lives) + " tokens"
+    if key == "static_fraction":
+        return "pinned share " + "/".join(f"{v:.0%}" for v in values)
+    if key == "cpu_layers":
+        return "N (first MoE layers on the CPU) from the budget-filling value up by 1, 2 and 4"
+    names = {"prefetch": "prefetch depth", "prefetch_share": "prefetch share", "path_fraction": "path share"}
+    return f"{names.get(key, key)} " + "/".join(f"{v:g}" for v in values)
+
+
+def _tuned_settings(res: Any, f: str, cells: dict[tuple[str, float, str], dict[str, Any]]) -> str:
+    """The paragraph and table of every policy's tuned settings per cell ('' for a table in which only
+    haq was tuned)."""
+    if not all("settings" in c for c in cells.values()):
+        return ""
+    profiles = list(res.get(f, "profiles"))
+    budgets = sorted({k[1] for k in cells})
+    tuned = [p for p in POLICIES if cells[(profiles[0], budgets[0], p)].get("tuned_over")]
+    rows = []
+    for prof in profiles:
+        for i, b in enumerate(budgets):
+            rows.append(
+                [prof if i == 0 else "", f"{b:.0%}", *(_settings(cells[(prof, b, p)]) for p in tuned)]
+            )
+    first = {p: cells[(profiles[0], budgets[0], p)]["tuned_over"] for p in tuned}
+    grids = "; ".join(f"`{p}` " + " x ".join(_grid(k, v) for k, v in first[p].items()) for p in tuned)
+    text = (
+        f"Every policy is tuned per cell as `haq` is: each setting of its own knobs replays the first "
+        f"{res.get(f, 'tune_tokens'):,} tokens of the statistics trace on the cell's profile and budget, the "
+        "lowest modeled decode latency wins (settings within 1% of it: the smaller per-layer hit-rate "
+        "spread), and the table above replays the chosen setting on the evaluation trace. Grids (each holds "
+        f"the policy's default): {grids} (`haq`'s prefetch share only with prefetch, then its balancing pass). "
+        "`static` tunes only its pinned share: Fiddler keeps no dynamic cache, so a smaller share leaves "
+        "budget unused; `fate` pins nothing, so the prefetch share (which shapes only `haq`'s placement) is "
+        "not tuned. Chosen settings (LFU half-lives in tokens; N: first MoE layers on the CPU, with the range "
+        "tried where the budget left more than one):"
+    )
+    header = ["profile", "budget", *(POLICY_LABELS[POLICIES.index(p)] for p in tuned)]
+    text = textwrap.fill(text, 105, break_long_words=False, break_on_hyphens=False)
+    return f"\n\n{text}\n\n{table(header, rows)}"
+
+
 def render_policies(res: Any) -> Values:
     """The modeled expert-cache policy table, the haq spread study and the memory sweep."""
     f, h = "runtime/runtime_policies.json", "runtime/haq_spread_study.json"
-    cells = {(c["profile"], c["budget_fraction"], c["policy"]): c for c in res.get(f, "cells")}
+    cells = {(c["profile"], c["budget_fraction"], c["policy"]): c for c in policy_cells(res, f)}
     profiles = list(res.get(f, "profiles"))
     budgets = sorted({c[1] for c in cells})
     rows = []
@@ -220,7 +309,10 @@ def render_policies(res: Any) -> Values:
     devb = cells[(profiles[0], budgets[0], "cpu")]["device_bytes"]
     sweep = mem["rtx4090-pcie4"]["sweep"]
     at60 = next(s for s in sweep if s["budget_fraction"] == 0.6)
+    settings = _tuned_settings(res, f, cells)
     return {
+        "tuning": "every policy's tuning" if settings else "the `haq` tuning",
+        "settings": settings,
         "expert_mib": f"{expert_bytes / MIB:.0f} MiB",
         "stats_tokens": f"{res.get(f, 'stats_tokens'):,}",
         "eval_tokens": f"{res.get(f, 'eval_tokens'):,}",

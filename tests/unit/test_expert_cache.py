@@ -274,3 +274,156 @@ def test_tuned_haq_plan_fits_and_balancing_never_widens_the_spread():
     balanced = balance_plan(trace, costs, policy, budget, hw, stats=trace.stats(), start=start)
     assert balanced["hit_rate_layer_std"] <= start["hit_rate_layer_std"]
     assert balanced["modeled_decode_ms"]["mean"] <= start["modeled_decode_ms"]["mean"] * 1.005 + 1e-12
+
+
+class _PlainCountLfu(ExpertCache):
+    """The LFU rule before decays existed: integer use counts, nothing done per step."""
+
+    def step(self):
+        pass
+
+    def touch(self, key):
+        self.frequency[key] = int(self.frequency.get(key, 0)) + 1
+        if key in self.recency:
+            self.recency.move_to_end(key)
+
+
+@pytest.mark.parametrize("name", ["lfu", "moe-infinity"])
+def test_lfu_decay_one_is_the_plain_count_replay(monkeypatch, name):
+    from dataclasses import replace as with_fields
+
+    import moedge.runtime.scheduler as scheduler
+
+    rng = np.random.default_rng(11)
+    costs = _costs({(li, e): 2_600_000 for li in range(LAYERS) for e in range(EXPERTS)})
+    trace = _trace(rng, 150, skew=0.5)
+    stats = trace.stats()
+    budget = costs.expert_bytes() // 3
+    hw = BUILTIN["jetson-agx-orin-64gb"]
+    policy = with_fields(POLICIES[name], lfu_decay=1.0)
+    assert POLICIES[name].lfu_decay == 1.0  # the default is plain counts
+    now = replay(trace, costs, policy, budget, hw, stats=stats)
+    monkeypatch.setattr(scheduler, "ExpertCache", _PlainCountLfu)
+    before = replay(trace, costs, POLICIES[name], budget, hw, stats=stats)
+    assert json.dumps(now, sort_keys=True) == json.dumps(before, sort_keys=True)
+    decayed = replay(trace, costs, with_fields(policy, lfu_decay=0.8), budget, hw, stats=stats)
+    assert decayed["plan"] == now["plan"] == []
+
+
+def test_lfu_decay_lets_recent_use_beat_old_counts():
+    """A used in steps 1-3, B in steps 4-5, then C needs room: plain counts evict B (2 uses < 3), a decay
+    of 0.5 evicts A (0.22 against 0.75 by step 6), as recency says."""
+
+    def run(decay):
+        cache = ExpertCache(20, {(0, e): 10 for e in range(3)}, eviction="lfu", lfu_decay=decay)
+        for step, key in enumerate([(0, 0)] * 3 + [(0, 1)] * 2):
+            cache.step()
+            if step in (0, 3):
+                assert cache.admit(key, 0.0, now=0.0, protect=set())
+            cache.touch(key)
+        cache.step()
+        assert cache.admit((0, 2), 0.0, now=0.0, protect=set())
+        return set(cache.ready), cache.frequency
+
+    kept, counts = run(1.0)
+    assert kept == {(0, 0), (0, 2)} and counts == {(0, 0): 3.0, (0, 1): 2.0}
+    kept, counts = run(0.5)
+    assert kept == {(0, 1), (0, 2)}
+    assert counts[(0, 0)] == pytest.approx(1.75 / 8) and counts[(0, 1)] == pytest.approx(0.75)
+    with pytest.raises(MoedgeError, match="LFU decay"):
+        ExpertCache(20, {(0, 0): 10}, eviction="lfu", lfu_decay=0.0)
+
+
+def _grid_replays(trace, costs, name, grid, budget, hw, tokens):
+    """Every grid point of ``grid`` on the first ``tokens`` tokens: (setting, mean ms, spread)."""
+    import itertools
+    from dataclasses import replace as with_fields
+
+    from moedge.runtime.simulate import DecodeTrace as Trace
+
+    short = Trace(trace.layers, trace.chosen[:tokens], trace.speculative[:tokens], trace.num_experts)
+    out = []
+    for values in itertools.product(*grid.values()):
+        setting = dict(zip(grid, values, strict=True))
+        s = replay(short, costs, with_fields(POLICIES[name], **setting), budget, hw, stats=trace.stats())
+        out.append((setting, s["modeled_decode_ms"]["mean"], s["hit_rate_layer_std"]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "hw"),
+    [
+        ("lru", "jetson-orin-nano-8gb"),
+        ("moe-infinity", "rtx4090-pcie4"),
+        ("static", "jetson-agx-orin-64gb"),
+        ("n-cpu-moe", "rtx4090-pcie4"),
+    ],
+)
+def test_tune_policy_picks_the_fastest_grid_point_within_the_tie(name, hw):
+    from moedge.runtime.simulate import policy_grid, tune_policy
+
+    rng = np.random.default_rng(7)
+    costs = _costs({(li, e): 2_600_000 for li in range(LAYERS) for e in range(EXPERTS)})
+    trace = _trace(rng, 160, skew=0.3)
+    budget = costs.expert_bytes() * 2 // 5
+    grid = policy_grid(name, costs, budget)
+    assert all(getattr(POLICIES[name], k) in v or k == "cpu_layers" for k, v in grid.items())
+    policy, summary = tune_policy(
+        trace, costs, budget, BUILTIN[hw], base=POLICIES[name], grid=grid, tokens=120, tie=0.01
+    )
+    points = _grid_replays(trace, costs, name, grid, budget, BUILTIN[hw], 120)
+    chosen = {k: getattr(policy, k) for k in grid}
+    ms = summary["modeled_decode_ms"]["mean"]
+    assert chosen in [p[0] for p in points] and summary["decode_tokens"] == 120
+    best = min(p[1] for p in points)
+    assert ms <= best * 1.01  # the fastest, or within the tie of it ...
+    tied = [p for p in points if p[1] <= best * 1.01]
+    assert summary["hit_rate_layer_std"] == min(p[2] for p in tied)  # ... with the smallest spread there
+    exact, _ = tune_policy(
+        trace, costs, budget, BUILTIN[hw], base=POLICIES[name], grid=grid, tokens=120, tie=0
+    )
+    assert next(p[1] for p in points if p[0] == {k: getattr(exact, k) for k in grid}) == best
+
+
+def test_tuning_lru_picks_per_layer_or_global_by_the_better_replay():
+    """With ten experts' room (two slots a layer), layer 0 alternating between two pairs while the others
+    keep one pair thrashes its two slots but fits one global LRU (global wins); with twelve (three slots a
+    layer) on a random trace the per-layer LRU wins. Either way the tuner keeps the faster replay."""
+    from moedge.runtime.simulate import tune_policy
+
+    costs = _costs({(li, e): 2_600_000 for li in range(LAYERS) for e in range(EXPERTS)})
+    one_expert = costs.expert_bytes() // (LAYERS * EXPERTS)
+    hw = BUILTIN["jetson-orin-nano-8gb"]
+    grid = {"per_layer": (True, False)}
+    tokens = 120
+    chosen = np.tile(np.array([0, 1], dtype=np.int16), (tokens, LAYERS, 1))
+    chosen[1::2, 0] = [2, 3]
+    spec = np.full((tokens, LAYERS, 4), -1, dtype=np.int16)
+    alternating = DecodeTrace(list(range(LAYERS)), chosen, spec, EXPERTS)
+    mixed = _trace(np.random.default_rng(0), tokens, skew=1.0)
+    for trace, budget, want in ((alternating, 10 * one_expert, False), (mixed, 12 * one_expert, True)):
+        (_, per_layer, _), (_, one, _) = _grid_replays(trace, costs, "lru", grid, budget, hw, tokens)
+        assert (per_layer < one) == want
+        policy, _ = tune_policy(
+            trace, costs, budget, hw, base=POLICIES["lru"], grid=grid, tokens=tokens, tie=0
+        )
+        assert policy.per_layer == want
+
+
+def test_n_cpu_moe_grid_starts_at_the_budget_filling_n():
+    from dataclasses import replace as with_fields
+
+    from moedge.runtime.simulate import fewest_cpu_layers, half_life_decay, policy_grid
+
+    costs = _costs({(li, e): 1000 for li in range(LAYERS) for e in range(EXPERTS)})
+    budget = 2 * EXPERTS * 1000 + 500  # two whole layers fit
+    assert fewest_cpu_layers(costs, budget) == 2
+    assert policy_grid("n-cpu-moe", costs, budget) == {"cpu_layers": (2, 3, 4)}  # capped at every layer
+    trace = _trace(np.random.default_rng(0), 30)
+    hw = BUILTIN["rtx4090-pcie4"]
+    default = replay(trace, costs, POLICIES["n-cpu-moe"], budget, hw, stats=None)
+    same = replay(trace, costs, with_fields(POLICIES["n-cpu-moe"], cpu_layers=2), budget, hw, stats=None)
+    assert json.dumps(default, sort_keys=True) == json.dumps(same, sort_keys=True)
+    more = replay(trace, costs, with_fields(POLICIES["n-cpu-moe"], cpu_layers=3), budget, hw, stats=None)
+    assert {k[0] for k in more["plan"]} == {3} and more["hit_rate_per_layer"]["2"] == 0.0
+    assert half_life_decay(64) ** 64 == pytest.approx(0.5) and half_life_decay(float("inf")) == 1.0
