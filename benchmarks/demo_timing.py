@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import command_line, read_result, write_result
+from provenance import carry_over, command_line, read_result, write_result
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "demo_timing.json"
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     previous = read_result(args.out)
     results: dict[str, Any] = dict(previous["results"]) if previous else {}
-    runs: list[dict[str, Any]] = list(previous["runs"]) if previous else []
+    runs, _ = carry_over(previous, lambda r: r.get("scenario") not in chosen, [])
     for scenario in chosen:
         load_before = os.getloadavg()
         print(f"[{scenario}] make demo ...", flush=True)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpp_tokens_match": record["cpp_tokens_match"],
             "table": demo.get("table"),
         }
-        runs = [r for r in runs if r.get("scenario") != scenario] + [{"scenario": scenario, **record}]
+        runs.append({"scenario": scenario, **record})
         print(f"[{scenario}] {out['wall_seconds']:.0f} s (bar {BARS_S[scenario]} s)", flush=True)
         write_result(
             args.out,

@@ -93,14 +93,14 @@ def quantize_linear(
     if keep_fp:
         return kept
     w = weight.detach().to(torch.float32)
-    q, sc = codes if codes is not None else _weight_codes(w, stats, sm.cols, config)
-    w_deq = q.to(torch.float32) * sc[:, None]
+    one = ({name: w}, {name: stats}, {name: sm.cols})
+    q, sc = codes if codes is not None else layer_weight_codes(*one, config)[name]
     if stats.tokens == 0:
         choice, rel = RangeChoice(idle_clip or 1.0, None), math.nan
     elif input_range is not None:
         choice, rel = input_range
     else:
-        choice, rel = _input_range(w, w_deq, stats, sm.cols, amax, config)
+        choice, rel = layer_input_ranges(one[0], {name: (q, sc)}, one[1], one[2], config)[name]
     return replace(
         kept,
         kept_fp=False,
@@ -112,28 +112,10 @@ def quantize_linear(
     )
 
 
-def _weight_codes(
-    w: torch.Tensor, stats: InputObserver, cols: torch.Tensor | None, config: CalibrationConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 codes and per-row scales of ``w``.
-
-    GPTQ on the observed Hessian (divided by the smoothing scale on both sides) when the method is
-    Hessian-aware and tokens were seen; round-to-nearest otherwise.
-    """
-    if config.hessian_weights and stats.tokens > 0:
-        q, sc = _gptq(config, w[None], _smoothed_hessian(stats, cols)[None])
-        return q[0], sc[0]
-    return rtn_weight(w)
-
-
 def _smoothed_hessian(stats: InputObserver, cols: torch.Tensor | None) -> torch.Tensor:
     """The observed Hessian of the input divided by the smoothing scale on both sides."""
     h = stats.hessian
     return h if cols is None else h / (cols[:, None] * cols[None, :])
-
-
-def _gptq(config: CalibrationConfig, w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return gptq_batch(w, h, damp=config.gptq_damp, block_size=config.gptq_block, act_order=config.act_order)
 
 
 def layer_weight_codes(
@@ -163,7 +145,9 @@ def layer_weight_codes(
     for groups in by_shape.values():
         w = torch.stack([torch.cat([linears[n].detach().to(torch.float32) for n in g]) for g in groups])
         h = torch.stack([_smoothed_hessian(stats[g[0]], cols[g[0]]) for g in groups])
-        q, sc = _gptq(config, w, h)
+        q, sc = gptq_batch(
+            w, h, damp=config.gptq_damp, block_size=config.gptq_block, act_order=config.act_order
+        )
         for b, g in enumerate(groups):
             start = 0
             for n in g:
@@ -171,26 +155,6 @@ def layer_weight_codes(
                 out[n] = (q[b, start:end].clone(), sc[b, start:end].clone())
                 start = end
     return out
-
-
-def _input_range(
-    w: torch.Tensor,
-    w_deq: torch.Tensor,
-    stats: InputObserver,
-    cols: torch.Tensor | None,
-    amax: float,
-    config: CalibrationConfig,
-) -> tuple[RangeChoice, float]:
-    """The range mode's choice on the sampled rows, and the relative output error it leaves."""
-    x, rw = stats.rows()
-    if cols is not None:
-        x = x / cols
-    y_ref = x @ w.T
-    sample = RangeSample(stats, x, rw, amax, cols is not None, w_deq, y_ref)
-    choice = config.range_mode.choose(sample)
-    denom = float((y_ref.square().sum(dim=1) * rw).sum())
-    rel = output_error(x, w_deq, y_ref, choice.clip, rw) / denom if denom > 0 else 0.0
-    return choice, rel
 
 
 def peer_clip(decisions: Iterable[LinearDecision], name: str) -> float | None:
