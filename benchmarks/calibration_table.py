@@ -45,17 +45,19 @@ AUTO_FP = 0.02
 EVALS = {"wikitext2": 128, "ptb": 64, "c4": 64}
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {},
-    "rtn": {"method": "rtn"},
-    "smoothquant": {"method": "smoothquant"},
-    "gptq": {"method": "gptq"},
+    # the published methods and HAQ as first built: unrotated (CalibrationConfig's default is "auto")
+    "rtn": {"method": "rtn", "rotate": "none"},
+    "smoothquant": {"method": "smoothquant", "rotate": "none"},
+    "gptq": {"method": "gptq", "rotate": "none"},
     # issue 18: each baseline with HAQ's range search (output error), so smoothing and range effects separate
-    "rtn+range": {"method": "rtn", "act_clip": "output"},
-    "smoothquant+range": {"method": "smoothquant", "act_clip": "output"},
-    "gptq+range": {"method": "gptq", "act_clip": "output"},
-    "haq": {"method": "haq"},  # also yields "haq+auto-fp" (same calibration, then 2% kept FP)
-    "haq+auto-fp": {"method": "haq", "auto_keep_fp": AUTO_FP},  # that row alone
+    "rtn+range": {"method": "rtn", "act_clip": "output", "rotate": "none"},
+    "smoothquant+range": {"method": "smoothquant", "act_clip": "output", "rotate": "none"},
+    "gptq+range": {"method": "gptq", "act_clip": "output", "rotate": "none"},
+    # "haq" also yields "haq+auto-fp" (same calibration, then 2% kept FP)
+    "haq": {"method": "haq", "rotate": "none"},
+    "haq+auto-fp": {"method": "haq", "auto_keep_fp": AUTO_FP, "rotate": "none"},  # that row alone
     # experiment: 83 of 120 smollm2 groups chose the grid's top strength (0.9); does the optimum lie above?
-    "haq-a1": {"method": "haq", "alpha_grid": (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 1.0)},
+    "haq-a1": {"method": "haq", "alpha_grid": (0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.95, 1.0), "rotate": "none"},
     # issue 17: rotations (calibration/rotation.py, calibration/residual_rotation.py)
     "haq+rot-online": {"method": "haq", "rotate": "online"},
     "haq+rot-offline": {"method": "haq", "rotate": "offline"},
@@ -66,7 +68,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 PLANS = {
     "smollm2-135m": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
     "smollm2-135m-moe": ["fp32", "rtn", "haq"],
-    "stories260k": ["fp32", "rtn", "smoothquant", "gptq", "haq"],
+    "stories260k": ["fp32", "rtn", "smoothquant", "gptq", "haq", "haq+rot-full"],
 }
 
 

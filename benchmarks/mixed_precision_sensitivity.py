@@ -46,7 +46,9 @@ def main() -> None:
         torch.from_numpy(w).long() for w in calibration_windows(loaded, count=args.probe, seqlen=512, seed=1)
     ]
     start = time.perf_counter()
-    result = calibrate(loaded, calib, CalibrationConfig(method="haq"), progress=False, retain_fp=True)
+    result = calibrate(
+        loaded, calib, CalibrationConfig(method="haq", rotate="none"), progress=False, retain_fp=True
+    )
     print(f"calibrated in {time.perf_counter() - start:.0f} s", flush=True)
     model = loaded.model
     tokens = sum(len(h) - 1 for h in held)

@@ -18,7 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -54,11 +54,10 @@ from moedge.calibration.phases import PHASES, PhaseClock
 from moedge.calibration.quant import FakeQuantLinear
 from moedge.calibration.residual_rotation import rotate_residual
 from moedge.calibration.result import CalibrationResult, FpWeight, LinearReport
-from moedge.calibration.rotate_layer import rotate_mlp_outputs
+from moedge.calibration.rotate_layer import check_online_rotatable, choose_rotation, rotate_mlp_outputs
 from moedge.calibration.rotation import (
     ONLINE_ROTATIONS,
     RESIDUAL_ROTATIONS,
-    hadamard_factors,
     input_rotation,
 )
 from moedge.calibration.smoothing import SmoothingPlan, smooth_layer
@@ -114,11 +113,15 @@ def calibrate(
     model.eval()
     split_experts(model, arch)
     clock = PhaseClock()
+    if cfg.rotate == "auto":
+        rotate, why = choose_rotation(model, loaded.model_type, loaded.name)
+        log.info("--rotate auto: %s (%s)", rotate, why)
+        cfg = replace(cfg, rotate=rotate)
     if cfg.rotate in RESIDUAL_ROTATIONS:  # the FP model, exactly, before any layer is observed
         with clock.phase("rotate-residual"):
             rotate_residual(model, loaded.model_type, cfg.seed, name=loaded.name)
     if cfg.rotate in ONLINE_ROTATIONS:
-        _check_rotatable(model)  # before the long layer loop, not in the middle of it
+        check_online_rotatable(model)  # before the long layer loop, not in the middle of it
     num_experts = arch.num_experts(model.config)
     top_k = int(getattr(model.config, "num_experts_per_tok", 0) or 0)
     run = _Run(
@@ -231,18 +234,6 @@ def _calibrate_model(model: nn.Module, cache: Inputs, run: _Run, progress: bool)
     if cfg.quantize_head:
         run.excluded.remove("lm_head")
         run.add(_calibrate_head(model, cache, run))
-
-
-def _check_rotatable(model: nn.Module) -> None:
-    """Refuse, naming the linear, a model with an MLP output linear whose input width has no rotation."""
-    for index in range(len(decoder_layers(model))):
-        spec = layer_spec(model, index)
-        for name in spec.mlp_outputs:
-            width = int(spec.linears[name].in_features)
-            try:
-                hadamard_factors(width)
-            except MoedgeError as exc:
-                raise MoedgeError(f"layer {index} {name}: {exc}") from None
 
 
 def _capture_inputs(model: nn.Module, samples: Sequence[np.ndarray], batch_size: int) -> Inputs:

@@ -46,8 +46,8 @@ class CalibrationConfig:
     tie_input_scales: bool = False  # one activation scale for q/k/v and for gate/up (calibration/tie.py)
     # "online": Hadamard-rotate every MLP output linear's input (calibration/rotation.py); "offline":
     # rotate the residual stream by random_hadamard(hidden, seed) (calibration/residual_rotation.py);
-    # "full": both
-    rotate: str = "none"
+    # "full": both; "auto": calibrate() replaces it with the most the model allows (rotate_layer.py)
+    rotate: str = "auto"
     seed: int = 0
     batch_size: int = 8
 

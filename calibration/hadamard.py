@@ -17,7 +17,7 @@ import numpy as np
 
 from moedge._errors import MoedgeError
 
-__all__ = ["BASE_ORDERS", "hadamard_matrix", "random_hadamard"]
+__all__ = ["BASE_ORDERS", "hadamard_matrix", "orthonormal_dct", "random_hadamard"]
 
 BASE_ORDERS = (1, 12, 20, 36)  # n = 2^k * m; 12, 20 and 36 need k >= 0 on top of their own factor 4
 
@@ -114,3 +114,18 @@ def random_hadamard(n: int, seed: int) -> np.ndarray:
     h = hadamard_matrix(n).astype(np.float64)
     signs = np.random.default_rng(seed).choice(np.array([-1.0, 1.0]), size=n)
     return (signs[:, None] * h) / np.sqrt(n)
+
+
+def orthonormal_dct(n: int) -> np.ndarray:
+    """The n x n orthonormal DCT-II matrix, transposed (float64; C^T C = I), so x @ C^T is x's DCT.
+
+    The online rotation's odd factor where no Hadamard matrix of that order exists here (43 in
+    stories260K's 172 = 4 x 43): like a Hadamard matrix it spreads one channel over all n, with entries
+    of magnitude at most sqrt(2 / n) instead of exactly 1 / sqrt(n), and it needs no seed.
+    """
+    n = operator.index(n)
+    k = np.arange(n, dtype=np.float64)[:, None]
+    i = np.arange(n, dtype=np.float64)[None, :]
+    c = np.sqrt(2.0 / n) * np.cos(np.pi * (i + 0.5) * k / n)
+    c[0] /= np.sqrt(2.0)
+    return np.ascontiguousarray(c.T)

@@ -11,22 +11,26 @@ of order q (n = p q; p = m 2^i for m in {1, 12, 20, 36}, q a power of two): x R 
 flattening of P^T X Q, X being x reshaped to p x q. In the graph that is a Reshape, two small constant
 MatMuls (p x p and q x q: 12 x 12 and 128 x 128 for smollm2's 1536) and a Reshape, never a dense
 n x n constant. The weight side, W R, is folded offline into the linear's weight.
+
+A width n = 2^k r whose odd part r has no Hadamard matrix here (stories260K's 172 = 4 x 43) takes
+P = the normalised Hadamard matrix of order 2^k and Q = the orthonormal DCT-II of order r
+(``hadamard.orthonormal_dct``): still orthonormal and still spreading one channel over all n, same graph.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
-from moedge.calibration.hadamard import normalised_hadamard, order_split
+from moedge.calibration.hadamard import normalised_hadamard, order_split, orthonormal_dct
 
-ROTATIONS = ("none", "online", "offline", "full")
-"""``CalibrationConfig.rotate`` values: no rotation; the online rotation of every MLP output linear's input;
-the offline rotation of the residual stream (``calibration/residual_rotation.py``); both."""
+ROTATIONS = ("auto", "none", "online", "offline", "full")
+"""``CalibrationConfig.rotate`` values: the most the model's widths and norms allow (``full``, else
+``offline`` or ``online``, else ``none``); no rotation; the online rotation of every MLP output linear's
+input; the offline rotation of the residual stream (``calibration/residual_rotation.py``); both."""
 MAX_FACTOR = 256
 """The largest factor order; an order needing a larger factor is refused."""
 
@@ -57,35 +61,64 @@ def hadamard_factors(n: int) -> tuple[int, int]:
     return best
 
 
+def rotation_factors(n: int) -> tuple[int, int, bool]:
+    """(p, q, dct) of the online rotation of width n: ``hadamard_factors(n)`` with dct False when n has a
+    Hadamard matrix here; else, for n = 2^k r with r odd and at most ``MAX_FACTOR``, p = 2^i and
+    q = r 2^(k - i) as balanced as possible and dct True, Q being the orthonormal DCT-II of order q.
+    Raises ``MoedgeError`` when neither applies."""
+    if n >= 2 and order_split(n) is not None:
+        return (*hadamard_factors(n), False)
+    odd = n
+    while odd > 0 and odd % 2 == 0:
+        odd //= 2
+    if n < 2 or odd > MAX_FACTOR:
+        raise MoedgeError(
+            f"no online rotation of width {n}: its odd part {odd} is above {MAX_FACTOR} and it is not "
+            f"a Hadamard order (2^k, 12 * 2^k, 20 * 2^k, 36 * 2^k); calibrate this model with --rotate none"
+            if n >= 2
+            else f"no online rotation of width {n}; calibrate this model with --rotate none"
+        )
+    twos = n // odd  # P = Hadamard 2^i, Q = DCT of odd 2^j (i + j = log2 twos): the most balanced split
+    p = min((1 << i for i in range(twos.bit_length())), key=lambda p: (max(p, n // p), p))
+    return p, n // p, True
+
+
 class OnlineHadamard(nn.Module):
-    """x -> x R with R = kron(P, Q) a normalised Hadamard matrix, as a reshape and two small matmuls."""
+    """x -> x R with R = kron(P, Q) a normalised Hadamard matrix (or, where the width has none, a Hadamard
+    matrix times an orthonormal DCT, ``rotation_factors``), as a reshape and two small matmuls."""
 
     left: torch.Tensor
     right: torch.Tensor
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        p, q = hadamard_factors(width)
-        self.width, self.p, self.q = width, p, q
-        self.register_buffer("left", torch.from_numpy(normalised_hadamard(p).T.copy()).to(torch.float32))
-        self.register_buffer("right", torch.from_numpy(normalised_hadamard(q)).to(torch.float32))
+        p, q, dct = rotation_factors(width)
+        self.width, self.p, self.q, self.dct = width, p, q, dct
+        left, right = self._factors()
+        self.register_buffer("left", left.to(torch.float32))
+        self.register_buffer("right", right.to(torch.float32))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """P^T and Q, float64."""
+        right = orthonormal_dct(self.q) if self.dct else normalised_hadamard(self.q)
+        return torch.from_numpy(normalised_hadamard(self.p).T.copy()), torch.from_numpy(right)
 
     @property
     def name(self) -> str:
-        """The rotation as the recipe records it (``hadamard-PxQ``)."""
-        return f"hadamard-{self.p}x{self.q}"
+        """The rotation as the recipe records it (``hadamard-PxQ``, or ``hadamard-PxdctQ``)."""
+        return f"hadamard-{self.p}x{'dct' if self.dct else ''}{self.q}"
 
     def exact(self, x: torch.Tensor) -> torch.Tensor:
         """x R in float64 for x [rows, width] (float64 factors): for folding W R and turning statistics
         without a dense n x n product."""
-        left = torch.from_numpy(normalised_hadamard(self.p).T.copy())
-        right = torch.from_numpy(normalised_hadamard(self.q))
+        left, right = self._factors()
         y = torch.matmul(torch.matmul(left, x.to(torch.float64).reshape(-1, self.p, self.q)), right)
         return y.reshape(-1, self.width)
 
     def dense(self) -> torch.Tensor:
         """R as an n x n float64 matrix (for folding W R offline; never put in a graph)."""
-        return torch.from_numpy(np.kron(normalised_hadamard(self.p), normalised_hadamard(self.q)))
+        left, right = self._factors()
+        return torch.kron(left.T.contiguous(), right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x R for x of any leading shape with ``width`` channels last."""
@@ -96,7 +129,7 @@ class OnlineHadamard(nn.Module):
 
     def extra_repr(self) -> str:
         """The factorisation, for printing the model."""
-        return f"width={self.width}, factors={self.p}x{self.q}"
+        return f"width={self.width}, factors={self.name.removeprefix('hadamard-')}"
 
 
 def rotation_for(name: str, width: int) -> OnlineHadamard:

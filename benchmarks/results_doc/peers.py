@@ -199,7 +199,7 @@ def render_cpp(res: Any) -> Values:
     }
 
 
-def readme_table(res: Any) -> str:
+def readme_table(res: Any, policy_cells: list[dict[str, Any]]) -> str:
     """README.md's results table (between its results markers), every figure from the same JSON."""
 
     def ppl(model: str, row: str, key: str = "wikitext2") -> float:
@@ -212,10 +212,7 @@ def readme_table(res: Any) -> str:
     rs = res.get("runtime/runtime_speed.json", "variants")
     sp, bar = res.get(SBS, "speed", "engines"), res.get(SBS, "speed", "moe_bar")
     py, cpp = sp["moedge-py-cpu"], sp["moedge-cpp"]
-    pol = {
-        (c["profile"], c["budget_fraction"], c["policy"]): c
-        for c in res.get("runtime/runtime_policies.json", "cells")
-    }
+    pol = {(c["profile"], c["budget_fraction"], c["policy"]): c for c in policy_cells}
     nano = "jetson-orin-nano-8gb"
     full_gpu = res.get("runtime/runtime_policies.json", "full_gpu", nano, "modeled_decode_ms", "mean")
     w8 = res.get("cpp_runtime.json", "rows", "w8a8")

@@ -207,7 +207,11 @@ def render_calibration(res: Any) -> Values:
     }
 
 
-readme_table = peers.readme_table
+def readme_table(res: Any) -> str:
+    """README's results table (between its results markers)."""
+    return str(peers.readme_table(res, parts.policy_cells(res)))
+
+
 render_bundle_parity = parts.render_bundle_parity
 render_rotation_probe = parts.render_rotation_probe
 render_calibration_speed = parts.render_calibration_speed

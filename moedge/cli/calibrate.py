@@ -30,7 +30,7 @@ MAX_CALIB_TOKENS = 2**26  # --calib-windows x --seqlen: the token windows are he
 # checks they agree).
 METHODS = ("rtn", "smoothquant", "gptq", "haq")
 ACT_CLIPS = ("absmax", "percentile", "mse", "output")
-ROTATIONS = ("none", "online", "offline", "full")
+ROTATIONS = ("auto", "none", "online", "offline", "full")
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,14 @@ def _add_quantization_flags(cal: argparse.ArgumentParser) -> None:
     cal.add_argument(
         "--rotate",
         choices=ROTATIONS,
-        default="none",
+        default="auto",
         help="online: rotate the input of every MLP's last linear (down_proj, each expert's too) by a "
         "Hadamard matrix in the graph, after smoothing, so its static int8 scale fits; offline: rotate the "
         "residual stream by a random Hadamard matrix (seeded by --seed) folded into the weights, norm "
         "weights folded first, the final norm's weight applied in the graph before the head (RMSNorm "
-        "models; OPT is refused); full: both (default none)",
+        "models; OPT is refused); full: both; auto: full where the model's widths and norms allow it, "
+        "else the part that applies (offline or online), else none; the recipe records the choice "
+        "(default auto)",
     )
 
 

@@ -20,7 +20,7 @@ from moedge.cli.common import (
 
 # The demo budget (moedge.demo.DemoConfig's defaults), spelled out here so `moedge --help` stays fast.
 METHODS = ("rtn", "smoothquant", "gptq", "haq")
-ROTATIONS = ("none", "online", "offline", "full")
+ROTATIONS = ("auto", "none", "online", "offline", "full")
 
 
 @dataclass(frozen=True)

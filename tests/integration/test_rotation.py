@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from moedge._errors import MoedgeError
+from moedge.arch import get_config
+from moedge.arch.per_expert import split_experts
 from moedge.calibration import CalibrationConfig, apply_recipe, calibrate, save_recipe
 from moedge.calibration.layers import decoder_layers, layer_spec
-from moedge.calibration.rotation import OnlineHadamard
+from moedge.calibration.rotation import OnlineHadamard, input_rotation
 from moedge.export.exporter import export_model
 from moedge.formats.manifest import read_manifest
 from moedge.graph_passes.bundle import split_bundle
@@ -35,9 +37,28 @@ def _logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
         return model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
 
 
-@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2-moe", "opt"])
+def _build(kind: str):
+    """A tiny model; ``llama-dct``: tiny-llama with every MLP 112 wide (8 x 14: no Hadamard matrix, so
+    the online rotation takes a DCT factor)."""
+    if kind != "llama-dct":
+        return build_tiny(kind)
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    loaded = build_tiny("llama")
+    config = loaded.model.config
+    config.intermediate_size = 7 * 16
+    gen = torch.Generator().manual_seed(5)
+    for layer in decoder_layers(loaded.model):
+        layer.mlp = LlamaMLP(config)
+        with torch.no_grad():
+            for param in layer.mlp.parameters():
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.08)
+    return loaded
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2-moe", "opt", "llama-dct"])
 def test_online_rotation_from_recipe_to_both_bundle_targets(kind, tmp_path):
-    loaded = build_tiny(kind)
+    loaded = _build(kind)
     result = calibrate(loaded, SAMPLES, CalibrationConfig(method="rtn", rotate="online"), progress=False)
     want = _logits(loaded.model, IDS)
     # every MLP's last linear (dense, each routed expert, the shared expert) and nothing else
@@ -53,7 +74,10 @@ def test_online_rotation_from_recipe_to_both_bundle_targets(kind, tmp_path):
     save_recipe(loaded, result, tmp_path / "recipe")
     meta = json.loads((tmp_path / "recipe" / "recipe.json").read_text())
     assert meta["config"]["rotate"] == "online"
-    again = apply_recipe(build_tiny(kind), tmp_path / "recipe")
+    assert ("dct" in OnlineHadamard(112).name) and (kind == "llama-dct") == any(
+        "dct" in str(r.input_rotation) for r in result.linears.values()
+    )
+    again = apply_recipe(_build(kind), tmp_path / "recipe")
     np.testing.assert_array_equal(_logits(again.model, IDS), want)
     export_model(again, tmp_path / "export")
     summary = json.loads((tmp_path / "export" / "config.json").read_text())["moedge"]["quantization"]
@@ -131,13 +155,13 @@ def test_a_width_without_a_rotation_is_refused_before_calibrating(monkeypatch):
 
     loaded = build_tiny("llama")
     config = loaded.model.config
-    config.intermediate_size = 7 * 16
+    config.intermediate_size = 2 * 257  # an odd part above MAX_FACTOR
     decoder_layers(loaded.model)[1].mlp = LlamaMLP(config)
     calls: list[int] = []
     import moedge.calibration.calibrator as calibrator
 
     monkeypatch.setattr(calibrator, "_capture_inputs", lambda *a, **k: calls.append(1) or [])
-    with pytest.raises(MoedgeError, match=r"layer 1 mlp.down_proj: no online Hadamard rotation of width 112"):
+    with pytest.raises(MoedgeError, match=r"layer 1 mlp.down_proj: no online rotation of width 514"):
         calibrate(loaded, SAMPLES, CalibrationConfig(rotate="online"), progress=False)
     assert not calls
 
@@ -172,3 +196,37 @@ def test_the_cli_records_the_rotation(tmp_path, capsys):
     }
     code = main(["calibrate", "tiny-llama", "--rotate", "both", "-o", str(tmp_path / "x")])
     assert code == 2 and not Path(tmp_path / "x").exists()
+
+
+def _odd_mlp(loaded, layer: int) -> None:
+    """Give ``layer`` an MLP 514 wide (2 x 257: no online rotation here)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    config = loaded.model.config
+    config.intermediate_size = 2 * 257
+    decoder_layers(loaded.model)[layer].mlp = LlamaMLP(config)
+
+
+def test_auto_rotation_is_the_most_the_model_allows_and_the_recipe_records_the_choice(tmp_path):
+    from moedge.calibration.rotate_layer import choose_rotation
+
+    for kind in ("llama", "qwen2-moe"):
+        loaded = build_tiny(kind)
+        split_experts(loaded.model, get_config(loaded.model_type))  # as calibrate() does first
+        assert choose_rotation(loaded.model, loaded.model_type) == (
+            "full",
+            "every width has a Hadamard rotation",
+        )
+    odd = build_tiny("llama")
+    _odd_mlp(odd, 1)
+    choice, why = choose_rotation(odd.model, odd.model_type, odd.name)
+    assert choice == "offline" and "layer 1 mlp.down_proj: no online rotation of width 514" in why
+    opt = build_tiny("opt")
+    choice, why = choose_rotation(opt.model, opt.model_type, opt.name)
+    assert choice == "online" and "OPT is not rotation-invariant" in why
+
+    result = calibrate(odd, SAMPLES, CalibrationConfig(method="rtn"), progress=False)
+    assert result.config.rotate == "offline"  # the choice, not "auto", goes into the recipe
+    assert input_rotation(decoder_layers(odd.model)[0].mlp.down_proj) is None
+    save_recipe(odd, result, tmp_path / "r", calibration_data="random")
+    assert json.loads((tmp_path / "r" / "recipe.json").read_text())["config"]["rotate"] == "offline"

@@ -16,6 +16,7 @@ from moedge.calibration.rotation import (
     hadamard_factors,
     input_rotation,
     rotate_input,
+    rotation_factors,
     rotation_for,
 )
 
@@ -36,7 +37,30 @@ def test_widths_without_a_hadamard_matrix_are_refused_in_one_line(n):
         hadamard_factors(n)
 
 
-@pytest.mark.parametrize("n", [96, 576, 1536])
+@pytest.mark.parametrize(
+    ("n", "factors"),
+    [
+        (172, (4, 43, True)),
+        (112, (8, 14, True)),
+        (14336, (128, 112, True)),
+        (43, (1, 43, True)),
+        (96, (12, 8, False)),
+    ],
+)
+def test_a_width_without_a_hadamard_matrix_takes_a_dct_for_its_odd_part(n, factors):
+    assert rotation_factors(n) == factors
+    p, q, _ = factors
+    assert p * q == n and max(p, q) <= MAX_FACTOR
+    assert OnlineHadamard(n).name == f"hadamard-{p}x{'dct' if factors[2] else ''}{q}"
+
+
+@pytest.mark.parametrize("n", [2 * 257, 1, 0])
+def test_a_width_whose_odd_part_is_too_large_is_refused_in_one_line(n):
+    with pytest.raises(MoedgeError, match=f"^no online rotation of width {n}.*--rotate none$"):
+        rotation_factors(n)
+
+
+@pytest.mark.parametrize("n", [96, 576, 1536, 172, 112])
 def test_the_factored_forward_is_the_dense_orthonormal_rotation(n):
     rot = OnlineHadamard(n)
     dense = rot.dense()
@@ -48,10 +72,15 @@ def test_the_factored_forward_is_the_dense_orthonormal_rotation(n):
         got = rot.to(torch.float64)(x)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)  # float32 factors
         torch.testing.assert_close(rot.exact(x), want.reshape(-1, n), atol=1e-12, rtol=0)  # float64
-    # a massive channel spreads over the whole token: the per-tensor range drops by about sqrt(n)
+    # a massive channel spreads over the whole token: the per-tensor range drops by about sqrt(n) (a
+    # Hadamard matrix: exactly; with a DCT factor of order q: by at least sqrt(n / 2))
     spike = torch.zeros(1, n)
     spike[0, 7] = 3000.0
-    assert float(rot(spike).abs().max()) == pytest.approx(3000.0 / n**0.5, rel=1e-5)
+    peak = float(rot(spike).abs().max())
+    if rot.dct:
+        assert peak <= 3000.0 * (2.0 / n) ** 0.5 * (1 + 1e-5)
+    else:
+        assert peak == pytest.approx(3000.0 / n**0.5, rel=1e-5)
 
 
 def test_rotating_a_linears_input_keeps_its_function():
