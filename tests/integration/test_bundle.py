@@ -170,11 +170,12 @@ def test_stages_read_shared_tensors_from_the_embedding_stage(bundles, kind):
 
 @pytest.fixture(scope="module")
 def qdq_mixtral(tmp_path_factory):
-    """tiny-mixtral calibrated with rtn, its fake-quant model, QDQ export and bundle."""
+    """tiny-mixtral calibrated with rtn and --rotate full (the default, auto, spelled out), its fake-quant
+    model, QDQ export and bundle."""
     root = tmp_path_factory.mktemp("qdq")
     loaded = build_tiny("mixtral")
     samples = list(np.random.default_rng(0).integers(0, 256, (8, 48)))
-    result = calibrate(loaded, samples, CalibrationConfig(method="rtn"), progress=False)
+    result = calibrate(loaded, samples, CalibrationConfig(method="rtn", rotate="full"), progress=False)
     save_recipe(loaded, result, root / "recipe")
     fake = apply_recipe(build_tiny("mixtral"), root / "recipe")
     export_model(fake, root / "export", validate=True)  # strict shape inference + checker after each pass
@@ -188,7 +189,11 @@ def test_qdq_export_quantizes_every_recipe_linear_and_ort_runs_int8(qdq_mixtral)
     model = onnx.load(str(root / "export" / "model.onnx"), load_external_data=False)
     coverage = qdq_coverage(model)
     assert coverage["quantized_matmuls"] == len(quantized) == coverage["activation_quantizers"]
-    assert coverage["float_matmuls"] == 2 + 1  # two routers + lm_head stay FP
+    rotated = [n for n, r in result.linears.items() if r.input_rotation]
+    assert len(rotated) == sum(".experts." in n and n.endswith("down_proj") for n in result.linears)
+    # two routers + lm_head stay FP; each online rotation and the rotated final norm (Hn, then Hn^T) put
+    # their right-hand Kronecker factors in float MatMuls (the left factors multiply from the left)
+    assert coverage["float_matmuls"] == 2 + 1 + len(rotated) + 2
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":  # symmetric int8, zero point 0, one consumer
             zp = next(i for i in model.graph.initializer if i.name == node.input[2])
@@ -287,7 +292,8 @@ def test_expert_graphs_run_only_int8_kernels_after_ort_optimization(qdq_mixtral)
         for expert in layer.moe.experts:
             census = ort_census(root / "bundle" / expert.file)
             assert sum(n for op, n in census.items() if op in INT8_KERNELS) == 3
-            assert not {"MatMul", "Gemm", "FusedMatMul"} & set(census)  # zero float matmuls
+            # the float matmuls are the down_proj input rotation's two constant factors, nothing else
+            assert census.get("MatMul") == 2 and not {"Gemm", "FusedMatMul"} & set(census), census
 
 
 def test_a_tied_lm_head_reads_the_embeddings_stored_weight(tmp_path):
