@@ -220,6 +220,7 @@ render_policies = parts.render_policies
 render_runtime_speed = parts.render_runtime_speed
 render_side_by_side = peers.render_side_by_side
 render_cpp = peers.render_cpp
+render_rotation_parity = peers.render_rotation_parity
 
 SECTIONS: list[tuple[str, Callable[[Any], Values]]] = [
     ("intro", render_intro),
@@ -229,6 +230,7 @@ SECTIONS: list[tuple[str, Callable[[Any], Values]]] = [
     ("calibration_speed", render_calibration_speed),
     ("bundle_parity", render_bundle_parity),
     ("rotation_probe", render_rotation_probe),
+    ("rotation_parity", render_rotation_parity),
     ("bundle_speed", render_bundle_speed),
     ("policies", render_policies),
     ("runtime_speed", render_runtime_speed),
