@@ -311,7 +311,7 @@ def render_rotation_parity(res: Any) -> Values:
     dyn = res.get(f, "dynamic_w8a8")
     rows.append(
         [
-            "dynamic per-token W8A8 (ceiling: not TensorRT explicit quantization)",
+            "dynamic per-token W8A8, RTN weights (not expressible in TensorRT explicit quantization)",
             f"{dyn['perplexity']:.3f}",
             f"{dyn['x_fp32']:.4f}",
         ]
@@ -367,4 +367,18 @@ def render_rotation_parity(res: Any) -> Values:
         "prompt": dec["prompt_tokens"],
         "rounds": dec["rounds"],
         "decode": _table(["bundle", "decode ms/token", f"x {labels.get(first, first)}"], decode),
+        "rot_bundle": f"{recipes['haq+rot-full']['bundle_x_fp32']:.4f}",
+        "haq_bundle": f"{recipes['haq']['bundle_x_fp32']:.4f}",
+        "llama": f"{llama['x_fp32']:.4f}",
+        "dyn": f"{dyn['x_fp32']:.4f}",
+        "rot_decode": f"{dec['ratio_to_first']['haq+rot-full']:.3f}",
+        **{
+            f"{k}_{name}": value
+            for k, key in (("rot", "haq+rot-full"), ("haq", "haq"))
+            for name, value in (
+                ("kl", f"{recipes[key]['kl_mean']:.4f}"),
+                ("floor", f"{recipes[key]['kl_noise_floor']:.4f}"),
+                ("verdict", "bar met" if recipes[key]["kl_ok"] else "bar not met"),
+            )
+        },
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -230,3 +231,45 @@ def test_auto_rotation_is_the_most_the_model_allows_and_the_recipe_records_the_c
     assert input_rotation(decoder_layers(odd.model)[0].mlp.down_proj) is None
     save_recipe(odd, result, tmp_path / "r", calibration_data="random")
     assert json.loads((tmp_path / "r" / "recipe.json").read_text())["config"]["rotate"] == "offline"
+
+
+def _token_specific_outliers(model: nn.Module, tokens: int = 16, scale: float = 40.0) -> None:
+    """Token k < ``tokens`` lights up its own channel c_k of every layer's down_proj input: up_proj's row
+    c_k (and gate_proj's, less) points along token k's embedding, and down_proj's column c_k shrinks by
+    ``scale``. A per-channel smoothing scale cannot fix what moves from channel to channel per token."""
+    emb = model.get_input_embeddings().weight.detach()  # type: ignore[operator]
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in decoder_layers(model):
+            mlp: Any = layer.mlp
+            for k, c in enumerate(torch.randperm(mlp.up_proj.weight.shape[0], generator=g)[:tokens].tolist()):
+                direction = emb[k] / emb[k].norm()
+                mlp.up_proj.weight[c] = scale * direction
+                mlp.gate_proj.weight[c] = 4.0 * direction
+                mlp.down_proj.weight[:, c] /= scale
+
+
+def test_rotated_haq_beats_haq_on_token_specific_outliers():
+    ids = torch.from_numpy(np.random.default_rng(11).integers(0, 256, (4, 64)))
+    samples = list(np.random.default_rng(0).integers(0, 256, (16, 64)))
+    base = build_tiny("llama")
+    _token_specific_outliers(base.model)
+    seen: list[torch.Tensor] = []
+    down = decoder_layers(base.model)[0].mlp.down_proj
+    handle = down.register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().abs().flatten(0, -2)))
+    with torch.no_grad():
+        reference = base.model(input_ids=ids, use_cache=False).logits
+    handle.remove()
+    peaks = seen[0].argmax(-1)
+    assert len(set(peaks.tolist())) >= 8  # the largest channel moves from token to token
+
+    kl = {}
+    for rotate in ("none", "online", "full"):
+        loaded = build_tiny("llama")
+        _token_specific_outliers(loaded.model)
+        calibrate(loaded, samples, CalibrationConfig(method="haq", rotate=rotate), progress=False)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids, use_cache=False).logits
+        p, q = torch.log_softmax(reference, -1), torch.log_softmax(logits, -1)
+        kl[rotate] = float((p.exp() * (p - q)).sum(-1).mean())
+    assert kl["online"] < 0.3 * kl["none"] and kl["full"] < 0.3 * kl["none"], kl
