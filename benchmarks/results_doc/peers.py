@@ -213,6 +213,7 @@ def readme_table(res: Any, policy_cells: list[dict[str, Any]]) -> str:
     sp, bar = res.get(SBS, "speed", "engines"), res.get(SBS, "speed", "moe_bar")
     py, cpp = sp["moedge-py-cpu"], sp["moedge-cpp"]
     pol = {(c["profile"], c["budget_fraction"], c["policy"]): c for c in policy_cells}
+    rp = res.get("rotation_parity.json", "recipes")
     nano = "jetson-orin-nano-8gb"
     full_gpu = res.get("runtime/runtime_policies.json", "full_gpu", nano, "modeled_decode_ms", "mean")
     w8 = res.get("cpp_runtime.json", "rows", "w8a8")
@@ -238,6 +239,15 @@ def readme_table(res: Any, policy_cells: list[dict[str, Any]]) -> str:
             f"C4 {ppl(d, 'haq+rot-full', 'c4') / ppl(d, 'fp32', 'c4'):.3f}x; with `--quantize-head` "
             f"{ppl(d, 'haq+rot-full+head', 'wikitext2_full') / fp_full:.3f}x",
             "[rotations](docs/RESULTS.md#rotations-issue-17)",
+        ],
+        [
+            "rotated W8A8 bundle vs the peers, smollm2-135m, 64 WikiText-2 windows",
+            f"ort-cpu bundle {rp['haq+rot-full']['bundle_x_fp32']:.4f}x FP32 (unrotated "
+            f"{rp['haq']['bundle_x_fp32']:.4f}x), llama.cpp Q8_0 "
+            f"{res.get('rotation_parity.json', 'llama_cpp_q8_0', 'x_fp32'):.4f}x; KL to its fake-quant model "
+            f"{rp['haq+rot-full']['kl_mean']:.4f} nats; decode "
+            f"{res.get('rotation_parity.json', 'decode', 'ratio_to_first', 'haq+rot-full'):.2f}x the unrotated bundle's",
+            "[rotation side by side](docs/RESULTS.md#rotation-side-by-side-and-bundle-parity-issue-17)",
         ],
         [
             "W8A8 (HAQ) perplexity, smollm2-135m-moe",
