@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import statistics
 import textwrap
+from pathlib import Path
 from typing import Any
 
 Values = dict[str, Any]
@@ -297,8 +298,15 @@ def render_policies(res: Any) -> Values:
     def faster(r: float) -> str:
         return f"{abs(r - 1):.1%} {'faster' if r < 1 else 'slower'}"
 
-    rtx_spread = [cells[("rtx4090-pcie4", b, p)]["hit_rate_layer_std"] for b in budgets[1:] for p in ("haq",)]
-    rtx_lru = [cells[("rtx4090-pcie4", b, "lru")]["hit_rate_layer_std"] for b in budgets[1:]]
+    rtx_spread = [cells[("rtx4090-pcie4", b, "haq")]["hit_rate_layer_std"] for b in budgets]
+    rtx_lru = [cells[("rtx4090-pcie4", b, "lru")]["hit_rate_layer_std"] for b in budgets]
+    jetsons = [(p, b) for p in profiles if p.startswith("jetson") for b in budgets]
+    spread_ok = sum(
+        cells[(p, b, "haq")]["hit_rate_layer_std"] <= cells[(p, b, "lru")]["hit_rate_layer_std"]
+        for p, b in jetsons
+    )
+    lru10 = cells[("jetson-orin-nano-8gb", 0.1, "lru")]
+    rtx_lru10 = cells[("rtx4090-pcie4", 0.1, "lru")]
     replays = res.get(h, "replays")
     c4, wt = replays["stats (c4)"], replays["eval (wikitext2)"]
     expert_bytes = res.get(f, "expert_bytes")
@@ -322,6 +330,18 @@ def render_policies(res: Any) -> Values:
         "table": table(["profile", "budget", *POLICY_LABELS], rows),
         "cite": res.cite(f),
         "haq_fastest": sum(1 for c in fastest if c["ok"]),
+        "haq_strict": sum(1 for c in fastest if c["haq_ms"] < c["best_other_ms"]),
+        "bundle": str(res.get(f, "bundle")).replace(str(Path.home()), "~"),
+        "lru10_setting": ", ".join(_knob(k, v) for k, v in lru10.get("settings", {}).items())
+        or "its default",
+        "lru10_hit": f"{lru10['hit_rate']:.2f}",
+        "rtx_lru10_setting": ", ".join(_knob(k, v) for k, v in rtx_lru10.get("settings", {}).items())
+        or "default",
+        "rtx_lru10_hit": f"{rtx_lru10['hit_rate']:.2f}",
+        "jet_spread_ok": spread_ok,
+        "jet_cells": len(jetsons),
+        "rtx_larger": sum(a > b for a, b in zip(rtx_spread, rtx_lru, strict=True)),
+        "rtx_cells": len(budgets),
         "cells": len(fastest),
         "rtx40": faster(rtx[0.4]),
         "rtx60": faster(rtx[0.6]),
