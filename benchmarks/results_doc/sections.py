@@ -171,6 +171,19 @@ def render_calibration(res: Any) -> Values:
         "stories_haq": f"{_ratio(res, s, 'haq', 'stories'):.4f}",
         "stories_rot": f"{_ratio(res, s, 'haq+rot-full', 'stories'):.4f}",
         "baselines": f"{min(baselines):.1f}-{max(baselines):.1f}",
+        "rtn": f"{_ratio(res, d, 'rtn'):.3f}",
+        "sq": f"{_ratio(res, d, 'smoothquant'):.3f}",
+        "gptq": f"{_ratio(res, d, 'gptq'):.3f}",
+        "rtn_range": f"{_ratio(res, d, 'rtn+range'):.3f}",
+        "sq_range": f"{_ratio(res, d, 'smoothquant+range'):.3f}",
+        "gptq_range": f"{_ratio(res, d, 'gptq+range'):.3f}",
+        **{
+            f"share_{k}": f"{(_ratio(res, d, c) - _ratio(res, d, c + '+range')) / (_ratio(res, d, c) - _ratio(res, d, 'haq')):.0%}"
+            for k, c in (("rtn", "rtn"), ("sq", "smoothquant"), ("gptq", "gptq"))
+        },
+        "range_rows": "WikiText-2, first 128 windows",
+        "range_note": "calibrated with `--threads 1` beside the modeled policy benchmark and the test suite, so their seconds "
+        "are not speed figures",
         "moe_auto": f"{_ratio(res, m, 'haq+auto-fp'):.3f}",
         "moe_kept": _kept(auto_m["kept_fp"]),
         "moe_kept_share": f"{auto_m['kept_fraction_of_linear_params']:.2%}",
