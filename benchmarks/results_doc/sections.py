@@ -257,7 +257,10 @@ def render_demo(res: Any) -> Values:
         )
     cached = runs["cached"]
     fresh = (
-        ""
+        "The fresh-clone run left pip's download cache and the ONNX Runtime SDK (`~/.cache/moedge/ort-sdk`) "
+        "as they were (`--cold-sdk` downloads the SDK too); where it spent its time (seconds): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in runs["fresh"]["steps_seconds"].items())
+        + "; the rest of its wall time is the clone, `make env` and `make cpp`."
         if "fresh" in results
         else "The fresh-clone scenario (`--scenarios fresh`, bar 30 minutes) has not been timed on this machine yet."
     )
