@@ -19,6 +19,7 @@ P = the normalised Hadamard matrix of order 2^k and Q = the orthonormal DCT-II o
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -83,6 +84,13 @@ def rotation_factors(n: int) -> tuple[int, int, bool]:
     return p, n // p, True
 
 
+@functools.lru_cache(maxsize=32)
+def _factor_matrices(p: int, q: int, dct: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """P^T and Q of ``OnlineHadamard`` as float64 tensors, shared: callers must not modify them."""
+    right = orthonormal_dct(q) if dct else normalised_hadamard(q)
+    return torch.from_numpy(normalised_hadamard(p).T.copy()), torch.from_numpy(right)
+
+
 class OnlineHadamard(nn.Module):
     """x -> x R with R = kron(P, Q) a normalised Hadamard matrix (or, where the width has none, a Hadamard
     matrix times an orthonormal DCT, ``rotation_factors``), as a reshape and two small matmuls."""
@@ -99,9 +107,8 @@ class OnlineHadamard(nn.Module):
         self.register_buffer("right", right.to(torch.float32))
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """P^T and Q, float64."""
-        right = orthonormal_dct(self.q) if self.dct else normalised_hadamard(self.q)
-        return torch.from_numpy(normalised_hadamard(self.p).T.copy()), torch.from_numpy(right)
+        """P^T and Q, float64 (built once per factorisation: exact() runs for every rotated expert)."""
+        return _factor_matrices(self.p, self.q, self.dct)
 
     @property
     def name(self) -> str:
